@@ -1,0 +1,1 @@
+"""The appliance: inference server, admin CLI and commands."""

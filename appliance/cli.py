@@ -1,0 +1,82 @@
+"""`appliance`: run the model on this machine."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from appliance.errors import friendly_errors, stderr
+from models.engine import Engine
+from models.sampling import SamplingParams
+from models.store import ModelStore
+
+app = typer.Typer(
+    help="The appliance: local LLM inference.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="GGUF path or known model name (default: SmolLM2-135M-Instruct).")
+]
+BackendOpt = Annotated[str, typer.Option(help="Compute backend: auto, numpy.")]
+
+
+@app.command()
+@friendly_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt (with --chat: the user's message).")],
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    system: Annotated[str | None, typer.Option(help="System message, with --chat.")] = None,
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")] = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repeat_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string; may be repeated.")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speed to stderr.")] = False,
+) -> None:
+    """Generate text from a prompt, streamed token by token."""
+    sampling = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty, seed=seed
+    )
+    engine = Engine.load(ModelStore().resolve(model), backend)
+    gen = engine.generate(engine.prompt_ids(prompt, chat=chat, system=system), sampling, max_tokens, stop or ())
+    start = time.perf_counter()
+    for piece in gen:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats:
+        seconds = time.perf_counter() - start
+        stderr.print(
+            f"[dim]{gen.prompt_tokens} prompt + {gen.completion_tokens} generated tokens in "
+            f"{seconds:.2f} s, finish: {gen.finish_reason}[/]"
+        )
+
+
+@app.command()
+@friendly_errors
+def bench(
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    prompt_tokens: int = 128,
+    decode_tokens: int = 64,
+    peers: Annotated[bool, typer.Option(help="Measure the peers (transformers on CPU) in the same run.")] = True,
+) -> None:
+    """Load time, resident memory, prefill and decode tokens/s, beside the peers on the same file."""
+    from appliance.bench import run_bench
+
+    run_bench(ModelStore().resolve(model), backend, prompt_tokens, decode_tokens, peers)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,60 @@
+"""`appliance-ctl`: the owner's admin CLI. For now: the model store."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from appliance.errors import friendly_errors
+from models.errors import ModelStoreError
+from models.store import KNOWN_MODELS, ModelStore, verify
+
+app = typer.Typer(
+    help="Administer the appliance.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
+)
+models_app = typer.Typer(help="The model store.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+NameArg = Annotated[str, typer.Argument(help="Model name.")]
+
+
+def _spec(name: str):
+    if name not in KNOWN_MODELS:
+        raise ModelStoreError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    return KNOWN_MODELS[name]
+
+
+@models_app.command("list")
+@friendly_errors
+def list_models() -> None:
+    """Known models, where they are stored, and whether the stored copy verifies."""
+    store = ModelStore()
+    table = Table(title=f"model store: {store.root}")
+    for col in ("name", "file", "size", "state"):
+        table.add_column(col)
+    for name, spec in KNOWN_MODELS.items():
+        problem = verify(store.path_for(spec), spec)
+        table.add_row(name, spec.filename, f"{spec.size / 2**20:.1f} MiB", problem or "verified")
+    Console().print(table)
+
+
+@models_app.command()
+@friendly_errors
+def fetch(name: NameArg = "smollm2-135m-instruct") -> None:
+    """Store a model (no-op if a verified copy is already there); print its path."""
+    print(ModelStore().get(_spec(name)))
+
+
+@models_app.command("verify")
+@friendly_errors
+def verify_model(name: NameArg = "smollm2-135m-instruct") -> None:
+    """Check the stored copy's size and SHA-256; exit 1 if it is missing or damaged."""
+    store = ModelStore()
+    spec = _spec(name)
+    problem = verify(store.path_for(spec), spec)
+    if problem:
+        raise ModelStoreError(f"{name} at {store.path_for(spec)}: {problem}")
+    print(f"{name}: verified ({spec.sha256})")

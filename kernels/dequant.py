@@ -1,0 +1,101 @@
+"""GGML block formats to float32, one routine per format.
+
+Each routine is written straight from the block layout in ggml's `ggml-common.h`, so that it can be
+read against it line by line. Rows are independent: a weight of shape [rows, cols] is stored as
+`rows` runs of `cols / block_size` blocks, and arrives here as uint8 of shape [rows, bytes_per_row].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+QK = 32  # values per block in the 32-wide formats
+
+
+def _blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
+    """View a [rows, bytes] uint8 array as [rows, n_blocks, block_bytes]."""
+    rows = raw.reshape(-1, raw.shape[-1])
+    return rows.reshape(rows.shape[0], -1, block_bytes)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Two little-endian bytes per value (last axis) to float32, keeping a trailing axis of 1."""
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 packed bytes -> 32 values: low nibbles are elements 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int8)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """A little-endian uint32 per block -> its 32 bits as 0/1, bit j belonging to element j."""
+    word = np.ascontiguousarray(qh).view("<u4")
+    return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int8)
+
+
+def dequant_q4_0(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 18)  # d: f16, qs: 16 bytes
+    d, qs = _f16(b[..., 0:2]), b[..., 2:18]
+    return ((_nibbles(qs) - 8) * d).reshape(b.shape[0], -1)
+
+
+def dequant_q4_1(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 20)  # d: f16, m: f16, qs: 16 bytes
+    d, m, qs = _f16(b[..., 0:2]), _f16(b[..., 2:4]), b[..., 4:20]
+    return (_nibbles(qs) * d + m).reshape(b.shape[0], -1)
+
+
+def dequant_q5_0(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 22)  # d: f16, qh: u32, qs: 16 bytes
+    d, qh, qs = _f16(b[..., 0:2]), b[..., 2:6], b[..., 6:22]
+    q = _nibbles(qs) | (_high_bits(qh).reshape(qs.shape[:-1] + (32,)) << 4)
+    return ((q - 16) * d).reshape(b.shape[0], -1)
+
+
+def dequant_q5_1(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 24)  # d: f16, m: f16, qh: u32, qs: 16 bytes
+    d, m, qh, qs = _f16(b[..., 0:2]), _f16(b[..., 2:4]), b[..., 4:8], b[..., 8:24]
+    q = _nibbles(qs) | (_high_bits(qh).reshape(qs.shape[:-1] + (32,)) << 4)
+    return (q * d + m).reshape(b.shape[0], -1)
+
+
+def dequant_q8_0(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 34)  # d: f16, qs: 32 x int8
+    d, qs = _f16(b[..., 0:2]), np.ascontiguousarray(b[..., 2:34]).view(np.int8)
+    return (qs.astype(np.float32) * d).reshape(b.shape[0], -1)
+
+
+def dequant_f16(raw: np.ndarray) -> np.ndarray:
+    return np.asarray(raw).view(np.float16).astype(np.float32)
+
+
+def dequant_bf16(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 is the top half of a float32."""
+    return (np.asarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def dequant_f32(raw: np.ndarray) -> np.ndarray:
+    return np.asarray(raw).view(np.float32)
+
+
+DEQUANT: dict[Q, Callable[[np.ndarray], np.ndarray]] = {
+    Q.F32: dequant_f32,
+    Q.F16: dequant_f16,
+    Q.BF16: dequant_bf16,
+    Q.Q4_0: dequant_q4_0,
+    Q.Q4_1: dequant_q4_1,
+    Q.Q5_0: dequant_q5_0,
+    Q.Q5_1: dequant_q5_1,
+    Q.Q8_0: dequant_q8_0,
+}
+
+SUPPORTED_TYPES = tuple(t.name for t in DEQUANT)
+
+
+def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """Dequantize a whole tensor to float32 of its logical (row-major, numpy-order) shape."""
+    return DEQUANT[qtype](raw).reshape(shape)

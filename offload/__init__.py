@@ -1,0 +1,1 @@
+"""The LAN layer: offload protocol, worker server, client, placement, pairing and failover."""

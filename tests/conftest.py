@@ -1,0 +1,58 @@
+"""Shared fixtures: the real default model file, our engine on it, and Hugging Face's on the same file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models.engine import Engine
+from models.store import ModelStore
+
+
+def gpu_present() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_present():
+        return
+    skip = pytest.mark.skip(reason="GPU test: no NVIDIA GPU on this machine (runs wherever one is present)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return ModelStore().get()
+
+
+@pytest.fixture(scope="session")
+def engine(model_path: Path) -> Engine:
+    return Engine.load(model_path)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path: Path):
+    """transformers' own GGUF loader and Llama implementation: the independent reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)

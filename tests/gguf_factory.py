@@ -1,0 +1,79 @@
+"""Small GGUF files written with gguf-py's writer: a tiny random Llama in assorted formats, and bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter, quants
+
+
+def write_tiny_llama(
+    path: Path,
+    tokenizer_meta: dict[str, Any],
+    arch: str = "llama",
+    weight_type: Q = Q.Q4_0,
+    seed: int = 0,
+    tensor_types: dict[str, Q] | None = None,
+) -> Path:
+    """A 2-layer Llama (width 64, 4 query heads, 2 key/value heads) with SmolLM2's tokenizer.
+
+    Weights are random but scaled like a trained model's so that logits stay in a sane range;
+    `output.weight` is its own tensor (untied), unlike SmolLM2's.
+    """
+    rng = np.random.default_rng(seed)
+    D, F, H, G, L = 64, 96, 4, 2, 2
+    V = len(tokenizer_meta["tokenizer.ggml.tokens"])
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(L)
+    w.add_context_length(256)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(G)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(D // H)
+    w.add_vocab_size(V)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tokenizer_meta["tokenizer.ggml.pre"])
+    w.add_token_list(tokenizer_meta["tokenizer.ggml.tokens"])
+    w.add_token_types(tokenizer_meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(tokenizer_meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(tokenizer_meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(tokenizer_meta["tokenizer.ggml.eos_token_id"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(tokenizer_meta["tokenizer.chat_template"])
+
+    def add(name: str, shape: tuple[int, ...], qtype: Q, scale: float) -> None:
+        qtype = (tensor_types or {}).get(name, qtype)
+        data = (rng.standard_normal(shape) * scale).astype(np.float32)
+        if name.endswith("norm.weight"):
+            data = 1.0 + 0.1 * data
+        if qtype == Q.F32:
+            w.add_tensor(name, data)
+        elif qtype == Q.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, quants.quantize(data, qtype).view(np.uint8), raw_dtype=qtype)
+
+    add("token_embd.weight", (V, D), Q.Q8_0, 1.0)
+    for i in range(L):
+        add(f"blk.{i}.attn_norm.weight", (D,), Q.F32, 1.0)
+        add(f"blk.{i}.attn_q.weight", (D, D), weight_type, D**-0.5)
+        add(f"blk.{i}.attn_k.weight", (D // H * G, D), weight_type, D**-0.5)
+        add(f"blk.{i}.attn_v.weight", (D // H * G, D), weight_type, D**-0.5)
+        add(f"blk.{i}.attn_output.weight", (D, D), weight_type, D**-0.5)
+        add(f"blk.{i}.ffn_norm.weight", (D,), Q.F32, 1.0)
+        add(f"blk.{i}.ffn_gate.weight", (F, D), weight_type, D**-0.5)
+        add(f"blk.{i}.ffn_up.weight", (F, D), weight_type, D**-0.5)
+        add(f"blk.{i}.ffn_down.weight", (D, F), weight_type, F**-0.5)
+    add("output_norm.weight", (D,), Q.F32, 1.0)
+    add("output.weight", (V, D), Q.F16, D**-0.5)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,108 @@
+"""Opening GGUF files: weights stay quantized, other Llama files in other formats run right, bad files fail clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter
+
+from models.engine import Engine
+from models.errors import ModelFileError, UnsupportedModelError
+from models.gguf_file import open_gguf
+from models.llama import LlamaConfig, Session
+from tests.gguf_factory import write_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def smol_meta(model_path):
+    return open_gguf(model_path).metadata
+
+
+def test_hyperparameters_from_metadata(model_path):
+    cfg = LlamaConfig.from_metadata(open_gguf(model_path).metadata)
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (576, 30, 9, 3, 64)
+    assert (cfg.hidden_dim, cfg.vocab_size, cfg.context_length) == (1536, 49152, 8192)
+    assert cfg.rope_theta == 100000.0 and cfg.norm_eps == pytest.approx(1e-5)
+
+
+def test_weights_stay_quantized_in_memory(model_path):
+    f = open_gguf(model_path)
+    kinds = {t.qtype for t in f.tensors.values()}
+    assert kinds == {Q.Q4_1, Q.Q8_0, Q.F32}
+    q = f.tensors["blk.0.ffn_up.weight"]
+    assert q.qtype == Q.Q4_1 and q.raw.dtype == np.uint8 and q.shape == (1536, 576)
+    assert q.raw.nbytes == 1536 * 576 // 32 * 20  # 20 bytes per block of 32: Q4_1 as stored
+    assert f.quantized_bytes < model_path.stat().st_size
+
+
+def test_embedding_stays_quantized_after_load(engine):
+    """Only the rows a prompt uses are dequantized; the table itself stays Q8_0."""
+    assert engine.model.token_embd.qtype == Q.Q8_0 and engine.model.token_embd.raw.dtype == np.uint8
+
+
+MIXED_FORMATS = {
+    "blk.0.attn_q.weight": Q.Q4_0,
+    "blk.0.attn_k.weight": Q.Q4_1,
+    "blk.0.attn_v.weight": Q.Q5_0,
+    "blk.0.attn_output.weight": Q.Q5_1,
+    "blk.0.ffn_gate.weight": Q.Q8_0,
+    "blk.0.ffn_up.weight": Q.F16,
+    "blk.0.ffn_down.weight": Q.F32,
+    "blk.1.attn_q.weight": Q.BF16,
+}
+
+
+def test_another_llama_file_in_every_format_matches_transformers(tmp_path, smol_meta):
+    path = write_tiny_llama(tmp_path / "tiny.gguf", smol_meta, weight_type=Q.Q4_0, tensor_types=MIXED_FORMATS)
+    engine = Engine.load(path)
+    assert {t.qtype for t in engine.model.file.tensors.values()} >= set(MIXED_FORMATS.values())
+    ids = engine.tokenizer.encode("A tiny random Llama, in every format we read.")
+    ours = engine.forward(ids, Session())
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32)
+    with torch.inference_mode():
+        theirs = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
+    assert engine.model.lm_head.shape == (49152, 64)  # its own output.weight, not the embedding
+
+
+def test_missing_file():
+    with pytest.raises(ModelFileError, match="not found"):
+        open_gguf("/nonexistent/model.gguf")
+
+
+def test_not_a_gguf_file(tmp_path):
+    p = tmp_path / "model.gguf"
+    p.write_text("this is a text file, not a model")
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        open_gguf(p)
+
+
+@pytest.mark.parametrize("keep", [1000, 50_000_000, 98_362_000])
+def test_truncated_file(tmp_path, model_path, keep):
+    p = tmp_path / "cut.gguf"
+    with model_path.open("rb") as src:
+        p.write_bytes(src.read(keep))
+    with pytest.raises(ModelFileError, match="truncated"):
+        open_gguf(p)
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path, smol_meta):
+    p = write_tiny_llama(tmp_path / "qwen.gguf", smol_meta, arch="qwen2")
+    with pytest.raises(UnsupportedModelError, match="'qwen2' is not supported; supported: llama"):
+        open_gguf(p)
+
+
+def test_unsupported_tensor_type_names_the_supported_ones(tmp_path):
+    p = tmp_path / "k.gguf"
+    w = GGUFWriter(str(p), "llama")
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((1, 210), dtype=np.uint8), raw_dtype=Q.Q6_K)  # one 256-block
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="blk.0.attn_q.weight is Q6_K; supported: F32, F16"):
+        open_gguf(p)
