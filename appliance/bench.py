@@ -17,6 +17,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from kernels.backend import select_backend
 from models.engine import Engine
 from models.llama import Session
 
@@ -31,56 +32,64 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def measure_appliance(path: str, backend: str, ids: list[int], n_decode: int) -> dict:
+def _timed_greedy(system: str, load, ids: list[int], n_decode: int) -> dict:
+    """Time load(), one prefill of ids, then n_decode greedy steps.
+
+    load() returns (prefill, step): prefill(ids) -> first token, step(token) -> next token, each
+    keeping its own KV cache between calls.
+    """
     start = time.perf_counter()
-    engine = Engine.load(path, backend)
-    engine.model.layer_range(0, engine.model.config.n_layers)  # prepare every layer's weights
+    prefill, step = load()
     load_s, rss = time.perf_counter() - start, _rss_mib()
-    session = Session()
     start = time.perf_counter()
-    token = int(np.argmax(engine.forward(ids, session)[-1]))
+    token = prefill(ids)
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(n_decode):
-        token = int(np.argmax(engine.forward([token], session)[-1]))
+        token = step(token)
     decode_s = time.perf_counter() - start
     return {
-        "system": f"appliance ({engine.model.backend.name})",
+        "system": system,
         "load_s": load_s,
         "rss_mib": rss,
         "prefill_tps": len(ids) / prefill_s,
         "decode_tps": n_decode / decode_s,
     }
+
+
+def measure_appliance(path: str, backend: str, ids: list[int], n_decode: int) -> dict:
+    def load():
+        engine = Engine.load(path, backend)
+        engine.model.layer_range(0, engine.model.config.n_layers)  # prepare every layer's weights
+        session = Session()
+        greedy = lambda tokens: int(np.argmax(engine.forward(tokens, session)[-1]))  # noqa: E731
+        return greedy, lambda token: greedy([token])
+
+    return _timed_greedy(f"appliance ({select_backend(backend).name} backend)", load, ids, n_decode)
 
 
 def measure_transformers(path: str, ids: list[int], n_decode: int) -> dict:
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(os.cpu_count() or 1)
-    p = Path(path)
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
-    load_s, rss = time.perf_counter() - start, _rss_mib()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model(input_ids=torch.tensor([ids]), use_cache=True)
-        prefill_s = time.perf_counter() - start
-        token, past = out.logits[0, -1].argmax().view(1, 1), out.past_key_values
-        start = time.perf_counter()
-        for _ in range(n_decode):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            token, past = out.logits[0, -1].argmax().view(1, 1), out.past_key_values
-        decode_s = time.perf_counter() - start
-    return {
-        "system": f"transformers {__import__('transformers').__version__} (torch CPU, fp32)",
-        "load_s": load_s,
-        "rss_mib": rss,
-        "prefill_tps": len(ids) / prefill_s,
-        "decode_tps": n_decode / decode_s,
-    }
+    torch.set_grad_enabled(False)
+
+    def load():
+        p = Path(path)
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        state = {"past": None}
+
+        def run(tokens: list[int]) -> int:
+            out = model(input_ids=torch.tensor([tokens]), past_key_values=state["past"], use_cache=True)
+            state["past"] = out.past_key_values
+            return int(out.logits[0, -1].argmax())
+
+        return run, lambda token: run([token])
+
+    return _timed_greedy(f"transformers {transformers.__version__} (torch CPU, fp32)", load, ids, n_decode)
 
 
 def _in_fresh_process(fn, *args) -> dict:

@@ -69,6 +69,53 @@ def dequant_q8_0(raw: np.ndarray) -> np.ndarray:
     return (qs.astype(np.float32) * d).reshape(b.shape[0], -1)
 
 
+QK_K = 256  # values per super-block in the K formats
+
+
+def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and 8 six-bit mins packed into 12 bytes (ggml's get_scale_min_k4)."""
+    q = packed.astype(np.int32)
+    sc = np.concatenate([q[..., 0:4] & 63, (q[..., 8:12] & 0x0F) | ((q[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([q[..., 4:8] & 63, (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """128 bytes -> 8 sub-blocks of 32: sub-block 2i is the low nibbles of bytes 32i..32i+31, 2i+1 the high."""
+    q = qs.reshape(*qs.shape[:-1], 4, 1, 32)
+    return np.concatenate([q & 0x0F, q >> 4], axis=-2).reshape(*qs.shape[:-1], 8, 32).astype(np.int8)
+
+
+def dequant_q4_k(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 144)  # d: f16, dmin: f16, scales: 12 bytes, qs: 128 bytes
+    d, dmin, (sc, mn) = _f16(b[..., 0:2]), _f16(b[..., 2:4]), _k_scales_mins(b[..., 4:16])
+    q = _k_nibbles(b[..., 16:144])
+    return ((d * sc)[..., None] * q - (dmin * mn)[..., None]).reshape(b.shape[0], -1)
+
+
+def dequant_q5_k(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 176)  # d, dmin: f16, scales: 12 bytes, qh: 32 bytes, qs: 128 bytes
+    d, dmin, (sc, mn) = _f16(b[..., 0:2]), _f16(b[..., 2:4]), _k_scales_mins(b[..., 4:16])
+    qh = b[..., 16:48]
+    high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # sub-block s: bit s of qh[l]
+    q = _k_nibbles(b[..., 48:176]) | (high.astype(np.int8) << 4)
+    return ((d * sc)[..., None] * q - (dmin * mn)[..., None]).reshape(b.shape[0], -1)
+
+
+def dequant_q6_k(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 210)  # ql: 128 bytes, qh: 64 bytes, scales: 16 x int8, d: f16
+    ql, qh = b[..., 0:128], b[..., 128:192]
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
+    d = _f16(b[..., 208:210])
+    halves = []
+    for h in range(2):  # each half of 128 values: 64 bytes of ql, 32 bytes of qh
+        lo, hi = ql[..., 64 * h : 64 * h + 64], qh[..., 32 * h : 32 * h + 32]
+        low4 = [lo[..., 0:32] & 0x0F, lo[..., 32:64] & 0x0F, lo[..., 0:32] >> 4, lo[..., 32:64] >> 4]
+        halves += [(low4[k].astype(np.int8) | (((hi >> (2 * k)) & 3).astype(np.int8) << 4)) - 32 for k in range(4)]
+    q = np.stack(halves, axis=-2).reshape(*b.shape[:-1], 16, 16)  # 16 groups of 16 values, one scale each
+    return ((d * sc)[..., None] * q).reshape(b.shape[0], -1)
+
+
 def dequant_f16(raw: np.ndarray) -> np.ndarray:
     return np.asarray(raw).view(np.float16).astype(np.float32)
 
@@ -91,6 +138,9 @@ DEQUANT: dict[Q, Callable[[np.ndarray], np.ndarray]] = {
     Q.Q5_0: dequant_q5_0,
     Q.Q5_1: dequant_q5_1,
     Q.Q8_0: dequant_q8_0,
+    Q.Q4_K: dequant_q4_k,
+    Q.Q5_K: dequant_q5_k,
+    Q.Q6_K: dequant_q6_k,
 }
 
 SUPPORTED_TYPES = tuple(t.name for t in DEQUANT)

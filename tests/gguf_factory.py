@@ -6,8 +6,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFWriter, quants
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter, quants
+
+# K formats: gguf-py cannot quantize to them, so their blocks are random bytes with small f16 scales
+# (byte offsets of the f16 fields, and a scale giving values of roughly the intended size).
+K_FORMATS = {Q.Q4_K: ((0, 2), 1 / 400), Q.Q5_K: ((0, 2), 1 / 800), Q.Q6_K: ((208,), 1 / 1200)}
+
+
+def random_k_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: Q, scale: float) -> np.ndarray:
+    block_values, block_bytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(shape[0], shape[1] // block_values, block_bytes), dtype=np.uint8)
+    offsets, k = K_FORMATS[qtype]
+    for o in offsets:
+        halves = (rng.uniform(0.5, 1.0, size=raw.shape[:2]) * scale * k).astype(np.float16)
+        raw[..., o : o + 2] = halves[..., None].view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(shape[0], -1)
 
 
 def write_tiny_llama(
@@ -17,14 +31,15 @@ def write_tiny_llama(
     weight_type: Q = Q.Q4_0,
     seed: int = 0,
     tensor_types: dict[str, Q] | None = None,
+    dim: int = 64,
 ) -> Path:
-    """A 2-layer Llama (width 64, 4 query heads, 2 key/value heads) with SmolLM2's tokenizer.
+    """A 2-layer Llama (width `dim`, 4 query heads, 2 key/value heads) with SmolLM2's tokenizer.
 
     Weights are random but scaled like a trained model's so that logits stay in a sane range;
     `output.weight` is its own tensor (untied), unlike SmolLM2's.
     """
     rng = np.random.default_rng(seed)
-    D, F, H, G, L = 64, 96, 4, 2, 2
+    D, F, H, G, L = dim, dim * 3 // 2 if dim < 256 else 2 * dim, 4, 2, 2
     V = len(tokenizer_meta["tokenizer.ggml.tokens"])
     w = GGUFWriter(str(path), arch)
     w.add_block_count(L)
@@ -56,6 +71,8 @@ def write_tiny_llama(
             w.add_tensor(name, data)
         elif qtype == Q.F16:
             w.add_tensor(name, data.astype(np.float16))
+        elif qtype in K_FORMATS:
+            w.add_tensor(name, random_k_blocks(rng, shape, qtype, scale), raw_dtype=qtype)
         else:
             w.add_tensor(name, quants.quantize(data, qtype).view(np.uint8), raw_dtype=qtype)
 

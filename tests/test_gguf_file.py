@@ -69,6 +69,31 @@ def test_another_llama_file_in_every_format_matches_transformers(tmp_path, smol_
     assert engine.model.lm_head.shape == (49152, 64)  # its own output.weight, not the embedding
 
 
+K_MIXED = {
+    "blk.0.attn_q.weight": Q.Q4_K,
+    "blk.0.attn_k.weight": Q.Q5_K,
+    "blk.0.attn_v.weight": Q.Q6_K,
+    "blk.0.ffn_down.weight": Q.Q6_K,
+    "blk.1.ffn_up.weight": Q.Q4_K,
+    "blk.1.attn_output.weight": Q.Q5_K,
+}
+
+
+def test_k_quant_llama_file_matches_transformers(tmp_path, smol_meta):
+    """Q4_K_M-style files: K formats in the layers (width 256, one super-block per row)."""
+    path = write_tiny_llama(tmp_path / "k.gguf", smol_meta, weight_type=Q.Q8_0, tensor_types=K_MIXED, dim=256)
+    engine = Engine.load(path)
+    ids = engine.tokenizer.encode("K formats, as most downloaded files use.")
+    ours = engine.forward(ids, Session())
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="k.gguf", dtype=torch.float32)
+    with torch.inference_mode():
+        theirs = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.isfinite(ours).all()
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
+
+
 def test_missing_file():
     with pytest.raises(ModelFileError, match="not found"):
         open_gguf("/nonexistent/model.gguf")
@@ -99,10 +124,10 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, smol_meta):
 def test_unsupported_tensor_type_names_the_supported_ones(tmp_path):
     p = tmp_path / "k.gguf"
     w = GGUFWriter(str(p), "llama")
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((1, 210), dtype=np.uint8), raw_dtype=Q.Q6_K)  # one 256-block
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((1, 110), dtype=np.uint8), raw_dtype=Q.Q3_K)  # one 256-block
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedModelError, match="blk.0.attn_q.weight is Q6_K; supported: F32, F16"):
+    with pytest.raises(UnsupportedModelError, match="blk.0.attn_q.weight is Q3_K; supported: F32, F16"):
         open_gguf(p)
