@@ -3,6 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= The capital of France is
+# llama.cpp as a benchmark peer, built from source; the native build's AMX path crashes on some CPUs.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 .PHONY: install install-test run test lint bench clean
 
@@ -16,6 +19,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q llama-cpp-python
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,8 +41,8 @@ lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## bench: load time, memory, prefill and decode tokens/s beside transformers, in one run
-bench: install-test
+## bench: load time, memory, prefill and decode tokens/s beside llama.cpp and transformers, in one run
+bench: $(VENV)/.installed-bench
 	$(BIN)/appliance bench
 
 clean:

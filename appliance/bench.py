@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def measure_appliance(path: str, backend: str, ids: list[int], n_decode: int) ->
         engine = Engine.load(path, backend)
         engine.model.layer_range(0, engine.model.config.n_layers)  # prepare every layer's weights
         session = Session()
-        greedy = lambda tokens: int(np.argmax(engine.forward(tokens, session)[-1]))  # noqa: E731
+        greedy = lambda tokens: int(np.argmax(engine.next_logits(tokens, session)))  # noqa: E731
         return greedy, lambda token: greedy([token])
 
     return _timed_greedy(f"appliance ({select_backend(backend).name} backend)", load, ids, n_decode)
@@ -74,6 +75,8 @@ def measure_transformers(path: str, ids: list[int], n_decode: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the cache keyword's rename across versions
     torch.set_num_threads(os.cpu_count() or 1)
     torch.set_grad_enabled(False)
 
@@ -92,6 +95,30 @@ def measure_transformers(path: str, ids: list[int], n_decode: int) -> dict:
     return _timed_greedy(f"transformers {transformers.__version__} (torch CPU, fp32)", load, ids, n_decode)
 
 
+def measure_llama_cpp(path: str, ids: list[int], n_decode: int) -> dict:
+    import llama_cpp
+
+    def load():
+        llm = llama_cpp.Llama(
+            model_path=path, n_ctx=len(ids) + n_decode + 8, n_batch=len(ids), n_threads=os.cpu_count(), verbose=False
+        )
+
+        def run(tokens: list[int]) -> int:
+            llm.eval(tokens)
+            return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+        return run, lambda token: run([token])
+
+    return _timed_greedy(f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, CPU)", load, ids, n_decode)
+
+
+# Peers: (measure function, how to get it installed).
+PEERS = [
+    (measure_llama_cpp, "make bench installs it (llama-cpp-python, built from source)"),
+    (measure_transformers, "pip install '.[test]'"),
+]
+
+
 def _in_fresh_process(fn, *args) -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
@@ -101,11 +128,11 @@ def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: boo
     tokenizer = Engine.load(path, backend).tokenizer
     ids = tokenizer.encode(FILLER * (1 + n_prompt // 30))[:n_prompt]
     rows = [_in_fresh_process(measure_appliance, str(path), backend, ids, n_decode)]
-    if peers:
+    for measure, install in PEERS if peers else []:
         try:
-            rows.append(_in_fresh_process(measure_transformers, str(path), ids, n_decode))
+            rows.append(_in_fresh_process(measure, str(path), ids, n_decode))
         except ImportError as e:
-            Console(stderr=True).print(f"peer transformers not measured: {e} (pip install '.[test]')")
+            Console(stderr=True).print(f"peer not measured: {e} ({install})")
     table = Table(
         title=f"{path.name}: {len(ids)}-token prompt, {n_decode} decoded tokens, {os.cpu_count()} CPU threads"
     )
@@ -119,5 +146,5 @@ def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: boo
             f"{r['prefill_tps']:.1f}",
             f"{r['decode_tps']:.1f}",
         )
-    Console().print(table)
+    Console(width=120).print(table)
     return rows

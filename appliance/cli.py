@@ -70,7 +70,7 @@ def bench(
     backend: BackendOpt = "auto",
     prompt_tokens: int = 128,
     decode_tokens: int = 64,
-    peers: Annotated[bool, typer.Option(help="Measure the peers (transformers on CPU) in the same run.")] = True,
+    peers: Annotated[bool, typer.Option(help="Measure the peers (llama.cpp, transformers) in the same run.")] = True,
 ) -> None:
     """Load time, resident memory, prefill and decode tokens/s, beside the peers on the same file."""
     from appliance.bench import run_bench

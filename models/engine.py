@@ -58,10 +58,17 @@ class Engine:
 
     def forward(self, ids: list[int], session: Session) -> np.ndarray:
         """Logits [T, vocab] for the next T tokens of a session, through every layer range."""
+        return self.model.head(self._hidden(ids, session))
+
+    def next_logits(self, ids: list[int], session: Session) -> np.ndarray:
+        """Logits [vocab] after the last of ids: the head runs on one position, not all of a prompt's."""
+        return self.model.head(self._hidden(ids, session)[-1:])[0]
+
+    def _hidden(self, ids: list[int], session: Session) -> np.ndarray:
         hidden = self.model.embed(ids)
         for layers in self.ranges:
             hidden = self.model.run_layers(layers, hidden, session)
-        return self.model.head(hidden)
+        return hidden
 
     def generate(
         self,
@@ -120,7 +127,7 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         tok, hold = self.engine.tokenizer, max((len(s) for s in self.stop), default=1) - 1
         history = list(self.prompt_ids)
-        logits = self.engine.forward(self.prompt_ids, self.session)[-1]
+        logits = self.engine.next_logits(self.prompt_ids, self.session)
         emitted = 0
         while True:
             token = self.sampler(logits, history)
@@ -145,7 +152,7 @@ class Generation:
             if len(self.token_ids) >= self.max_tokens:
                 self.finish_reason = "length"
                 break
-            logits = self.engine.forward([token], self.session)[-1]
+            logits = self.engine.next_logits([token], self.session)
         if len(self.text) > emitted:
             yield self.text[emitted:]
 

@@ -32,10 +32,10 @@ def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
 
 def our_greedy(engine, ids: list[int], n: int) -> list[int]:
     session, out_ids = Session(), []
-    logits = engine.forward(ids, session)[-1]
+    logits = engine.next_logits(ids, session)
     for _ in range(n):
         out_ids.append(int(np.argmax(logits)))
-        logits = engine.forward([out_ids[-1]], session)[-1]
+        logits = engine.next_logits([out_ids[-1]], session)
     return out_ids
 
 
@@ -90,4 +90,4 @@ def test_sessions_do_not_share_state(engine):
     engine.forward(a_ids, a)
     engine.forward(b_ids, b)
     engine.forward([11], b)
-    np.testing.assert_allclose(engine.forward([11], a)[-1], alone, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(engine.next_logits([11], a), alone, rtol=0, atol=1e-4)
