@@ -11,6 +11,8 @@ import multiprocessing
 import os
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,7 @@ def measure_appliance(path: str, backend: str, ids: list[int], n_decode: int) ->
 
 
 def measure_transformers(path: str, ids: list[int], n_decode: int) -> dict:
+    os.environ["TQDM_DISABLE"] = "1"  # its GGUF conversion bar would cut into the table
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -104,8 +107,9 @@ def measure_llama_cpp(path: str, ids: list[int], n_decode: int) -> dict:
         )
 
         def run(tokens: list[int]) -> int:
-            llm.eval(tokens)
-            return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval(tokens)  # keeps only the last position's logits, read through the C API
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
+            return int(np.argmax(logits))
 
         return run, lambda token: run([token])
 
@@ -120,8 +124,9 @@ PEERS = [
 
 
 def _in_fresh_process(fn, *args) -> dict:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    """Run one subject in a new interpreter; a subject that crashes raises BrokenProcessPool, not a hang."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: bool) -> list[dict]:
@@ -133,6 +138,8 @@ def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: boo
             rows.append(_in_fresh_process(measure, str(path), ids, n_decode))
         except ImportError as e:
             Console(stderr=True).print(f"peer not measured: {e} ({install})")
+        except BrokenProcessPool:
+            Console(stderr=True).print(f"peer not measured: {measure.__name__} crashed (a build for another CPU?)")
     table = Table(
         title=f"{path.name}: {len(ids)}-token prompt, {n_decode} decoded tokens, {os.cpu_count()} CPU threads"
     )

@@ -82,3 +82,10 @@ def test_ctl_verify_fails_on_an_empty_store(tmp_path):
 def test_worker_says_it_is_not_built_yet():
     r = run(sys.executable, "-c", "from offload.worker import main; main()")
     assert r.returncode == 2 and "not built yet" in r.stderr
+
+
+def test_bench_prints_its_table(model_path):
+    """The figures themselves belong to `make bench`; here only that the command works end to end."""
+    r = run("appliance", "bench", "--no-peers", "--prompt-tokens", "16", "--decode-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert "appliance (numpy backend)" in r.stdout and "decode tok/s" in r.stdout
