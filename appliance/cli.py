@@ -65,6 +65,47 @@ def generate(
 
 @app.command()
 @friendly_errors
+def serve(
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: the whole LAN).")] = "0.0.0.0",
+    http_port: Annotated[int, typer.Option(help="HTTP port (Triton's default).")] = 8000,
+    api_key: Annotated[
+        list[str] | None, typer.Option(help="Accepted inference key; may be repeated. Default: one made once.")
+    ] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept requests without a key (trusted setups).")] = False,
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together in one step.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting beyond the batch before 429.")] = 64,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
+) -> None:
+    """Serve the model over OpenAI-compatible REST to the devices of the home."""
+    import uvicorn
+
+    from appliance.keys import key_file, load_or_create_key
+    from appliance.scheduler import Scheduler
+    from appliance.server import create_app
+    from appliance.state import ServerState
+
+    engine = Engine.load(ModelStore().resolve(model), backend)
+    if no_auth:
+        keys: frozenset[str] = frozenset()
+        stderr.print("[bold yellow]WARNING: --no-auth: anyone who can reach this port can use the model.[/]")
+    else:
+        keys = frozenset(api_key or [load_or_create_key()])
+        if not api_key:
+            stderr.print(f"API key: in {key_file()} (send it as 'Authorization: Bearer <key>')")
+    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
+    state = ServerState(engine, scheduler, engine.name, keys, max_tokens_limit=max_tokens_limit)
+    scheduler.start()
+    stderr.print(f"serving {engine.name} on http://{host}:{http_port} (backend: {engine.model.backend.name})")
+    try:
+        uvicorn.run(create_app(state), host=host, port=http_port, log_level="warning")
+    finally:
+        scheduler.stop()
+
+
+@app.command()
+@friendly_errors
 def bench(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",

@@ -58,17 +58,22 @@ class Engine:
 
     def forward(self, ids: list[int], session: Session) -> np.ndarray:
         """Logits [T, vocab] for the next T tokens of a session, through every layer range."""
-        return self.model.head(self._hidden(ids, session))
+        return self.model.head(self._hidden([ids], [session])[0])
 
     def next_logits(self, ids: list[int], session: Session) -> np.ndarray:
         """Logits [vocab] after the last of ids: the head runs on one position, not all of a prompt's."""
-        return self.model.head(self._hidden(ids, session)[-1:])[0]
+        return self.next_logits_batch([ids], [session])[0]
 
-    def _hidden(self, ids: list[int], session: Session) -> np.ndarray:
-        hidden = self.model.embed(ids)
+    def next_logits_batch(self, batch: list[list[int]], sessions: list[Session]) -> np.ndarray:
+        """next_logits for several sessions in one pass over the weights: [batch, vocab]."""
+        last = np.stack([h[-1] for h in self._hidden(batch, sessions)])
+        return self.model.head(last)
+
+    def _hidden(self, batch: list[list[int]], sessions: list[Session]) -> list[np.ndarray]:
+        hiddens = [self.model.embed(ids) for ids in batch]
         for layers in self.ranges:
-            hidden = self.model.run_layers(layers, hidden, session)
-        return hidden
+            hiddens = self.model.run_layers_batch(layers, hiddens, sessions)
+        return hiddens
 
     def generate(
         self,
@@ -115,6 +120,9 @@ class Generation:
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
+        self._prefilled = 0  # prompt ids already run through the model
+        self._emitted = 0  # characters of text already handed out
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
 
     @property
     def prompt_tokens(self) -> int:
@@ -124,37 +132,59 @@ class Generation:
     def completion_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def prompt_done(self) -> bool:
+        return self._prefilled >= len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_input(self, prefill_chunk: int | None = None) -> list[int]:
+        """The ids to run next: the rest of the prompt (at most prefill_chunk of it), else the last token."""
+        if self._prefilled < len(self.prompt_ids):
+            end = len(self.prompt_ids) if prefill_chunk is None else self._prefilled + prefill_chunk
+            return self.prompt_ids[self._prefilled : end]
+        return [self.token_ids[-1]]
+
+    def advance(self, n_fed: int, logits: np.ndarray) -> str:
+        """Take the logits after running next_input(); sample once the prompt is in; return new text."""
+        if self._prefilled < len(self.prompt_ids):
+            self._prefilled += n_fed
+            if self._prefilled < len(self.prompt_ids):
+                return ""  # a prompt chunk: nothing to sample yet
+        token = self.sampler(logits, self.prompt_ids + self.token_ids)
+        if token in self.stop_ids:
+            return self._finish("stop")
+        self.token_ids.append(token)
+        text = self.engine.tokenizer.decode(self.token_ids)
+        found = [i for i in (text.find(s, max(0, self._emitted - self._hold)) for s in self.stop) if i >= 0]
+        if found:
+            self.text = text[: min(found)]
+            return self._finish("stop")
+        self.text = text
+        if len(self.token_ids) >= self.max_tokens:
+            return self._finish("length")
+        safe = len(text) - self._hold  # a stop string may still be forming in the last _hold chars
+        while safe > self._emitted and text[safe - 1] == "\ufffd":  # an unfinished UTF-8 sequence
+            safe -= 1
+        return self._emit(safe)
+
+    def _emit(self, upto: int) -> str:
+        piece = self.text[self._emitted : upto] if upto > self._emitted else ""
+        self._emitted = max(self._emitted, upto)
+        return piece
+
+    def _finish(self, reason: str) -> str:
+        self.finish_reason = reason
+        return self._emit(len(self.text))
+
     def __iter__(self) -> Iterator[str]:
-        tok, hold = self.engine.tokenizer, max((len(s) for s in self.stop), default=1) - 1
-        history = list(self.prompt_ids)
-        logits = self.engine.next_logits(self.prompt_ids, self.session)
-        emitted = 0
-        while True:
-            token = self.sampler(logits, history)
-            if token in self.stop_ids:
-                self.finish_reason = "stop"
-                break
-            self.token_ids.append(token)
-            history.append(token)
-            text = tok.decode(self.token_ids)
-            cut = min((i for i in (text.find(s, max(0, emitted - hold)) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text = text[:cut]
-                self.finish_reason = "stop"
-                break
-            self.text = text
-            safe = len(text) - hold
-            while safe > emitted and text[safe - 1] == "\ufffd":  # an unfinished UTF-8 sequence
-                safe -= 1
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if len(self.token_ids) >= self.max_tokens:
-                self.finish_reason = "length"
-                break
-            logits = self.engine.next_logits([token], self.session)
-        if len(self.text) > emitted:
-            yield self.text[emitted:]
+        while not self.done:
+            ids = self.next_input()
+            piece = self.advance(len(ids), self.engine.next_logits(ids, self.session))
+            if piece:
+                yield piece
 
     def run(self) -> str:
         """Generate to the end and return the whole text."""

@@ -132,7 +132,7 @@ class Session:
 
 
 class LayerRange:
-    """Layers [start, stop) of a model: their weights, and a forward pass over one session's cache."""
+    """Layers [start, stop) of a model: their weights, and a forward pass over sessions' caches."""
 
     def __init__(self, config: LlamaConfig, backend: Backend, start: int, layers: list[LayerWeights]):
         self.config, self.backend = config, backend
@@ -143,23 +143,39 @@ class LayerRange:
         c = self.config
         return KVCache(len(self.layers), c.n_kv_heads, c.head_dim, c.context_length)
 
-    def forward(self, x: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Run hidden states x [T, D] of the next T positions through every layer of the range."""
+    def forward(self, xs: list[np.ndarray], caches: list[KVCache]) -> list[np.ndarray]:
+        """Run a batch of sequences through every layer of the range, each with its own cache.
+
+        xs[j] holds the hidden states [T_j, D] of the next T_j positions of sequence j (a prompt
+        chunk, or one token when decoding). The sequences share every matmul (one pass over the
+        weights for the whole batch); only attention is per sequence, over its own cache.
+        """
         c, B = self.config, self.backend
-        T, H, G, E = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
-        start = cache.length
-        cache.reserve(T)
-        cos, sin = B.rope_tables(np.arange(start, start + T), E, c.rope_theta)
+        H, G, E = c.n_heads, c.n_kv_heads, c.head_dim
+        sizes = [x.shape[0] for x in xs]
+        starts = [cache.length for cache in caches]
+        for cache, n in zip(caches, sizes, strict=True):
+            cache.reserve(n)
+        bounds = np.cumsum([0, *sizes])
+        rows = [slice(bounds[j], bounds[j + 1]) for j in range(len(xs))]
+        positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, sizes, strict=True)])
+        cos, sin = B.rope_tables(positions, E, c.rope_theta)
+        x = np.concatenate(xs)
+        T = x.shape[0]
         for i, L in enumerate(self.layers):
             h = B.rmsnorm(x, L.attn_norm, c.norm_eps)
             q = B.rope(B.linear(h, L.wq).reshape(T, H, E), cos, sin)
             k = B.rope(B.linear(h, L.wk).reshape(T, G, E), cos, sin)
             v = B.linear(h, L.wv).reshape(T, G, E)
-            keys, values = cache.store(i, k, v)
-            x = x + B.linear(B.attention(q, keys, values, start).reshape(T, H * E), L.wo)
+            attended = []
+            for row, cache, start in zip(rows, caches, starts, strict=True):
+                keys, values = cache.store(i, k[row], v[row])
+                attended.append(B.attention(q[row], keys, values, start))
+            x = x + B.linear(np.concatenate(attended).reshape(T, H * E), L.wo)
             x = x + B.swiglu(B.rmsnorm(x, L.ffn_norm, c.norm_eps), L.w_gate, L.w_up, L.w_down)
-        cache.advance(T)
-        return x
+        for cache, n in zip(caches, sizes, strict=True):
+            cache.advance(n)
+        return [x[row] for row in rows]
 
 
 class Llama:
@@ -223,13 +239,18 @@ class Llama:
 
     def run_layers(self, layers: tuple[int, int], hidden: np.ndarray, session: Session) -> np.ndarray:
         """Run hidden states through layers [a, b) using (and extending) the session's cache for them."""
+        return self.run_layers_batch(layers, [hidden], [session])[0]
+
+    def run_layers_batch(
+        self, layers: tuple[int, int], hiddens: list[np.ndarray], sessions: list[Session]
+    ) -> list[np.ndarray]:
+        """run_layers for several sessions at once, sharing each weight pass (continuous batching)."""
         r = self.layer_range(*layers)
-        if hidden.ndim != 2 or hidden.shape[1] != self.config.dim:
-            raise ValueError(f"hidden states must be [T, {self.config.dim}], got {list(hidden.shape)}")
-        cache = session.caches.get(layers)
-        if cache is None:
-            cache = session.caches[layers] = r.new_cache()
-        return r.forward(hidden.astype(np.float32, copy=False), cache)
+        for hidden in hiddens:
+            if hidden.ndim != 2 or hidden.shape[1] != self.config.dim or hidden.shape[0] == 0:
+                raise ValueError(f"hidden states must be [T, {self.config.dim}], got {list(hidden.shape)}")
+        caches = [s.caches.get(layers) or s.caches.setdefault(layers, r.new_cache()) for s in sessions]
+        return r.forward([h.astype(np.float32, copy=False) for h in hiddens], caches)
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] from the last layer's hidden states."""
