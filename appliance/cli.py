@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from typing import Annotated
@@ -70,18 +71,21 @@ def serve(
     backend: BackendOpt = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: the whole LAN).")] = "0.0.0.0",
     http_port: Annotated[int, typer.Option(help="HTTP port (Triton's default).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (Triton's default).")] = 8001,
     api_key: Annotated[
         list[str] | None, typer.Option(help="Accepted inference key; may be repeated. Default: one made once.")
     ] = None,
+    admin_key: Annotated[str | None, typer.Option(help="The admin key (load/unload). Default: one made once.")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept requests without a key (trusted setups).")] = False,
     max_batch: Annotated[int, typer.Option(help="Requests decoded together in one step.")] = 16,
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond the batch before 429.")] = 64,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
 ) -> None:
-    """Serve the model over OpenAI-compatible REST to the devices of the home."""
+    """Serve the model to the home: OpenAI-compatible REST, KServe v2 (Triton) over REST and gRPC."""
     import uvicorn
 
     from appliance.keys import key_file, load_or_create_key
+    from appliance.kserve_grpc import start_grpc
     from appliance.scheduler import Scheduler
     from appliance.server import create_app
     from appliance.state import ServerState
@@ -89,17 +93,33 @@ def serve(
     engine = Engine.load(ModelStore().resolve(model), backend)
     if no_auth:
         keys: frozenset[str] = frozenset()
+        admin_keys: frozenset[str] = frozenset()
         stderr.print("[bold yellow]WARNING: --no-auth: anyone who can reach this port can use the model.[/]")
     else:
-        keys = frozenset(api_key or [load_or_create_key()])
+        keys = frozenset(api_key or [load_or_create_key("api")])
+        admin_keys = frozenset([admin_key or load_or_create_key("admin")])
         if not api_key:
-            stderr.print(f"API key: in {key_file()} (send it as 'Authorization: Bearer <key>')")
+            stderr.print(f"API key: in {key_file('api')} (send it as 'Authorization: Bearer <key>')")
+        if not admin_key:
+            stderr.print(f"admin key: in {key_file('admin')}")
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
-    state = ServerState(engine, scheduler, engine.name, keys, max_tokens_limit=max_tokens_limit)
+    state = ServerState(engine, scheduler, engine.name, keys, admin_keys, max_tokens_limit=max_tokens_limit)
+    app = create_app(state)
+
+    async def run() -> None:
+        grpc_server = await start_grpc(app.state.kserve, host, grpc_port)
+        stderr.print(
+            f"serving {engine.name} (backend: {engine.model.backend.name}): "
+            f"HTTP on {host}:{http_port}, gRPC on {host}:{grpc_port}"
+        )
+        try:
+            await uvicorn.Server(uvicorn.Config(app, host=host, port=http_port, log_level="warning")).serve()
+        finally:
+            await grpc_server.stop(grace=2)
+
     scheduler.start()
-    stderr.print(f"serving {engine.name} on http://{host}:{http_port} (backend: {engine.model.backend.name})")
     try:
-        uvicorn.run(create_app(state), host=host, port=http_port, log_level="warning")
+        asyncio.run(run())
     finally:
         scheduler.stop()
 

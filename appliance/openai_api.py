@@ -75,22 +75,17 @@ def _new_id(prefix: str) -> str:
 
 
 def _generations(state: ServerState, body: _Common, prompt_ids: list[int]) -> list[Generation]:
-    max_tokens = body.max_completion_tokens or body.max_tokens or state.default_max_tokens
-    if max_tokens > state.max_tokens_limit:
-        raise OpenAIError(
-            400, f"max_tokens is {max_tokens}; this server allows at most {state.max_tokens_limit}", param="max_tokens"
-        )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4 or any(not s for s in stop):
-        raise OpenAIError(400, "stop takes up to 4 non-empty strings", param="stop")
+    if len(stop) > 4:
+        raise OpenAIError(400, "stop takes up to 4 strings", param="stop")
     # choice i draws from seed + i, so n choices differ from each other yet repeat with the seed
     return [
-        state.engine.generate(
+        state.generation(
             prompt_ids,
             SamplingParams(
                 temperature=body.temperature, top_p=body.top_p, seed=None if body.seed is None else body.seed + i
             ),
-            max_tokens,
+            body.max_completion_tokens or body.max_tokens,
             stop,
         )
         for i in range(body.n)

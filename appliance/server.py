@@ -8,7 +8,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from appliance import openai_api
+from appliance import kserve_http, openai_api
+from appliance.kserve import KServeError, Repository
 from appliance.openai_api import OpenAIError
 from appliance.scheduler import QueueFullError
 from appliance.state import AuthError, ServerState
@@ -74,11 +75,16 @@ def _describe(errors: list[dict]) -> str:
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(
-        title="appliance", version="0.1.0", description="OpenAI-compatible REST for the home's language models."
+        title="appliance",
+        version="0.1.0",
+        description="OpenAI-compatible REST and KServe v2 (Triton) for the home's language models.",
     )
     app.state.appliance = state
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
+    app.state.kserve = Repository(state)
     app.include_router(openai_api.router)
+    for router in (kserve_http.health, kserve_http.router, kserve_http.admin):
+        app.include_router(router)
 
     @app.get("/health")
     async def health() -> dict:
@@ -100,6 +106,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         return _reply(request, e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(KServeError)
+    async def kserve_error(request: Request, e: KServeError):
+        return _reply(request, e.status, str(e))
 
     @app.exception_handler(AuthError)
     async def unauthorized(request: Request, e: AuthError):

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from appliance.scheduler import Scheduler
-from models.engine import Engine
+from models.engine import Engine, Generation
+from models.sampling import InvalidParameterError, SamplingParams
 
 
 class AuthError(Exception):
@@ -22,21 +23,45 @@ class ServerState:
     scheduler: Scheduler
     model_name: str
     api_keys: frozenset[str] = frozenset()  # empty: no authentication (--no-auth)
+    admin_keys: frozenset[str] = frozenset()  # load/unload and device management
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20
     started: int = field(default_factory=lambda: int(time.time()))
+
+    def generation(
+        self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int | None, stop: list[str]
+    ) -> Generation:
+        """A generation within this server's limits (every protocol's requests pass through here)."""
+        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
+        if max_tokens > self.max_tokens_limit:
+            raise InvalidParameterError(
+                f"max_tokens is {max_tokens}; this server allows at most {self.max_tokens_limit}"
+            )
+        if len(stop) > 16:
+            raise InvalidParameterError("at most 16 stop strings")
+        return self.engine.generate(prompt_ids, sampling, max_tokens, stop)
 
 
 def server_state(request: Request) -> ServerState:
     return request.app.state.appliance
 
 
-def authorize(request: Request) -> None:
-    """Inference clients present `Authorization: Bearer KEY`."""
-    keys = server_state(request).api_keys
-    if not keys:
-        return
+def _check_bearer(request: Request, keys: frozenset[str], what: str) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
-        raise AuthError("a valid API key is required: send 'Authorization: Bearer <key>'")
+        raise AuthError(f"a valid {what} key is required: send 'Authorization: Bearer <key>'")
+
+
+def authorize(request: Request) -> None:
+    """Inference clients present `Authorization: Bearer KEY` (the admin key works too)."""
+    state = server_state(request)
+    if state.api_keys:
+        _check_bearer(request, state.api_keys | state.admin_keys, "API")
+
+
+def authorize_admin(request: Request) -> None:
+    """Administration takes the separate admin key."""
+    state = server_state(request)
+    if state.api_keys or state.admin_keys:
+        _check_bearer(request, state.admin_keys, "admin")

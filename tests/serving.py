@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 
@@ -18,9 +19,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ADMIN_KEY = "admin-test-key"
+
+
+@dataclass
+class Server:
+    url: str
+    grpc: str
+
+
 @contextmanager
 def running_server(*args: str, key: str = "test-key", timeout: float = 120):
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -30,8 +40,12 @@ def running_server(*args: str, key: str = "test-key", timeout: float = 120):
         "127.0.0.1",
         "--http-port",
         str(port),
+        "--grpc-port",
+        str(grpc_port),
         "--api-key",
         key,
+        "--admin-key",
+        ADMIN_KEY,
         *args,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
@@ -49,7 +63,7 @@ def running_server(*args: str, key: str = "test-key", timeout: float = 120):
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not start")
             time.sleep(0.3)
-        yield url
+        yield Server(url, f"127.0.0.1:{grpc_port}")
     finally:
         proc.terminate()
         try:

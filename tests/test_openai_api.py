@@ -18,8 +18,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def url(model_path):
-    with running_server("--max-batch", "8", "--max-queue", "64", key=KEY) as u:
-        yield u
+    with running_server("--max-batch", "8", "--max-queue", "64", key=KEY) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,8 @@ def test_still_serving_after_all_that(client, engine):
 
 def test_full_queue_is_a_429_with_a_retry_hint(engine):
     """One slot in the batch, one in the queue: a third concurrent request is turned away at once."""
-    with running_server("--max-batch", "1", "--max-queue", "1", key=KEY) as u:
+    with running_server("--max-batch", "1", "--max-queue", "1", key=KEY) as server:
+        u = server.url
         body = {"model": engine.name, "prompt": "Tell me a long story.", "max_tokens": 300, "stream": True}
         headers = {"Authorization": f"Bearer {KEY}"}
         with httpx.Client(base_url=u, headers=headers, timeout=60) as http:
