@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from appliance.metrics import Metrics
 from models.engine import Engine, Generation
 
 
@@ -70,8 +71,16 @@ class TokenStream:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64, step_tokens: int = 256):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        step_tokens: int = 256,
+        metrics: Metrics | None = None,
+    ):
         self.engine = engine
+        self.metrics = metrics or Metrics()
         self.max_batch, self.max_queue, self.step_tokens = max_batch, max_queue, step_tokens
         self.waiting: collections.deque[Ticket] = collections.deque()
         self.active: list[Ticket] = []
@@ -112,7 +121,11 @@ class Scheduler:
             self.active = [t for t in self.active if not t.cancelled.is_set()]
             self.waiting = collections.deque(t for t in self.waiting if not t.cancelled.is_set())
             while self.waiting and len(self.active) < self.max_batch:
-                self.active.append(self.waiting.popleft())
+                ticket = self.waiting.popleft()
+                self.metrics.queue_seconds.observe(time.monotonic() - ticket.submitted)
+                self.active.append(ticket)
+            self.metrics.active.set(len(self.active))
+            self.metrics.waiting.set(len(self.waiting))
 
     def _plan_step(self) -> list[tuple[Ticket, list[int]]]:
         """Each decoding request gets its one token; prefilling ones share what is left of the budget."""
@@ -135,6 +148,7 @@ class Scheduler:
             step = self._plan_step()
             if not step:
                 continue
+            started = time.monotonic()
             try:
                 logits = self.engine.next_logits_batch(
                     [ids for _, ids in step], [t.generation.session for t, _ in step]
@@ -145,13 +159,21 @@ class Scheduler:
                     t.cancel()
                 continue
             now = time.monotonic()
+            m = self.metrics
+            m.step_seconds.observe(now - started)
+            m.batch_size.observe(len(step))
+            m.kv_bytes.set(sum(t.generation.session.nbytes for t in self.active))
             for (t, ids), row in zip(step, logits, strict=True):
                 had_tokens = t.generation.completion_tokens
                 piece = t.generation.advance(len(ids), row)
-                if t.first_token_at is None and t.generation.completion_tokens > had_tokens:
-                    t.first_token_at = now
+                if t.generation.completion_tokens > had_tokens:
+                    m.tokens.inc()
+                    if t.first_token_at is None:
+                        t.first_token_at = now
+                        m.ttft_seconds.observe(now - t.submitted)
                 if piece:
                     t.deliver(Event("text", piece))
                 if t.generation.done:
+                    m.finished.labels(t.generation.finish_reason).inc()
                     t.deliver(Event("done", t.generation.finish_reason or "stop"))
                     t.cancel()

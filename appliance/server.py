@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -85,6 +86,23 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(openai_api.router)
     for router in (kserve_http.health, kserve_http.router, kserve_http.admin):
         app.include_router(router)
+
+    metrics = state.scheduler.metrics
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        path = request.url.path
+        protocol = "openai" if path.startswith("/v1/") else "kserve" if path.startswith("/v2/") else None
+        response = await call_next(request)
+        if protocol:
+            metrics.requests.labels(protocol).inc()
+            if response.status_code >= 400:
+                metrics.errors.labels(protocol, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> dict:

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from models.sampling import SamplingParams
+from tests.conftest import gpu_present
 from tests.serving import running_server
 
 KEY = "test-key"
@@ -183,3 +184,22 @@ def test_full_queue_is_a_429_with_a_retry_hint(engine):
                 assert time.monotonic() < deadline, "the queue never drained"
                 time.sleep(float(r.headers["Retry-After"]) / 4)
             assert r.status_code == 200
+
+
+def test_metrics(url, client, engine):
+    client.completions.create(model=engine.name, prompt="Hello", max_tokens=3, temperature=0)
+    text = httpx.get(f"{url}/metrics").text
+    for name in (
+        "appliance_requests_total",
+        "appliance_time_to_first_token_seconds_bucket",
+        "appliance_tokens_generated_total",
+        "appliance_batch_size_bucket",
+        "appliance_kv_cache_bytes",
+        "appliance_queue_seconds_count",
+        'appliance_errors_total{protocol="openai",status="401"}',
+    ):
+        assert name in text, name
+    generated = [line for line in text.splitlines() if line.startswith("appliance_tokens_generated_total")]
+    assert float(generated[0].split()[-1]) >= 3
+    if not gpu_present():
+        assert "appliance_gpu_utilization_percent" not in text  # absent, not zero, without a GPU

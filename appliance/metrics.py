@@ -1,0 +1,79 @@
+"""Prometheus metrics at /metrics, and GPU telemetry: NVML where there is one, Jetson's sysfs on Jetson."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("appliance")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+JETSON_GPU_LOAD = Path("/sys/devices/gpu.0/load")  # what tegrastats reads: per mille
+
+
+class GpuCollector:
+    """GPU utilisation and memory, read at scrape time; absent (and said once) where there is no GPU."""
+
+    def __init__(self) -> None:
+        self.nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self.nvml = pynvml if self.handles else None
+        except Exception:  # no driver, no NVML (Jetson), no device
+            self.handles = []
+        self.jetson = self.nvml is None and JETSON_GPU_LOAD.exists()
+        if self.nvml is None and not self.jetson:
+            log.warning("no GPU found (no NVML device, no Jetson GPU): running on the CPU; GPU metrics are absent")
+
+    def collect(self):
+        util = GaugeMetricFamily("appliance_gpu_utilization_percent", "GPU busy time", labels=["gpu"])
+        used = GaugeMetricFamily("appliance_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("appliance_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        if self.nvml is not None:
+            for i, h in enumerate(self.handles):
+                mem = self.nvml.nvmlDeviceGetMemoryInfo(h)
+                util.add_metric([str(i)], self.nvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                used.add_metric([str(i)], mem.used)
+                total.add_metric([str(i)], mem.total)
+        elif self.jetson:  # unified memory: the GPU's memory is the system's
+            util.add_metric(["0"], int(JETSON_GPU_LOAD.read_text()) / 10)
+            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            kib = lambda key: int(info[key].split()[0]) * 1024  # noqa: E731
+            used.add_metric(["0"], kib("MemTotal") - kib("MemAvailable"))
+            total.add_metric(["0"], kib("MemTotal"))
+        else:
+            return
+        yield from (util, used, total)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("appliance_requests", "Requests served", ["protocol"], registry=r)
+        self.errors = Counter("appliance_errors", "Requests answered with an error", ["protocol", "status"], registry=r)
+        self.queue_seconds = Histogram(
+            "appliance_queue_seconds", "Wait before joining the batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ttft_seconds = Histogram(
+            "appliance_time_to_first_token_seconds", "Submission to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "appliance_step_seconds", "One batched model step", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tokens = Counter("appliance_tokens_generated", "Tokens generated (rate() gives tokens/s)", registry=r)
+        self.batch_size = Histogram(
+            "appliance_batch_size", "Requests in a step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.active = Gauge("appliance_active_requests", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("appliance_waiting_requests", "Requests queued for the batch", registry=r)
+        self.kv_bytes = Gauge("appliance_kv_cache_bytes", "KV-cache memory of the running batch", registry=r)
+        self.finished = Counter("appliance_finished", "Generations ended", ["reason"], registry=r)
+        r.register(GpuCollector())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
