@@ -9,7 +9,7 @@ AVX512 := $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),ON,OFF)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run test lint bench bench-serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python
-	$(BIN)/pip install -q llama-cpp-python
+	$(BIN)/pip install -q 'llama-cpp-python[server]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -47,6 +47,10 @@ lint: install-test
 ## bench: load time, memory, prefill and decode tokens/s beside llama.cpp and transformers, in one run
 bench: $(VENV)/.installed-bench
 	$(BIN)/appliance bench
+
+## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server
+bench-serve: $(VENV)/.installed-bench
+	$(BIN)/appliance bench-serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

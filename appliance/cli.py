@@ -139,5 +139,18 @@ def bench(
     run_bench(ModelStore().resolve(model), backend, prompt_tokens, decode_tokens, peers)
 
 
+@app.command("bench-serve")
+@friendly_errors
+def bench_serve(
+    model: ModelOpt = None,
+    clients: Annotated[list[int] | None, typer.Option(help="Concurrency levels; may be repeated.")] = None,
+    max_tokens: int = 32,
+) -> None:
+    """Aggregate tokens/s, TTFT and inter-token latency at 1, 4, 8 and 16 clients, beside llama.cpp's server."""
+    from appliance.bench_serve import run_bench_serve
+
+    run_bench_serve(ModelStore().resolve(model), clients or [1, 4, 8, 16], max_tokens)
+
+
 if __name__ == "__main__":
     app()

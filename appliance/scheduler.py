@@ -125,6 +125,7 @@ class Scheduler:
                 self.metrics.queue_seconds.observe(time.monotonic() - ticket.submitted)
                 self.active.append(ticket)
             self.metrics.active.set(len(self.active))
+            self.metrics.kv_bytes.set(sum(t.generation.session.nbytes for t in self.active))
             self.metrics.waiting.set(len(self.waiting))
 
     def _plan_step(self) -> list[tuple[Ticket, list[int]]]:

@@ -33,7 +33,7 @@ class ServerState:
         self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int | None, stop: list[str]
     ) -> Generation:
         """A generation within this server's limits (every protocol's requests pass through here)."""
-        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
+        max_tokens = min(self.default_max_tokens, self.max_tokens_limit) if max_tokens is None else max_tokens
         if max_tokens > self.max_tokens_limit:
             raise InvalidParameterError(
                 f"max_tokens is {max_tokens}; this server allows at most {self.max_tokens_limit}"

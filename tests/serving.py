@@ -26,6 +26,7 @@ ADMIN_KEY = "admin-test-key"
 class Server:
     url: str
     grpc: str
+    pid: int
 
 
 @contextmanager
@@ -63,7 +64,7 @@ def running_server(*args: str, key: str = "test-key", timeout: float = 120):
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not start")
             time.sleep(0.3)
-        yield Server(url, f"127.0.0.1:{grpc_port}")
+        yield Server(url, f"127.0.0.1:{grpc_port}", proc.pid)
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,82 @@
+"""Many clients at once, and generated requests against the served OpenAPI document."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from models.sampling import SamplingParams
+from tests.serving import running_server
+
+KEY = "load-key"
+PROMPTS = [
+    "The capital of France is",
+    "def add(a, b):",
+    "Once upon a time",
+    "Water boils at",
+    "The best way to learn",
+    "My cat likes",
+    "import numpy as np",
+    "Three primary colours:",
+]
+
+
+def rss_mib(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def test_32_concurrent_streams(engine, model_path):
+    """32 streaming clients (8 prompts x 4) through a 16-wide batch and a queue, within a time bound:
+    every request completes, each with exactly its prompt's text; memory returns to its idle level."""
+    expected = {p: engine.generate(engine.prompt_ids(p), SamplingParams(), 24).run() for p in PROMPTS}
+    with running_server("--max-batch", "16", "--max-queue", "32", key=KEY) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+        def stream(prompt: str) -> str:
+            chunks = client.completions.create(
+                model=engine.name, prompt=prompt, max_tokens=24, temperature=0, stream=True
+            )
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+
+        stream(PROMPTS[0])  # warm: weights prepared, first allocations made
+        idle = rss_mib(server.pid)
+        started = time.monotonic()
+        jobs = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            texts = list(pool.map(stream, jobs, timeout=600))
+        assert time.monotonic() - started < 600
+        assert texts == [expected[p] for p in jobs]
+        health = httpx.get(f"{server.url}/health").json()
+        assert health["active"] == 0 and health["waiting"] == 0
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "appliance_kv_cache_bytes 0.0" in metrics
+        assert rss_mib(server.pid) < idle + 64  # the caches of 32 sessions are gone (allocator slack allowed)
+
+
+@pytest.fixture(scope="module")
+def served(model_path):
+    with running_server("--max-tokens-limit", "4", key=KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def api_schema(served):
+    return schemathesis.openapi.from_url(f"{served.url}/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_openapi_document_fuzzed(case):
+    """Whatever schemathesis sends (valid or not), the answer is never a 5xx."""
+    case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=[not_a_server_error])
