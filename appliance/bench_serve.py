@@ -86,6 +86,8 @@ async def _one(http: httpx.AsyncClient, url: str, model: str, prompt: str, max_t
                 stamps.append(time.perf_counter())
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+    # a server that reports no usage in its stream: count its text chunks (one token each for llama.cpp)
+    tokens = tokens or len(stamps)
     return {"ttft": stamps[0] - start if stamps else float("nan"), "itl": list(np.diff(stamps)), "tokens": tokens}
 
 
@@ -108,7 +110,7 @@ async def _level(url: str, model: str, clients: int, max_tokens: int) -> dict:
     }
 
 
-def _servers(path: Path) -> list[tuple[str, list[str], str, str]]:
+def _servers(path: Path, peers: bool) -> list[tuple[str, list[str], str, str]]:
     """(label, command, base URL, model name) for us and for each peer that is installed."""
     port = _free_port()
     ours = [
@@ -129,6 +131,8 @@ def _servers(path: Path) -> list[tuple[str, list[str], str, str]]:
         "16",
     ]
     servers = [("appliance (numpy, continuous batching)", ours, f"http://127.0.0.1:{port}", path.stem)]
+    if not peers:
+        return servers
     try:
         import llama_cpp.server  # noqa: F401
 
@@ -154,13 +158,28 @@ def _servers(path: Path) -> list[tuple[str, list[str], str, str]]:
     return servers
 
 
-def run_bench_serve(path: Path, levels: list[int], max_tokens: int) -> list[dict]:
+def run_bench_serve(path: Path, levels: list[int], max_tokens: int, peers: bool = True) -> list[dict]:
     rows = []
-    for label, cmd, url, model in _servers(path):
+    for label, cmd, url, model in _servers(path, peers):
         with _server(cmd, f"{url}/v1/models"):
             asyncio.run(_level(url, model, 1, 4))  # warm up
             for clients in levels:
-                rows.append({"system": label, **asyncio.run(_level(url, model, clients, max_tokens))})
+                try:
+                    rows.append({"system": label, **asyncio.run(_level(url, model, clients, max_tokens))})
+                except httpx.HTTPError as e:  # a server that fails under load is a result too
+                    Console(stderr=True).print(f"{label} at {clients} clients failed: {e!r}")
+                    nan = float("nan")
+                    rows.append(
+                        {
+                            "system": f"{label} (FAILED)",
+                            "clients": clients,
+                            "tps": nan,
+                            "ttft50": nan,
+                            "ttft99": nan,
+                            "itl50": nan,
+                            "itl99": nan,
+                        }
+                    )
     table = Table(title=f"{path.name}: streaming completions of {max_tokens} tokens, {os.cpu_count()} CPU threads")
     for col in ("system", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"):
         table.add_column(col, justify="left" if col == "system" else "right")

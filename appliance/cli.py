@@ -145,11 +145,12 @@ def bench_serve(
     model: ModelOpt = None,
     clients: Annotated[list[int] | None, typer.Option(help="Concurrency levels; may be repeated.")] = None,
     max_tokens: int = 32,
+    peers: Annotated[bool, typer.Option(help="Measure llama.cpp's server in the same run.")] = True,
 ) -> None:
     """Aggregate tokens/s, TTFT and inter-token latency at 1, 4, 8 and 16 clients, beside llama.cpp's server."""
     from appliance.bench_serve import run_bench_serve
 
-    run_bench_serve(ModelStore().resolve(model), clients or [1, 4, 8, 16], max_tokens)
+    run_bench_serve(ModelStore().resolve(model), clients or [1, 4, 8, 16], max_tokens, peers)
 
 
 if __name__ == "__main__":

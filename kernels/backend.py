@@ -29,12 +29,14 @@ class Backend(Protocol):
 
 
 class NumpyBackend:
-    """Float32 NumPy: the obviously-right reference. Dequantizes each weight once, at load."""
+    """Float32 NumPy: the obviously-right reference. Dequantizes each weight once, at load, and keeps
+    matrices transposed ([in, out]) for `reference.linear`."""
 
     name = "numpy"
 
     def weight(self, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
-        return np.ascontiguousarray(dequantize(raw, qtype, shape), dtype=np.float32)
+        w = dequantize(raw, qtype, shape)
+        return np.ascontiguousarray(w.T if w.ndim == 2 else w, dtype=np.float32)
 
     rmsnorm = staticmethod(reference.rmsnorm)
     linear = staticmethod(reference.linear)

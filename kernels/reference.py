@@ -17,9 +17,10 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
-def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """x @ W^T, with W stored [out, in] as in the checkpoint."""
-    return x @ weight.T
+def linear(x: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
+    """x @ W^T. The checkpoint's W is [out, in]; the backend keeps W^T, [in, out], row-major, because a
+    plain row-major product is about a quarter faster than x @ W.T at the batch sizes we decode with."""
+    return x @ weight_t
 
 
 def rope_tables(positions: np.ndarray, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -71,5 +72,5 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)), with each weight transposed as `linear` takes it."""
     return linear(silu(linear(x, w_gate)) * linear(x, w_up), w_down)

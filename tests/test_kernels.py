@@ -22,7 +22,7 @@ def test_rmsnorm_formula():
 def test_linear_is_weight_times_vector():
     x, w = rng.standard_normal((2, 5)), rng.standard_normal((3, 5))
     expected = [[sum(w[o, i] * x[t, i] for i in range(5)) for o in range(3)] for t in range(2)]
-    np.testing.assert_allclose(K.linear(x, w), expected, rtol=1e-12)
+    np.testing.assert_allclose(K.linear(x, w.T), expected, rtol=1e-12)  # linear takes W^T
 
 
 @pytest.mark.parametrize("start", [0, 11])
@@ -65,7 +65,7 @@ def test_swiglu_formula():
     silu = lambda a: a / (1 + math.exp(-a))  # noqa: E731
     hidden = [[silu(wg[f] @ x[t]) * (wu[f] @ x[t]) for f in range(F)] for t in range(2)]
     expected = [[sum(wd[o, f] * hidden[t][f] for f in range(F)) for o in range(D)] for t in range(2)]
-    np.testing.assert_allclose(K.swiglu(x, wg, wu, wd), expected, rtol=1e-10)
+    np.testing.assert_allclose(K.swiglu(x, wg.T, wu.T, wd.T), expected, rtol=1e-10)
 
 
 def test_softmax_is_stable_and_normalised():
