@@ -129,6 +129,16 @@ def _in_fresh_process(fn, *args) -> dict:
         return pool.submit(fn, *args).result()
 
 
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A benchmark's table: the first column names the system, the figures align right."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == columns[0] else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=130).print(table)
+
+
 def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: bool) -> list[dict]:
     tokenizer = Engine.load(path, backend).tokenizer
     ids = tokenizer.encode(FILLER * (1 + n_prompt // 30))[:n_prompt]
@@ -140,18 +150,18 @@ def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: boo
             Console(stderr=True).print(f"peer not measured: {e} ({install})")
         except BrokenProcessPool:
             Console(stderr=True).print(f"peer not measured: {measure.__name__} crashed (a build for another CPU?)")
-    table = Table(
-        title=f"{path.name}: {len(ids)}-token prompt, {n_decode} decoded tokens, {os.cpu_count()} CPU threads"
+    print_table(
+        f"{path.name}: {len(ids)}-token prompt, {n_decode} decoded tokens, {os.cpu_count()} CPU threads",
+        ["system", "load s", "RSS MiB", "prefill tok/s", "decode tok/s"],
+        [
+            [
+                r["system"],
+                f"{r['load_s']:.2f}",
+                f"{r['rss_mib']:.0f}",
+                f"{r['prefill_tps']:.1f}",
+                f"{r['decode_tps']:.1f}",
+            ]
+            for r in rows
+        ],
     )
-    for col in ("system", "load s", "RSS MiB", "prefill tok/s", "decode tok/s"):
-        table.add_column(col, justify="left" if col == "system" else "right")
-    for r in rows:
-        table.add_row(
-            r["system"],
-            f"{r['load_s']:.2f}",
-            f"{r['rss_mib']:.0f}",
-            f"{r['prefill_tps']:.1f}",
-            f"{r['decode_tps']:.1f}",
-        )
-    Console(width=120).print(table)
     return rows

@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 from rich.console import Console
-from rich.table import Table
+
+from appliance.bench import print_table
+from appliance.launch import free_port, running
 
 PROMPTS = [
     "Once upon a time",
@@ -31,39 +31,6 @@ PROMPTS = [
     "My favourite animal is",
     "How to plant a tree:",
 ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _server(cmd: list[str], health: str, timeout: float = 180):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0:4]} exited with {proc.returncode}")
-            try:
-                if httpx.get(health, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{cmd[0:4]} did not start")
-            time.sleep(0.5)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 async def _one(http: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -112,7 +79,7 @@ async def _level(url: str, model: str, clients: int, max_tokens: int) -> dict:
 
 def _servers(path: Path, peers: bool) -> list[tuple[str, list[str], str, str]]:
     """(label, command, base URL, model name) for us and for each peer that is installed."""
-    port = _free_port()
+    port = free_port()
     ours = [
         sys.executable,
         "-m",
@@ -126,7 +93,7 @@ def _servers(path: Path, peers: bool) -> list[tuple[str, list[str], str, str]]:
         "--http-port",
         str(port),
         "--grpc-port",
-        str(_free_port()),
+        str(free_port()),
         "--max-batch",
         "16",
     ]
@@ -136,7 +103,7 @@ def _servers(path: Path, peers: bool) -> list[tuple[str, list[str], str, str]]:
     try:
         import llama_cpp.server  # noqa: F401
 
-        peer_port = _free_port()
+        peer_port = free_port()
         cmd = [
             sys.executable,
             "-m",
@@ -161,7 +128,7 @@ def _servers(path: Path, peers: bool) -> list[tuple[str, list[str], str, str]]:
 def run_bench_serve(path: Path, levels: list[int], max_tokens: int, peers: bool = True) -> list[dict]:
     rows = []
     for label, cmd, url, model in _servers(path, peers):
-        with _server(cmd, f"{url}/v1/models"):
+        with running(cmd, f"{url}/v1/models"):
             asyncio.run(_level(url, model, 1, 4))  # warm up
             for clients in levels:
                 try:
@@ -180,18 +147,20 @@ def run_bench_serve(path: Path, levels: list[int], max_tokens: int, peers: bool 
                             "itl99": nan,
                         }
                     )
-    table = Table(title=f"{path.name}: streaming completions of {max_tokens} tokens, {os.cpu_count()} CPU threads")
-    for col in ("system", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"):
-        table.add_column(col, justify="left" if col == "system" else "right")
-    for r in rows:
-        table.add_row(
-            r["system"],
-            str(r["clients"]),
-            f"{r['tps']:.1f}",
-            f"{r['ttft50'] * 1e3:.0f}",
-            f"{r['ttft99'] * 1e3:.0f}",
-            f"{r['itl50'] * 1e3:.1f}",
-            f"{r['itl99'] * 1e3:.1f}",
-        )
-    Console(width=130).print(table)
+    print_table(
+        f"{path.name}: streaming completions of {max_tokens} tokens, {os.cpu_count()} CPU threads",
+        ["system", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
+        [
+            [
+                r["system"],
+                str(r["clients"]),
+                f"{r['tps']:.1f}",
+                f"{r['ttft50'] * 1e3:.0f}",
+                f"{r['ttft99'] * 1e3:.0f}",
+                f"{r['itl50'] * 1e3:.1f}",
+                f"{r['itl99'] * 1e3:.1f}",
+            ]
+            for r in rows
+        ],
+    )
     return rows

@@ -9,11 +9,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from appliance.launch import running
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -38,28 +38,10 @@ def home(tmp_path_factory, model_path):
     shutil.copyfile(model_path, store / model_path.name)
     env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_HOME", "XDG_CACHE_HOME")}
     env["HOME"] = str(home)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get("http://127.0.0.1:8000/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.3)
+    with running(
+        [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1"], "http://127.0.0.1:8000/health", env=env
+    ):
         yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_curl_example(home):
