@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import inspect
 from collections.abc import AsyncIterator
 
@@ -13,6 +12,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from appliance.kserve import KServeError, Repository, datatype_of, tensor_bytes, tensor_from
 from appliance.scheduler import QueueFullError
+from appliance.state import AuthError, check_key
 from models.errors import ModelError
 
 CODES = {
@@ -36,6 +36,8 @@ _CONTENTS = (
 def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, KServeError):
         return CODES.get(e.status, grpc.StatusCode.INTERNAL), str(e)
+    if isinstance(e, AuthError):
+        return grpc.StatusCode.UNAUTHENTICATED, str(e)
     if isinstance(e, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e} (retry after {e.retry_after} s)"
     return grpc.StatusCode.INVALID_ARGUMENT, str(e)  # ModelError: the request's fault
@@ -71,17 +73,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.repo = repo
 
     def _authorize(self, context: grpc.aio.ServicerContext, admin: bool = False) -> None:
-        state = self.repo.state
-        if not (state.api_keys or state.admin_keys):
-            return
-        keys = state.admin_keys if admin else state.api_keys | state.admin_keys
-        given = dict(context.invocation_metadata()).get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
-            raise KServeError(
-                401,
-                f"a valid {'admin' if admin else 'API'} key is required in the 'authorization: Bearer <key>' metadata",
-            )
+        check_key(self.repo.state, dict(context.invocation_metadata()).get("authorization", ""), admin)
 
     async def _unary(self, context, fn, admin: bool = False):
         """Run one call: check the key, then map our errors to gRPC statuses with their messages."""
@@ -89,7 +81,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             self._authorize(context, admin)
             result = fn()
             return await result if inspect.isawaitable(result) else result
-        except (KServeError, QueueFullError, ModelError) as e:
+        except (KServeError, QueueFullError, ModelError, AuthError) as e:
             await context.abort(*_status(e))
 
     # --- health and metadata ---
@@ -148,18 +140,18 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def RepositoryModelLoad(self, request, context):
-        return await self._unary(
-            context,
-            lambda: (self.repo.load(request.model_name), service_pb2.RepositoryModelLoadResponse())[1],
-            admin=True,
-        )
+        def load():
+            self.repo.load(request.model_name)
+            return service_pb2.RepositoryModelLoadResponse()
+
+        return await self._unary(context, load, admin=True)
 
     async def RepositoryModelUnload(self, request, context):
-        return await self._unary(
-            context,
-            lambda: (self.repo.unload(request.model_name), service_pb2.RepositoryModelUnloadResponse())[1],
-            admin=True,
-        )
+        def unload():
+            self.repo.unload(request.model_name)
+            return service_pb2.RepositoryModelUnloadResponse()
+
+        return await self._unary(context, unload, admin=True)
 
     # --- inference ---
 
@@ -177,7 +169,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         """Decoupled: a response per text piece, the last one marked `triton_final_response`."""
         try:
             self._authorize(context)
-        except KServeError as e:
+        except AuthError as e:
             await context.abort(*_status(e))
         async for request in request_iterator:
             try:

@@ -47,21 +47,20 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.appliance
 
 
-def _check_bearer(request: Request, keys: frozenset[str], what: str) -> None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def check_key(state: ServerState, authorization: str, admin: bool = False) -> None:
+    """`authorization` is "Bearer KEY"; inference takes an API (or admin) key, administration the admin key.
+    A server started with --no-auth has no keys and takes everything."""
+    if not (state.api_keys or state.admin_keys):
+        return
+    keys = state.admin_keys if admin else state.api_keys | state.admin_keys
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
-        raise AuthError(f"a valid {what} key is required: send 'Authorization: Bearer <key>'")
+        raise AuthError(f"a valid {'admin' if admin else 'API'} key is required: send 'Authorization: Bearer <key>'")
 
 
 def authorize(request: Request) -> None:
-    """Inference clients present `Authorization: Bearer KEY` (the admin key works too)."""
-    state = server_state(request)
-    if state.api_keys:
-        _check_bearer(request, state.api_keys | state.admin_keys, "API")
+    check_key(server_state(request), request.headers.get("authorization", ""))
 
 
 def authorize_admin(request: Request) -> None:
-    """Administration takes the separate admin key."""
-    state = server_state(request)
-    if state.api_keys or state.admin_keys:
-        _check_bearer(request, state.admin_keys, "admin")
+    check_key(server_state(request), request.headers.get("authorization", ""), admin=True)
