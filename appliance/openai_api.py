@@ -60,6 +60,7 @@ class _Common(BaseModel):
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stream_options: dict | None = None
+    ignore_eos: bool = False  # vLLM's extension: fixed-length output for benchmarks
 
 
 class ChatRequest(_Common):
@@ -87,6 +88,7 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int]) -> li
             ),
             body.max_completion_tokens or body.max_tokens,
             stop,
+            body.ignore_eos,
         )
         for i in range(body.n)
     ]

@@ -30,7 +30,12 @@ class ServerState:
     started: int = field(default_factory=lambda: int(time.time()))
 
     def generation(
-        self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int | None, stop: list[str]
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_tokens: int | None,
+        stop: list[str],
+        ignore_eos: bool = False,
     ) -> Generation:
         """A generation within this server's limits (every protocol's requests pass through here)."""
         max_tokens = min(self.default_max_tokens, self.max_tokens_limit) if max_tokens is None else max_tokens
@@ -40,7 +45,7 @@ class ServerState:
             )
         if len(stop) > 16:
             raise InvalidParameterError("at most 16 stop strings")
-        return self.engine.generate(prompt_ids, sampling, max_tokens, stop)
+        return self.engine.generate(prompt_ids, sampling, max_tokens, stop, ignore_eos=ignore_eos)
 
 
 def server_state(request: Request) -> ServerState:

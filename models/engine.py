@@ -82,8 +82,13 @@ class Engine:
         max_tokens: int | None = 128,
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
     ) -> Generation:
-        return Generation(self, prompt_ids, sampling or SamplingParams(), max_tokens, stop, stop_token_ids)
+        """ignore_eos: run on past the model's own end-of-generation tokens (fixed-length output, for benchmarks)."""
+        model_stops = frozenset() if ignore_eos else self.tokenizer.stop_ids
+        return Generation(
+            self, prompt_ids, sampling or SamplingParams(), max_tokens, stop, model_stops | set(stop_token_ids)
+        )
 
 
 class Generation:
@@ -96,7 +101,7 @@ class Generation:
         sampling: SamplingParams,
         max_tokens: int | None,
         stop: Sequence[str],
-        stop_token_ids: Sequence[int],
+        stop_ids: set[int],
     ):
         ctx = engine.model.config.context_length
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
@@ -114,7 +119,7 @@ class Generation:
         self.prompt_ids = list(prompt_ids)
         self.max_tokens = min(max_tokens or ctx, ctx - len(prompt_ids))
         self.stop = list(stop)
-        self.stop_ids = engine.tokenizer.stop_ids | set(stop_token_ids)
+        self.stop_ids = stop_ids
         self.sampler = Sampler(sampling)
         self.session = Session()
         self.token_ids: list[int] = []

@@ -52,6 +52,17 @@ def test_same_seed_same_text_and_sampling_varies(engine):
     assert len({sample(s) for s in range(4)}) > 1
 
 
+def test_ignore_eos_runs_past_the_stop_token(engine):
+    ids = engine.prompt_ids("What is the capital of France?", chat=True)
+    stopped = engine.generate(ids, max_tokens=64)
+    stopped.run()
+    assert stopped.finish_reason == "stop" and stopped.completion_tokens < 64
+    longer = engine.generate(ids, max_tokens=64, ignore_eos=True)
+    longer.run()
+    assert longer.finish_reason == "length" and longer.completion_tokens == 64
+    assert longer.token_ids[: stopped.completion_tokens] == stopped.token_ids
+
+
 def test_max_tokens_must_be_positive(engine):
     with pytest.raises(InvalidParameterError, match="max_tokens"):
         engine.generate(engine.prompt_ids(FRANCE), max_tokens=-1)
@@ -69,8 +80,7 @@ def test_generation_stops_at_the_context_limit(tmp_path, engine):
     tiny = Engine.load(path)
     assert tiny.model.config.context_length == 256
     ids = tiny.prompt_ids("hello world " * 200)[:253]
-    gen = tiny.generate(ids, max_tokens=50, stop_token_ids=[])
-    gen.stop_ids = set()  # random weights may pick a stop token; this test is about length
+    gen = tiny.generate(ids, max_tokens=50, ignore_eos=True)  # random weights may pick a stop token
     gen.run()
     assert gen.completion_tokens == 3 and gen.finish_reason == "length"
     assert next(iter(gen.session.caches.values())).length == 255  # the last token is never fed back

@@ -166,7 +166,14 @@ def test_full_queue_is_a_429_with_a_retry_hint(engine):
     """One slot in the batch, one in the queue: a third concurrent request is turned away at once."""
     with running_server("--max-batch", "1", "--max-queue", "1", key=KEY) as server:
         u = server.url
-        body = {"model": engine.name, "prompt": "Tell me a long story.", "max_tokens": 300, "stream": True}
+        body = {
+            "model": engine.name,
+            "prompt": "Tell me a long story.",
+            "max_tokens": 300,
+            "stream": True,
+            "temperature": 0,
+            "ignore_eos": True,
+        }  # the first two cannot end while the third asks
         headers = {"Authorization": f"Bearer {KEY}"}
         with httpx.Client(base_url=u, headers=headers, timeout=60) as http:
             with http.stream("POST", "/v1/completions", json=body) as first:
