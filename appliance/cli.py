@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from appliance.errors import friendly_errors, stderr
-from models.engine import Engine
+from appliance.offloading import load_engine
 from models.sampling import SamplingParams
 from models.store import ModelStore
 
@@ -25,6 +25,14 @@ ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="GGUF path or known model name (default: SmolLM2-135M-Instruct).")
 ]
 BackendOpt = Annotated[str, typer.Option(help="Compute backend: auto, numpy.")]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(help="Memory for the model here, e.g. 40MB (weights as stored, plus KV); the rest goes to workers."),
+]
+WorkerOpt = Annotated[list[str] | None, typer.Option("--worker", help="A paired worker's host:port; may be repeated.")]
+DiscoverOpt = Annotated[bool, typer.Option(help="Also use paired workers found on the LAN by mDNS.")]
+WireOpt = Annotated[str, typer.Option(help="Hidden states on the wire: float32 or float16.")]
+StepTimeoutOpt = Annotated[float, typer.Option(help="Seconds a worker may take per step before it is dropped.")]
 
 
 @app.command()
@@ -43,12 +51,19 @@ def generate(
     seed: int | None = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string; may be repeated.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and speed to stderr.")] = False,
+    memory_budget: BudgetOpt = None,
+    worker: WorkerOpt = None,
+    discover: DiscoverOpt = False,
+    wire_dtype: WireOpt = "float32",
+    step_timeout: StepTimeoutOpt = 10.0,
 ) -> None:
     """Generate text from a prompt, streamed token by token."""
     sampling = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty, seed=seed
     )
-    engine = Engine.load(ModelStore().resolve(model), backend)
+    engine = load_engine(
+        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout
+    )
     gen = engine.generate(engine.prompt_ids(prompt, chat=chat, system=system), sampling, max_tokens, stop or ())
     start = time.perf_counter()
     for piece in gen:
@@ -80,6 +95,12 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Requests decoded together in one step.")] = 16,
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond the batch before 429.")] = 64,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
+    memory_budget: BudgetOpt = None,
+    worker: WorkerOpt = None,
+    discover: DiscoverOpt = True,
+    wire_dtype: WireOpt = "float32",
+    step_timeout: StepTimeoutOpt = 10.0,
+    advertise: Annotated[bool, typer.Option(help="Announce this appliance on the LAN by mDNS (for pairing).")] = True,
 ) -> None:
     """Serve the model to the home: OpenAI-compatible REST, KServe v2 (Triton) over REST and gRPC."""
     import uvicorn
@@ -90,7 +111,9 @@ def serve(
     from appliance.server import create_app
     from appliance.state import ServerState
 
-    engine = Engine.load(ModelStore().resolve(model), backend)
+    engine = load_engine(
+        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout
+    )
     if no_auth:
         keys: frozenset[str] = frozenset()
         admin_keys: frozenset[str] = frozenset()
@@ -117,11 +140,56 @@ def serve(
         finally:
             await grpc_server.stop(grace=2)
 
+    announced = None
+    if advertise:
+        from offload.discovery import APPLIANCE_TYPE
+        from offload.discovery import advertise as announce
+
+        try:
+            announced = announce(APPLIANCE_TYPE, f"appliance-{http_port}", http_port)
+        except Exception as e:  # no multicast on this network: pairing then needs --appliance
+            stderr.print(f"[yellow]mDNS announcement failed ({e}); workers must pair with --appliance URL[/]")
     scheduler.start()
     try:
         asyncio.run(run())
     finally:
         scheduler.stop()
+        if announced is not None:
+            announced.close()
+
+
+@app.command()
+@friendly_errors
+def plan(
+    model: ModelOpt = None,
+    memory_budget: Annotated[str, typer.Option(help="Memory for the model here, e.g. 40MB.")] = "40MB",
+    worker: WorkerOpt = None,
+    wire_dtype: WireOpt = "float32",
+) -> None:
+    """Where each layer would run: devices, layer ranges, bytes, and the predicted ms per token."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from appliance.offloading import coordinator_for
+    from models.llama import Llama
+    from offload.planner import describe
+
+    llama = Llama.load(str(ModelStore().resolve(model)), "numpy")
+    coordinator = coordinator_for(llama, memory_budget, worker or [], wire_dtype=wire_dtype)
+    chosen = coordinator.make_plan()
+    table = Table(title=f"{llama.file.path.name}: {llama.config.n_layers} layers, budget {memory_budget} here")
+    rows = describe(chosen, llama.config.n_layers)
+    for col in rows[0]:
+        table.add_column(col, justify="left" if col in ("device", "address", "layers") else "right")
+    for row in rows:
+        table.add_row(
+            *(
+                f"{v / 1e6:.1f} MB" if k in ("bytes", "budget") else f"{v:.3f}" if isinstance(v, float) else str(v)
+                for k, v in row.items()
+            )
+        )
+    Console().print(table)
+    print(f"predicted: {chosen.ms_per_token:.2f} ms per token ({len(chosen.chain) + 1} one-way trips)")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""`appliance-ctl`: the owner's admin CLI. For now: the model store."""
+"""`appliance-ctl`: the owner's admin CLI: the model store, and the LAN workers paired with this appliance."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The model store.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+workers_app = typer.Typer(help="LAN devices that run overflow layers.", no_args_is_help=True)
+app.add_typer(workers_app, name="workers")
 
 NameArg = Annotated[str, typer.Argument(help="Model name.")]
 
@@ -58,3 +60,45 @@ def verify_model(name: NameArg = "smollm2-135m-instruct") -> None:
     if problem:
         raise ModelStoreError(f"{name} at {store.path_for(spec)}: {problem}")
     print(f"{name}: verified ({spec.sha256})")
+
+
+@workers_app.command()
+@friendly_errors
+def pair(ttl: Annotated[int, typer.Option(help="Seconds the code stays valid.")] = 300) -> None:
+    """Print a one-time pairing code for a new worker."""
+    from appliance.offloading import certificate_authority
+
+    code = certificate_authority().new_code(ttl)
+    print(code)
+    Console(stderr=True).print(
+        f"On the device, within {ttl // 60} min: appliance-worker --port 50051 --pair {code} "
+        "[--appliance http://THIS-APPLIANCE:8000]"
+    )
+
+
+@workers_app.command("list")
+@friendly_errors
+def list_workers() -> None:
+    """Paired devices, and whether their certificates are revoked."""
+    from appliance.offloading import certificate_authority
+
+    ca = certificate_authority()
+    revoked = ca.revoked_serials()
+    table = Table(title=f"paired devices (CA in {ca.folder})")
+    for col in ("name", "certificates", "state"):
+        table.add_column(col)
+    for name, entry in ca.workers().items():
+        serials = {int(s) for s in entry["serials"]}
+        state = "revoked" if serials <= revoked else "paired"
+        table.add_row(name, str(len(serials)), state)
+    Console().print(table)
+
+
+@workers_app.command()
+@friendly_errors
+def revoke(name: Annotated[str, typer.Argument(help="The device's name, as `workers list` shows it.")]) -> None:
+    """Revoke a device's certificates: the appliance no longer uses it (re-pair to use it again)."""
+    from appliance.offloading import certificate_authority
+
+    n = certificate_authority().revoke(name)
+    print(f"revoked {n} certificate(s) of {name}")

@@ -10,6 +10,8 @@ from typing import TypeVar
 from rich.console import Console
 
 from models.errors import ModelError
+from offload.client import WorkerRefused
+from offload.pki import PairingError
 
 F = TypeVar("F", bound=Callable)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -22,7 +24,7 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ModelError, ValueError) as e:
+        except (ModelError, ValueError, PairingError, WorkerRefused) as e:
             stderr.print(f"[bold red]error:[/] {e}")
             sys.exit(1)
         except KeyboardInterrupt:

@@ -6,15 +6,24 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance import kserve_http, openai_api
 from appliance.kserve import KServeError, Repository
+from appliance.offloading import certificate_authority
 from appliance.openai_api import OpenAIError
 from appliance.scheduler import QueueFullError
 from appliance.state import AuthError, ServerState
 from models.errors import ContextLengthError, ModelError
+from offload.pairing import PAIR_PATH
+from offload.pki import PairingError
+
+
+class PairRequest(BaseModel):
+    code: str = Field(max_length=32)
+    csr: str = Field(max_length=8192)
 
 
 class BodyLimit:
@@ -62,6 +71,10 @@ def _error_body(path: str, message: str, code: str | None = None) -> dict:
     return {"error": message}
 
 
+def _reply_path(path: str, status: int, message: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(path, message, code), status_code=status)
+
+
 def _reply(request: Request, status: int, message: str, code: str | None = None, headers=None) -> JSONResponse:
     return JSONResponse(_error_body(request.url.path, message, code), status_code=status, headers=headers)
 
@@ -99,6 +112,14 @@ def create_app(state: ServerState) -> FastAPI:
             if response.status_code >= 400:
                 metrics.errors.labels(protocol, str(response.status_code)).inc()
         return response
+
+    @app.post(PAIR_PATH, include_in_schema=False)
+    async def pair(body: PairRequest) -> dict:
+        """A worker redeems a one-time code (from `appliance-ctl workers pair`) for a signed certificate."""
+        try:
+            return certificate_authority().pair(body.code, body.csr.encode())
+        except PairingError as e:
+            return _reply_path(PAIR_PATH, 403, str(e), "pairing_refused")
 
     @app.get("/metrics")
     async def prometheus() -> Response:

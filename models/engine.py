@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +20,10 @@ from models.tokenizer import Tokenizer
 
 
 class Engine:
-    def __init__(self, model: Llama, ranges: Sequence[tuple[int, int]] | None = None):
-        self.model = model
+    """offload: runs the layers after the local ranges on LAN workers (offload.coordinator.Coordinator)."""
+
+    def __init__(self, model: Llama, ranges: Sequence[tuple[int, int]] | None = None, offload: Any = None):
+        self.model, self.offload = model, offload
         meta = model.file.metadata
         self.tokenizer = Tokenizer(meta)
         tok = self.tokenizer
@@ -29,8 +32,8 @@ class Engine:
             bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
             eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
         )
-        n = model.config.n_layers
-        self.ranges = list(ranges or [(0, n)])
+        n = offload.start if offload is not None else model.config.n_layers
+        self.ranges = list(ranges or ([(0, n)] if n else []))
         covered = [i for a, b in self.ranges for i in range(a, b)]
         if covered != list(range(n)):
             raise ValueError(f"layer ranges {self.ranges} must cover [0, {n}) in order, once each")
@@ -60,6 +63,10 @@ class Engine:
         """Logits [T, vocab] for the next T tokens of a session, through every layer range."""
         return self.model.head(self._hidden([ids], [session])[0])
 
+    def hidden_states(self, ids: list[int], session: Session) -> np.ndarray:
+        """The last layer's hidden states [T, D] (before the final norm) for the next T tokens."""
+        return self._hidden([ids], [session])[0]
+
     def next_logits(self, ids: list[int], session: Session) -> np.ndarray:
         """Logits [vocab] after the last of ids: the head runs on one position, not all of a prompt's."""
         return self.next_logits_batch([ids], [session])[0]
@@ -73,7 +80,14 @@ class Engine:
         hiddens = [self.model.embed(ids) for ids in batch]
         for layers in self.ranges:
             hiddens = self.model.run_layers_batch(layers, hiddens, sessions)
+        if self.offload is not None:
+            hiddens = self.offload.run(hiddens, sessions)
         return hiddens
+
+    def release(self, session: Session) -> None:
+        """Free what a finished session holds beyond this process (its KV caches on workers)."""
+        if self.offload is not None:
+            self.offload.release(session)
 
     def generate(
         self,
@@ -182,6 +196,7 @@ class Generation:
 
     def _finish(self, reason: str) -> str:
         self.finish_reason = reason
+        self.engine.release(self.session)
         return self._emit(len(self.text))
 
     def __iter__(self) -> Iterator[str]:

@@ -125,6 +125,7 @@ class Session:
     """One conversation's state on this device: a KV cache per layer range it runs."""
 
     caches: dict[tuple[int, int], KVCache] = field(default_factory=dict)
+    remote: Any = None  # its state on LAN workers, when layers are offloaded (offload.coordinator)
 
     @property
     def nbytes(self) -> int:

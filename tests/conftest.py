@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# mDNS from tests (and the servers and workers they start) stays on loopback.
+os.environ["APPLIANCE_MDNS_INTERFACES"] = "127.0.0.1"
 
 from models.engine import Engine
 from models.store import ModelStore

@@ -1,0 +1,75 @@
+"""Loading the model under a memory budget: what does not fit goes to paired LAN workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.errors import stderr
+from models.engine import Engine
+from models.llama import Llama
+from models.store import default_root
+from offload.client import WorkerRefused
+from offload.coordinator import Coordinator
+from offload.pki import CertificateAuthority
+from offload.planner import parse_size
+
+
+def pki_folder() -> Path:
+    return default_root().parent / "pki"
+
+
+def certificate_authority() -> CertificateAuthority:
+    return CertificateAuthority(pki_folder())
+
+
+def coordinator_for(
+    model: Llama,
+    memory_budget: str,
+    workers: list[str],
+    discover: bool = False,
+    wire_dtype: str = "float32",
+    step_timeout: float = 10.0,
+) -> Coordinator:
+    """A coordinator for the layers beyond the budget, with the named (and, with discover, found) workers."""
+    ca = certificate_authority()
+    coordinator = Coordinator(
+        model, parse_size(memory_budget), ca.identity(), ca.revoked_serials(), wire_dtype, step_timeout
+    )
+
+    def take(address: str) -> None:
+        try:
+            device = coordinator.add_worker(address)
+            stderr.print(f"worker {device.name} at {address}: {device.budget_bytes / 1e6:.0f} MB free")
+        except WorkerRefused as e:
+            stderr.print(f"[yellow]not using {e}[/]")
+
+    for address in workers:
+        take(address)
+    if discover:
+        from offload.discovery import WORKER_TYPE, browse
+
+        coordinator.discovery = browse(WORKER_TYPE, lambda a: None if a in coordinator.workers else take(a))
+    return coordinator
+
+
+def load_engine(
+    path: Path,
+    backend: str,
+    memory_budget: str | None = None,
+    workers: list[str] | None = None,
+    discover: bool = False,
+    wire_dtype: str = "float32",
+    step_timeout: float = 10.0,
+) -> Engine:
+    """The engine, all local when the model fits the budget (or there is none), else split with workers."""
+    model = Llama.load(str(path), backend)
+    if memory_budget is None:
+        return Engine(model)
+    coordinator = coordinator_for(model, memory_budget, workers or [], discover, wire_dtype, step_timeout)
+    if coordinator.start == model.config.n_layers:
+        return Engine(model)
+    stderr.print(
+        f"memory budget {memory_budget}: layers [0, {coordinator.start}) here, "
+        f"[{coordinator.start}, {model.config.n_layers}) on workers"
+    )
+    return Engine(model, offload=coordinator)

@@ -1,0 +1,232 @@
+"""The appliance's side of one worker: check who it is, measure it, ship it layers, stream through it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import socket
+import ssl
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from cryptography import x509
+
+from models.llama import Llama
+from offload import offload_pb2 as pb
+from offload import offload_pb2_grpc as rpc
+from offload.pki import Identity
+from offload.wire import PROTOCOL, MalformedTensor, chunks, decode, encode, tensor_spec
+from offload.worker import LAYER_PARTS, secure_channel
+
+
+class WorkerRefused(Exception):
+    """This worker may not be used (not paired with us, revoked, wrong protocol); the message says why."""
+
+
+class ChainBroken(Exception):
+    """A chain of workers failed mid-stream: a worker died, hung past its deadline, or sent garbage."""
+
+    def __init__(self, message: str, culprit: str | None = None):
+        super().__init__(message)
+        self.culprit = culprit  # the worker known to be at fault, when one is
+
+
+def peer_certificate(address: str, identity: Identity, timeout: float = 5.0) -> x509.Certificate:
+    """The worker's certificate, from a TLS handshake that verifies it against our CA and shows ours."""
+    host, port = address.rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # workers live at any LAN address; our CA's signature is the proof
+    ctx.load_verify_locations(cadata=identity.ca_pem.decode())
+    ctx.set_alpn_protocols(["h2"])
+    with tempfile.TemporaryDirectory() as d:  # ssl loads a key pair from files only
+        key, cert = os.path.join(d, "k"), os.path.join(d, "c")
+        for path, data in ((key, identity.key_pem), (cert, identity.cert_pem)):
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(cert, key)
+    try:
+        with (
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock,
+            ctx.wrap_socket(sock) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError as e:
+        raise WorkerRefused(
+            f"worker {address}: its certificate is not from this appliance's CA ({e.verify_message}); "
+            f"pair it with `appliance-ctl workers pair`"
+        ) from e
+    except ssl.SSLError as e:
+        raise WorkerRefused(f"worker {address}: no mutual TLS with a paired certificate ({e.reason})") from e
+    except OSError as e:
+        raise WorkerRefused(f"worker {address}: unreachable ({e})") from e
+    return x509.load_der_x509_certificate(der)
+
+
+@dataclass
+class LinkStats:
+    one_way_ms: float
+    bytes_per_ms: float
+
+
+class WorkerClient:
+    def __init__(self, address: str, identity: Identity, revoked: set[int] = frozenset()):
+        self.address, self.identity, self.revoked = address, identity, revoked
+        self.channel = secure_channel(address, identity)
+        self.stub = rpc.OffloadStub(self.channel)
+        self.capabilities: pb.Capabilities | None = None
+
+    def verify(self, timeout: float = 5.0) -> pb.Capabilities:
+        """Refuse a worker that is not paired with us or whose certificate was revoked."""
+        cert = peer_certificate(self.address, self.identity, timeout)
+        if cert.serial_number in self.revoked:
+            name = cert.subject.rfc4514_string().removeprefix("CN=")
+            raise WorkerRefused(f"worker {self.address} ({name}): its certificate was revoked")
+        try:
+            caps = self.stub.GetCapabilities(pb.CapabilitiesRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise WorkerRefused(f"worker {self.address}: {e.code().name}: {e.details()}") from e
+        if caps.protocol != PROTOCOL:
+            raise WorkerRefused(f"worker {self.address} speaks {caps.protocol!r}, not {PROTOCOL!r}")
+        self.capabilities = caps
+        return caps
+
+    def measure_link(self, probes: int = 5, payload: int = 256 << 10) -> LinkStats:
+        """Round-trip time from empty health calls; bandwidth from one carrying `payload` bytes."""
+        rtts = []
+        for _ in range(probes):
+            t = time.perf_counter()
+            self.stub.Health(pb.HealthRequest(), timeout=5)
+            rtts.append((time.perf_counter() - t) * 1e3)
+        rtt = statistics.median(rtts)
+        t = time.perf_counter()
+        self.stub.Health(pb.HealthRequest(padding=bytes(payload)), timeout=30)
+        extra = max((time.perf_counter() - t) * 1e3 - rtt, 1e-3)
+        return LinkStats(rtt / 2, payload / extra)
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        try:
+            return self.stub.Health(pb.HealthRequest(), timeout=timeout).serving
+        except grpc.RpcError:
+            return False
+
+    def ensure_layers(self, model: Llama, model_id: str, start: int, stop: int, manifest: list[pb.TensorSpec]) -> None:
+        """Ship the tensors the worker's disk cache lacks, then have it build layers [start, stop)."""
+        missing = set(self.stub.MissingTensors(pb.Manifest(tensors=manifest), timeout=30).sha256)
+        if missing:
+            tensors = model.file.tensors
+
+            def stream():
+                for spec in manifest:
+                    if spec.sha256 in missing:
+                        missing.discard(spec.sha256)  # the same bytes twice are shipped once
+                        yield from chunks(spec, tensors[spec.name].raw)
+
+            self.stub.PushTensors(stream(), timeout=600)
+        self.stub.LoadLayers(
+            pb.LoadRequest(
+                model_id=model_id,
+                config_json=json.dumps(model.config.__dict__),
+                layer_start=start,
+                layer_stop=stop,
+                manifest=pb.Manifest(tensors=manifest),
+            ),
+            timeout=120,
+        )
+
+    def release(self, session_id: str) -> None:
+        # A dead worker has freed it already; a live one that misses this frees it when idle.
+        with contextlib.suppress(grpc.RpcError):
+            self.stub.Release(pb.ReleaseRequest(session_id=session_id), timeout=2)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def layer_manifest(model: Llama, start: int, stop: int) -> list[pb.TensorSpec]:
+    tensors = model.file.tensors
+    specs = []
+    for i in range(start, stop):
+        for part in LAYER_PARTS:
+            t = tensors[f"blk.{i}.{part}.weight"]
+            specs.append(tensor_spec(t.name, t.qtype, t.shape, t.raw))
+    return specs
+
+
+class ChainSession:
+    """One session's stream through a chain of workers: appliance -> w1 -> ... -> wN -> appliance.
+
+    The first worker gets a Forward stream; the last sends its outputs on a Results stream the
+    appliance opened to it, so a token crosses N workers in N + 1 one-way trips.
+    """
+
+    def __init__(
+        self, session_id: str, chain: list[tuple[WorkerClient, pb.Hop]], dtype: str, dim: int, timeout_s: float
+    ):
+        self.session_id, self.chain, self.dtype, self.dim, self.timeout_s = session_id, chain, dtype, dim, timeout_s
+        self.step = 0
+        self.replies: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()
+        (first, first_hop), (last, _) = chain[0], chain[-1]
+        self.header = pb.Activation(
+            hop=first_hop,
+            next=[hop for _, hop in chain[1:]],
+            deliver=pb.REPLY if len(chain) == 1 else pb.RESULTS,
+        )
+        self.calls = []
+        forward = first.stub.Forward(iter(self.outbox.get, None))
+        self.calls.append(forward)
+        self._read(forward, first.address, deliver=len(chain) == 1)
+        if len(chain) > 1:
+            results = last.stub.Results(pb.ResultsRequest(session_id=session_id))
+            self.calls.append(results)
+            self._read(results, last.address, deliver=True)
+
+    def _read(self, call, address: str, deliver: bool) -> None:
+        def pump():
+            try:
+                for msg in call:
+                    if deliver:
+                        self.replies.put((address, msg))
+                if deliver:
+                    self.replies.put((address, ChainBroken(f"worker {address} ended the stream")))
+            except grpc.RpcError as e:
+                self.replies.put((address, ChainBroken(f"worker {address}: {e.code().name}: {e.details()}")))
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def send(self, hidden: np.ndarray) -> None:
+        msg = encode(hidden, self.session_id, self.step, self.dtype)
+        if self.header is not None:
+            msg.MergeFrom(self.header)
+            self.header = None
+        self.step += 1
+        self.outbox.put(msg)
+
+    def receive(self, rows: int) -> np.ndarray:
+        try:
+            address, item = self.replies.get(timeout=self.timeout_s * (1 + rows / 64))
+        except queue.Empty:
+            raise ChainBroken(f"no reply within {self.timeout_s:.1f} s") from None
+        if isinstance(item, Exception):
+            raise item
+        try:
+            out = decode(item, self.dim)
+        except MalformedTensor as e:
+            raise ChainBroken(f"worker {address} sent a malformed tensor: {e}", culprit=address) from e
+        if out.shape[0] != rows:
+            raise ChainBroken(f"worker {address} sent {out.shape[0]} rows for {rows}", culprit=address)
+        return out
+
+    def close(self) -> None:
+        self.outbox.put(None)
+        for call in self.calls:
+            call.cancel()
+        for worker, _ in self.chain:
+            threading.Thread(target=worker.release, args=(self.session_id,), daemon=True).start()

@@ -1,0 +1,51 @@
+"""The worker's half of pairing: send the code and a signing request, keep the signed certificate."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from offload.pki import Identity, PairingError, key_pem, new_key, pairing_mac, signing_request
+
+PAIR_PATH = "/v1/offload/pair"
+
+
+def pair_with_appliance(code: str, appliance: str | None, name: str, home: Path, timeout: float = 10.0) -> Identity:
+    """Pair with the appliance at `appliance` (http://host:port; found by mDNS when None)."""
+    if appliance is None:
+        from offload.discovery import find_appliance
+
+        appliance = find_appliance(timeout=5.0)
+        if appliance is None:
+            raise PairingError(
+                "no appliance found on the LAN by mDNS: give its address with --appliance http://HOST:8000"
+            )
+    key = new_key()
+    body = json.dumps({"code": code, "csr": signing_request(key, name).decode()}).encode()
+    request = urllib.request.Request(
+        appliance.rstrip("/") + PAIR_PATH, data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            reply = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise PairingError(f"the appliance refused to pair: {_message(e)}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise PairingError(f"cannot reach the appliance at {appliance}: {e}") from e
+    cert, ca = reply["certificate"].encode(), reply["ca"].encode()
+    if not hmac.compare_digest(reply.get("mac", ""), pairing_mac(code, cert, ca)):
+        raise PairingError("the reply was not signed with this pairing code: is that really your appliance?")
+    identity = Identity(key_pem(key), cert, ca)
+    identity.save(home, "worker")
+    return identity
+
+
+def _message(e: urllib.error.HTTPError) -> str:
+    try:
+        error = json.loads(e.read()).get("error")
+        return error.get("message") if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        return f"HTTP {e.code}"
