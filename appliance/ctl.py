@@ -102,3 +102,7 @@ def revoke(name: Annotated[str, typer.Argument(help="The device's name, as `work
 
     n = certificate_authority().revoke(name)
     print(f"revoked {n} certificate(s) of {name}")
+
+
+if __name__ == "__main__":
+    app()

@@ -142,7 +142,7 @@ class WorkerClient:
 
     def release(self, session_id: str) -> None:
         # A dead worker has freed it already; a live one that misses this frees it when idle.
-        with contextlib.suppress(grpc.RpcError):
+        with contextlib.suppress(grpc.RpcError, ValueError):  # ValueError: its channel is closed
             self.stub.Release(pb.ReleaseRequest(session_id=session_id), timeout=2)
 
     def close(self) -> None:

@@ -136,6 +136,14 @@ class WorkerService(rpc.OffloadServicer):
         with self.lock:
             return sum(b for _, b in self.ranges.values()) + sum(s.cache.nbytes for s in self.sessions.values())
 
+    @property
+    def pinned(self) -> int:
+        """Memory that open sessions hold: their ranges and caches. The rest can be evicted for new layers."""
+        with self.lock:
+            in_use = {s.key for s in self.sessions.values()}
+            ranges = sum(b for k, (_, b) in self.ranges.items() if k in in_use)
+            return ranges + sum(s.cache.nbytes for s in self.sessions.values())
+
     def _evict_unused(self, need: int) -> None:
         """Drop loaded ranges no session uses until `need` more bytes fit (a re-plan leaves old ones behind)."""
         with self.lock:
@@ -152,7 +160,7 @@ class WorkerService(rpc.OffloadServicer):
             name=self.name,
             backend=self.backend.name,
             memory_budget_bytes=self.budget,
-            memory_used_bytes=self.used,
+            memory_used_bytes=self.pinned,
             gflops=self.gflops,
             wire_dtypes=list(WIRE_DTYPES),
         )

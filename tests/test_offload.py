@@ -1,0 +1,123 @@
+"""The model split over the appliance and real worker processes, over real mutual TLS on real ports."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from appliance.offloading import certificate_authority, load_engine
+from models.engine import Engine
+from models.llama import Session
+from offload.coordinator import OffloadError
+from tests.offload_harness import issue_identity, worker_process
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A fresh APPLIANCE_HOME (its own CA) for this module's appliance and workers."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APPLIANCE_HOME", str(tmp_path_factory.mktemp("appliance")))
+        yield certificate_authority()
+
+
+def new_worker(ca, tmp_path_factory, name: str, budget: str = "50MB", **kw):
+    folder = tmp_path_factory.mktemp(name)
+    issue_identity(ca, folder, name)
+    return worker_process(folder, budget, **kw)
+
+
+@pytest.fixture(scope="module")
+def two_workers(home, tmp_path_factory):
+    with new_worker(home, tmp_path_factory, "w1") as w1, new_worker(home, tmp_path_factory, "w2") as w2:
+        yield [w1, w2]
+
+
+@pytest.fixture(scope="module")
+def split(model_path, home, two_workers) -> Engine:
+    """40 MB here holds the embedding, head and 3 layers; 50 MB per worker forces a 3-way split."""
+    return load_engine(model_path, "numpy", "40MB", [w.address for w in two_workers])
+
+
+def greedy(engine: Engine, prompt: str) -> list[int]:
+    gen = engine.generate(engine.prompt_ids(prompt), max_tokens=TOKENS, ignore_eos=True)
+    gen.run()
+    return gen.token_ids
+
+
+def test_the_model_is_split_over_the_appliance_and_both_workers(split, two_workers):
+    plan = split.offload.make_plan()
+    assert plan.local.stop == split.offload.start > 0
+    assert {s.device.address for s in plan.chain} == {w.address for w in two_workers}
+    assert plan.chain[-1].stop == split.model.config.n_layers
+    for stage in plan.stages:
+        assert stage.bytes <= stage.device.budget_bytes
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_split_greedy_tokens_equal_all_local(engine, split, prompt):
+    assert greedy(split, prompt) == greedy(engine, prompt)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_split_hidden_states_equal_all_local_with_fp32_on_the_wire(engine, split, prompt):
+    ids = engine.prompt_ids(prompt)
+    local, remote = Session(), Session()
+    assert_close(split.hidden_states(ids, remote), engine.hidden_states(ids, local), 1e-5)
+    for token in (42, 1337, 7):  # then one token per message, through the workers' KV caches
+        assert_close(split.hidden_states([token], remote), engine.hidden_states([token], local), 1e-5)
+    split.release(remote)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
+    """Within tolerance of the states' scale (they reach ~200 after 30 layers): BLAS on another device
+    sums in another order, so float32 results agree to ~1e-6 relative, not bit for bit."""
+    assert actual.shape == expected.shape
+    error = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert error <= tolerance, f"relative error {error:.2e} > {tolerance:.0e}"
+
+
+def test_fp16_on_the_wire_stays_close(model_path, engine, home, two_workers):
+    half = load_engine(model_path, "numpy", "40MB", [w.address for w in two_workers], wire_dtype="float16")
+    ids = engine.prompt_ids(PROMPTS[0])
+    assert_close(half.hidden_states(ids, Session()), engine.hidden_states(ids, Session()), 2e-3)
+
+
+def test_no_placement_is_a_clear_error(model_path, home, tmp_path_factory):
+    with new_worker(home, tmp_path_factory, "small", budget="20MB") as w:
+        engine = load_engine(model_path, "numpy", "40MB", [w.address])
+        with pytest.raises(OffloadError, match=r"no placement can hold the model: .*27 layers .* 20\.0 MB"):
+            greedy(engine, PROMPTS[0])
+
+
+@pytest.mark.parametrize("fault", ["kill -9", "SIGSTOP"])
+def test_a_worker_lost_mid_generation_changes_nothing(engine, model_path, home, tmp_path_factory, fault):
+    """Three workers, two in use: one dies (or hangs) at a random step; the text is the no-fault text."""
+    expected = greedy(engine, PROMPTS[0])
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    with (
+        new_worker(home, tmp_path_factory, "f1") as w1,
+        new_worker(home, tmp_path_factory, "f2") as w2,
+        new_worker(home, tmp_path_factory, "f3") as w3,
+    ):
+        workers = {w.address: w for w in (w1, w2, w3)}
+        split = load_engine(model_path, "numpy", "40MB", list(workers), step_timeout=2.0)
+        chain = [s.device.address for s in split.offload.make_plan().chain]
+        victim = workers[rng.choice(chain)]
+        fault_at = rng.randrange(1, TOKENS)
+        gen = split.generate(engine.prompt_ids(PROMPTS[0]), max_tokens=TOKENS, ignore_eos=True)
+        step = 0
+        while not gen.done:
+            if step == fault_at:
+                victim.kill() if fault == "kill -9" else victim.stop()
+            ids = gen.next_input()
+            gen.advance(len(ids), split.next_logits(ids, gen.session))
+            step += 1
+        assert gen.token_ids == expected, f"seed {seed}: {fault} of {victim.address} at step {fault_at}"
+        assert victim.address not in split.offload.workers
+        assert len(split.offload.make_plan().chain) == 2
