@@ -9,7 +9,7 @@ AVX512 := $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),ON,OFF)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test run test lint bench bench-serve clean
+.PHONY: install install-test run test lint bench bench-serve bench-offload proto clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench: $(VENV)/.installed-bench
 ## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server
 bench-serve: $(VENV)/.installed-bench
 	$(BIN)/appliance bench-serve
+
+## proto: regenerate the offload service's stubs from offload/offload.proto (a test fails when they are stale)
+proto: install-test
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. offload/offload.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -89,8 +89,7 @@ def worker_process(
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        if netns is None:
-            wait_listening(host, port, proc)
+        wait_listening(host, port, proc)
         yield Worker(f"{host}:{port}", proc, home)
     finally:
         if proc.poll() is None:

@@ -37,9 +37,11 @@ def test_a_client_without_a_certificate_is_refused_by_the_worker(ca, tmp_path):
     issue_identity(ca, tmp_path / "w", "w")
     with worker_process(tmp_path / "w") as w:
         anonymous = grpc.ssl_channel_credentials(ca.ca_pem)  # trusts the worker, shows no certificate
-        with grpc.secure_channel(w.address, anonymous, options=GRPC_OPTIONS) as channel:
-            with pytest.raises(grpc.RpcError) as refused:
-                rpc.OffloadStub(channel).GetCapabilities(pb.CapabilitiesRequest(), timeout=5)
+        with (
+            grpc.secure_channel(w.address, anonymous, options=GRPC_OPTIONS) as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            rpc.OffloadStub(channel).GetCapabilities(pb.CapabilitiesRequest(), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         # while the paired appliance is served
         assert WorkerClient(w.address, ca.identity()).verify().name == "w"
@@ -48,9 +50,8 @@ def test_a_client_without_a_certificate_is_refused_by_the_worker(ca, tmp_path):
 def test_a_worker_with_a_certificate_from_another_ca_is_refused(ca, tmp_path):
     other = CertificateAuthority(tmp_path / "someone-elses-appliance")
     issue_identity(other, tmp_path / "w", "rogue")
-    with worker_process(tmp_path / "w") as w:
-        with pytest.raises(WorkerRefused, match="not from this appliance's CA"):
-            WorkerClient(w.address, ca.identity()).verify()
+    with worker_process(tmp_path / "w") as w, pytest.raises(WorkerRefused, match="not from this appliance's CA"):
+        WorkerClient(w.address, ca.identity()).verify()
 
 
 def test_a_worker_without_tls_is_refused(ca, tmp_path):
