@@ -188,7 +188,7 @@ def plan(
                 for k, v in row.items()
             )
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     print(f"predicted: {chosen.ms_per_token:.2f} ms per token ({len(chosen.chain) + 1} one-way trips)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from appliance.errors import stderr
@@ -9,7 +10,7 @@ from models.engine import Engine
 from models.llama import Llama
 from models.store import default_root
 from offload.client import WorkerRefused
-from offload.coordinator import Coordinator
+from offload.coordinator import Coordinator, OffloadError
 from offload.pki import CertificateAuthority
 from offload.planner import parse_size
 
@@ -29,8 +30,12 @@ def coordinator_for(
     discover: bool = False,
     wire_dtype: str = "float32",
     step_timeout: float = 10.0,
+    discover_wait: float = 10.0,
 ) -> Coordinator:
-    """A coordinator for the layers beyond the budget, with the named (and, with discover, found) workers."""
+    """A coordinator for the layers beyond the budget, with the named (and, with discover, found) workers.
+
+    With discover, it waits up to discover_wait seconds for enough workers to answer mDNS.
+    """
     ca = certificate_authority()
     coordinator = Coordinator(
         model, parse_size(memory_budget), ca.identity(), ca.revoked_serials(), wire_dtype, step_timeout
@@ -49,6 +54,13 @@ def coordinator_for(
         from offload.discovery import WORKER_TYPE, browse
 
         coordinator.discovery = browse(WORKER_TYPE, lambda a: None if a in coordinator.workers else take(a))
+        deadline = time.monotonic() + discover_wait
+        while coordinator.start < model.config.n_layers and time.monotonic() < deadline:
+            try:
+                coordinator.make_plan()
+                break
+            except OffloadError:
+                time.sleep(0.2)  # not enough workers found yet
     return coordinator
 
 

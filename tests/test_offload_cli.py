@@ -1,0 +1,68 @@
+"""The owner's view: `appliance generate/serve --memory-budget` with workers named or found by mDNS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from openai import OpenAI
+
+from appliance.offloading import certificate_authority
+from tests.offload_harness import issue_identity, worker_process
+from tests.serving import running_server
+from tests.test_offload import PROMPTS
+
+
+@pytest.fixture()
+def ca(tmp_path, monkeypatch):
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "appliance"))
+    return certificate_authority()
+
+
+def appliance(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *args], capture_output=True, text=True, timeout=300, env=os.environ
+    )
+
+
+def test_generate_split_over_named_workers_prints_the_local_text(ca, tmp_path):
+    for name in ("w1", "w2"):
+        issue_identity(ca, tmp_path / name, name)
+    local = appliance("generate", PROMPTS[0], "-n", "24")
+    assert local.returncode == 0, local.stderr
+    with worker_process(tmp_path / "w1") as w1, worker_process(tmp_path / "w2") as w2:
+        workers = ["--worker", w1.address, "--worker", w2.address]
+        split = appliance("generate", PROMPTS[0], "-n", "24", "--memory-budget", "40MB", *workers)
+        assert split.returncode == 0, split.stderr
+        assert split.stdout == local.stdout
+        assert "layers [0, 3) here, [3, 30) on workers" in split.stderr
+
+        plan = appliance("plan", "--memory-budget", "40MB", *workers)
+        assert plan.returncode == 0, plan.stderr
+        assert "(this appliance)" in plan.stdout and "[0, 3)" in plan.stdout
+        assert w1.address in plan.stdout and w2.address in plan.stdout
+        assert "ms per token (3 one-way trips)" in plan.stdout
+
+
+def test_generate_without_enough_workers_is_a_clear_error(ca):
+    result = appliance("generate", "hi", "--memory-budget", "40MB")
+    assert result.returncode == 1
+    assert "no placement can hold the model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_with_workers_found_by_mdns(ca, tmp_path, engine):
+    """Workers announce themselves (on loopback here); the appliance finds them and serves the split model."""
+    for name in ("m1", "m2"):
+        issue_identity(ca, tmp_path / name, name)
+    advertise = ("--advertise",)
+    with (
+        worker_process(tmp_path / "m1", extra=advertise),
+        worker_process(tmp_path / "m2", extra=advertise),
+        running_server("--memory-budget", "40MB", "--no-advertise") as server,
+    ):
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="test-key")
+        reply = client.completions.create(model=engine.name, prompt=PROMPTS[1], max_tokens=24, temperature=0)
+        gen = engine.generate(engine.prompt_ids(PROMPTS[1]), max_tokens=24)
+        assert reply.choices[0].text == gen.run()
