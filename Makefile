@@ -6,6 +6,7 @@ PROMPT ?= The capital of France is
 # llama.cpp as a benchmark peer, built from source. The native build's AMX path crashes on some
 # CPUs, so AMX is off and AVX-512 is on only where /proc/cpuinfo says the CPU has it.
 AVX512 := $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),ON,OFF)
+LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
@@ -24,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
 	$(BIN)/pip install -q 'llama-cpp-python[server]'
 	touch $@
 
@@ -51,6 +52,20 @@ bench: $(VENV)/.installed-bench
 ## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server
 bench-serve: $(VENV)/.installed-bench
 	$(BIN)/appliance bench-serve
+
+## bench-offload: all-local vs split over 1 and 2 workers, loopback and delayed links, beside llama.cpp's RPC
+bench-offload: $(VENV)/.installed-test $(VENV)/llama-rpc/llama-bench
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/appliance bench-offload --llama-bin $(VENV)/llama-rpc
+
+# llama.cpp's RPC server and llama-bench, built from the sources inside the llama-cpp-python sdist (never vendored)
+$(VENV)/llama-rpc/llama-bench: $(VENV)/.installed-test
+	rm -rf $(VENV)/llama-src && mkdir -p $(VENV)/llama-src $(VENV)/llama-rpc
+	$(BIN)/pip download -q --no-deps --no-binary :all: 'llama-cpp-python==$(LLAMA_CPP_VERSION)' -d $(VENV)/llama-src
+	tar xzf $(VENV)/llama-src/llama_cpp_python-*.tar.gz -C $(VENV)/llama-src
+	cmake -S $(VENV)/llama-src/llama_cpp_python-*/vendor/llama.cpp -B $(VENV)/llama-src/build -DGGML_RPC=ON \
+		$(LLAMA_CMAKE_ARGS) -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(VENV)/llama-src/build --target ggml-rpc-server llama-bench -j
+	cp $(VENV)/llama-src/build/bin/ggml-rpc-server $(VENV)/llama-src/build/bin/llama-bench $(VENV)/llama-rpc/
 
 ## proto: regenerate the offload service's stubs from offload/offload.proto (a test fails when they are stale)
 proto: install-test

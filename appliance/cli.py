@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -219,6 +220,23 @@ def bench_serve(
     from appliance.bench_serve import run_bench_serve
 
     run_bench_serve(ModelStore().resolve(model), clients or [1, 4, 8, 16], max_tokens, peers)
+
+
+@app.command("bench-offload")
+@friendly_errors
+def bench_offload(
+    model: ModelOpt = None,
+    prompt_tokens: int = 64,
+    decode_tokens: int = 32,
+    delay: Annotated[list[float] | None, typer.Option(help="One-way link delays in ms; may be repeated.")] = None,
+    llama_bin: Annotated[
+        Path | None, typer.Option(help="Folder with llama.cpp's llama-bench and ggml-rpc-server (the peer).")
+    ] = None,
+) -> None:
+    """Tokens/s and TTFT all-local vs split over 1 and 2 workers, loopback and delayed links, beside llama.cpp RPC."""
+    from appliance.bench_offload import run_bench_offload
+
+    run_bench_offload(ModelStore().resolve(model), prompt_tokens, decode_tokens, delay or [0.0, 2.0, 5.0], llama_bin)
 
 
 if __name__ == "__main__":

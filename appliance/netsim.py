@@ -8,12 +8,20 @@ jitter come from a TCP relay: every byte is held for delay +- jitter before it i
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
+import socket
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.launch import free_port
 
 
 class DelayRelay:
@@ -170,3 +178,76 @@ def can_build_lan() -> str | None:
     if not shutil.which("ip") or not shutil.which("tc"):
         return "the `ip` and `tc` tools are missing (iproute2)"
     return None
+
+
+# -- worker processes on the simulated LAN ---------------------------------------------------
+@dataclass
+class Worker:
+    address: str
+    proc: subprocess.Popen
+    home: Path
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def stop(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"worker did not listen on {host}:{port} within {timeout:.0f} s")
+
+
+@contextmanager
+def worker_process(
+    home: Path,
+    budget: str = "60MB",
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    netns: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> Iterator[Worker]:
+    port = port or free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "offload.worker",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--home",
+        str(home),
+        "--memory-budget",
+        budget,
+        "--no-advertise",
+        *extra,
+    ]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_listening(host, port, proc)
+        yield Worker(f"{host}:{port}", proc, home)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -7,11 +7,12 @@ import random
 import numpy as np
 import pytest
 
+from appliance.netsim import worker_process
 from appliance.offloading import certificate_authority, load_engine
 from models.engine import Engine
 from models.llama import Session
 from offload.coordinator import OffloadError
-from tests.offload_harness import issue_identity, worker_process
+from offload.pki import issue_identity
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 TOKENS = 32
@@ -121,3 +122,30 @@ def test_a_worker_lost_mid_generation_changes_nothing(engine, model_path, home, 
         assert gen.token_ids == expected, f"seed {seed}: {fault} of {victim.address} at step {fault_at}"
         assert victim.address not in split.offload.workers
         assert len(split.offload.make_plan().chain) == 2
+
+
+def test_a_worker_joining_mid_generation_is_used_and_changes_nothing(engine, model_path, home, tmp_path_factory):
+    """A roomy worker appears between tokens: the next token is planned with it, its chain rebuilt."""
+    expected = greedy(engine, PROMPTS[2])
+    with (
+        new_worker(home, tmp_path_factory, "j1") as w1,
+        new_worker(home, tmp_path_factory, "j2") as w2,
+        new_worker(home, tmp_path_factory, "big", budget="200MB") as big,
+    ):
+        split = load_engine(model_path, "numpy", "40MB", [w1.address, w2.address])
+        assert len(split.offload.make_plan().chain) == 2
+        gen = split.generate(engine.prompt_ids(PROMPTS[2]), max_tokens=TOKENS, ignore_eos=True)
+        step, rebuilt = 0, None
+        while not gen.done:
+            if step == TOKENS // 2:
+                split.offload.add_worker(big.address)
+                joined = split.offload.version
+            ids = gen.next_input()
+            gen.advance(len(ids), split.next_logits(ids, gen.session))
+            if step == TOKENS // 2:
+                rebuilt = gen.session.remote.version
+            step += 1
+        assert gen.token_ids == expected
+        assert rebuilt == joined  # the token right after the join ran on a chain planned with it
+        assert big.address in split.offload.workers
+        assert gen.session.remote.chain is None  # released at the end

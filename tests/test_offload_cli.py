@@ -9,8 +9,9 @@ import sys
 import pytest
 from openai import OpenAI
 
+from appliance.netsim import worker_process
 from appliance.offloading import certificate_authority
-from tests.offload_harness import issue_identity, worker_process
+from offload.pki import issue_identity
 from tests.serving import running_server
 from tests.test_offload import PROMPTS
 

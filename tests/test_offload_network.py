@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.netsim import DelayRelay, can_build_lan, home_lan
+from appliance.netsim import DelayRelay, can_build_lan, home_lan, worker_process
 from appliance.offloading import certificate_authority, load_engine
-from tests.offload_harness import issue_identity, worker_process
+from offload.pki import issue_identity
 from tests.test_offload import PROMPTS, TOKENS, greedy
 
 HIDDEN_BYTES = 576 * 4  # one token's hidden state, fp32

@@ -10,14 +10,14 @@ import time
 import grpc
 import pytest
 
+from appliance.netsim import free_port, worker_process
 from appliance.offloading import certificate_authority
 from models.llama import Llama
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.client import WorkerClient, WorkerRefused, layer_manifest
-from offload.pki import CertificateAuthority, Identity
+from offload.pki import CertificateAuthority, Identity, issue_identity
 from offload.worker import GRPC_OPTIONS
-from tests.offload_harness import free_port, issue_identity, worker_process
 from tests.serving import running_server
 
 
