@@ -3,8 +3,10 @@
 Placements: all local; the appliance (embedding, head, the first layers its 40 MB budget holds) plus
 one worker; plus two workers. Links: loopback, then a delaying relay of d ms one way in front of
 every worker (the same relay in front of llama.cpp's `ggml-rpc-server`s). Every process computes
-on one thread. Figures per placement: time to first token, decode ms per token (median step), and
-the time per token added over all-local, with our bound (N + 1) x d + 0.3 ms beside it.
+on one thread. Figures per placement: time to first token, decode ms per token (median step), the
+time per token added over all-local (noisy: it is a difference of two ~45 ms figures), and for us
+the median time per token spent waiting on the chain but not computing (the workers report their
+compute time in each message), against our bound (N + 1) x d + 0.3 ms.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from appliance.netsim import DelayRelay, wait_listening, worker_process
 from appliance.offloading import certificate_authority, load_engine
 from models.engine import Engine
 from models.gguf_file import open_gguf
+from offload.client import WorkerClient
 from offload.pki import issue_identity
 
 APPLIANCE_BUDGET = "40MB"
@@ -42,12 +45,16 @@ class Row:
     delay_ms: float
     ttft_ms: float
     ms_per_token: float
+    wire_ms: float | None = None
     split: str = ""
 
 
-def measure(engine: Engine, ids: list[int], n_decode: int) -> tuple[float, float]:
-    """(time to first token, median decode step) in ms, after one warm-up run."""
+def measure(engine: Engine, ids: list[int], n_decode: int) -> tuple[float, float, float | None]:
+    """(time to first token, median decode step, median time per token on the wire and in gRPC rather
+    than computing) in ms, after one warm-up run."""
     for _ in range(2):
+        if engine.offload is not None:
+            engine.offload.overhead_ms.clear()
         gen = engine.generate(ids, max_tokens=n_decode + 1, ignore_eos=True)
         start = time.perf_counter()
         gen.advance(len(ids), engine.next_logits(ids, gen.session))
@@ -57,10 +64,13 @@ def measure(engine: Engine, ids: list[int], n_decode: int) -> tuple[float, float
             t = time.perf_counter()
             gen.advance(1, engine.next_logits(gen.next_input(), gen.session))
             steps.append((time.perf_counter() - t) * 1e3)
-    return ttft, statistics.median(steps)
+    wire = statistics.median(engine.offload.overhead_ms) if engine.offload is not None else None
+    return ttft, statistics.median(steps), wire
 
 
-def llama_bench(binaries: Path, model: Path, n_prompt: int, n_decode: int, rpc: list[str], ngl: int, split: str):
+def llama_bench(
+    binaries: Path, model: Path, n_prompt: int, n_decode: int, rpc: list[str], ngl: int, split: str
+) -> tuple[float, float, None]:
     """llama.cpp's own llama-bench: (TTFT ms, ms per token) on one thread, layers [n - ngl, n) over RPC."""
     cmd = [str(binaries / "llama-bench"), "-m", str(model), "-p", str(n_prompt), "-n", str(n_decode), "-t", "1",
            "-r", "3", "-o", "json", "-ngl", str(ngl)]  # fmt: skip
@@ -72,7 +82,7 @@ def llama_bench(binaries: Path, model: Path, n_prompt: int, n_decode: int, rpc: 
     results = json.loads(out.stdout)
     pp = next(r for r in results if r["n_prompt"] > 0 and r["n_gen"] == 0)["avg_ts"]
     tg = next(r for r in results if r["n_gen"] > 0)["avg_ts"]
-    return n_prompt / pp * 1e3 + 1e3 / tg, 1e3 / tg
+    return n_prompt / pp * 1e3 + 1e3 / tg, 1e3 / tg, None
 
 
 def run_bench_offload(path: Path, n_prompt: int, n_decode: int, delays: list[float], llama_bin: Path | None) -> None:
@@ -88,6 +98,7 @@ def run_bench_offload(path: Path, n_prompt: int, n_decode: int, delays: list[flo
     if peer:
         rows.append(Row("llama.cpp", 0, 0.0, *llama_bench(peer, path, n_prompt, n_decode, [], 0, "")))
     home = Path(os.environ["APPLIANCE_HOME"])
+    relay_ms = 0.0
     for n_workers, budgets in PLACEMENTS.items():
         with ExitStack() as stack:
             workers = []
@@ -111,7 +122,27 @@ def run_bench_offload(path: Path, n_prompt: int, n_decode: int, delays: list[flo
                         rows.append(Row("llama.cpp RPC", n_workers, delay, *figures, split))
                     for s in plan.chain:
                         engine.offload.drop_worker(s.device.address)
+        relay_ms = _relay_cost(workers[0].address) if n_workers == 1 else relay_ms
     _print(rows, path, n_prompt, n_decode)
+    print(f"the delaying relay itself adds {relay_ms:.2f} ms per one-way trip (a 0 ms relay vs direct, health calls)")
+
+
+def _relay_cost(address: str) -> float:
+    """What one pass through a DelayRelay costs beyond its set delay: half the round-trip difference."""
+    identity = certificate_authority().identity()
+
+    def rtt(target: str) -> float:
+        client = WorkerClient(target, identity)
+        times = []
+        for _ in range(50):
+            t = time.perf_counter()
+            client.healthy(timeout=5)
+            times.append((time.perf_counter() - t) * 1e3)
+        client.close()
+        return statistics.median(times)
+
+    with DelayRelay(address, 0) as relay:
+        return (rtt(relay.address) - rtt(address)) / 2
 
 
 @contextmanager
@@ -143,12 +174,23 @@ def _print(rows: list[Row], path: Path, n_prompt: int, n_decode: int) -> None:
                 f"{1e3 / r.ms_per_token:.1f}",
                 f"{r.ms_per_token:.2f}",
                 f"{added:+.2f}" if r.workers else "-",
-                f"{bound:.2f}" if bound is not None and r.delay_ms else "-",
+                f"{r.wire_ms:.2f}" if r.wire_ms is not None else "-",
+                f"{bound:.2f}" if bound is not None else "-",
             ]
         )
     print_table(
         f"{open_gguf(path).path.name}: {n_prompt}-token prompt, {n_decode} decoded, 1 thread per process, "
         f"appliance budget {APPLIANCE_BUDGET}",
-        ["system", "placement", "one-way delay", "TTFT ms", "tok/s", "ms/token", "added ms/token", "bound (N+1)d+0.3"],
+        [
+            "system",
+            "placement",
+            "one-way delay",
+            "TTFT ms",
+            "tok/s",
+            "ms/token",
+            "added ms/token",
+            "wire+gRPC ms/token",
+            "bound (N+1)d+0.3",
+        ],
         table,
     )

@@ -23,7 +23,7 @@ from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.pki import Identity
 from offload.wire import PROTOCOL, MalformedTensor, chunks, decode, encode, tensor_spec
-from offload.worker import LAYER_PARTS, secure_channel
+from offload.worker import CULPRIT_KEY, LAYER_PARTS, secure_channel
 
 
 class WorkerRefused(Exception):
@@ -171,6 +171,8 @@ class ChainSession:
     ):
         self.session_id, self.chain, self.dtype, self.dim, self.timeout_s = session_id, chain, dtype, dim, timeout_s
         self.step = 0
+        self.sent_at = 0.0
+        self.overhead_ms: list[float] = []  # per one-row step: waiting on the chain minus its compute
         self.replies: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
         (first, first_hop), (last, _) = chain[0], chain[-1]
@@ -197,7 +199,11 @@ class ChainSession:
                 if deliver:
                     self.replies.put((address, ChainBroken(f"worker {address} ended the stream")))
             except grpc.RpcError as e:
-                self.replies.put((address, ChainBroken(f"worker {address}: {e.code().name}: {e.details()}")))
+                culprit = None
+                if e.code() == grpc.StatusCode.DATA_LOSS:  # a malformed tensor: the chain says whose
+                    culprit = dict(e.trailing_metadata() or ()).get(CULPRIT_KEY) or address
+                broken = ChainBroken(f"worker {address}: {e.code().name}: {e.details()}", culprit)
+                self.replies.put((address, broken))
 
         threading.Thread(target=pump, daemon=True).start()
 
@@ -207,6 +213,7 @@ class ChainSession:
             msg.MergeFrom(self.header)
             self.header = None
         self.step += 1
+        self.sent_at = time.perf_counter()
         self.outbox.put(msg)
 
     def receive(self, rows: int) -> np.ndarray:
@@ -222,6 +229,8 @@ class ChainSession:
             raise ChainBroken(f"worker {address} sent a malformed tensor: {e}", culprit=address) from e
         if out.shape[0] != rows:
             raise ChainBroken(f"worker {address} sent {out.shape[0]} rows for {rows}", culprit=address)
+        if rows == 1:
+            self.overhead_ms.append((time.perf_counter() - self.sent_at) * 1e3 - item.compute_us / 1e3)
         return out
 
     def close(self) -> None:

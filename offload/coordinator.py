@@ -70,6 +70,7 @@ class Coordinator:
         self.version = 0
         self.lock = threading.RLock()
         self.plan_version = -1
+        self.overhead_ms: list[float] = []  # per decoded token: time on the wire and in gRPC, not computing
         self.discovery = None  # a zeroconf browser adding workers as they appear, if any
         try:
             self.start = local_layers(self.layer_bytes, self.fixed_bytes, budget_bytes)  # [0, start) stay here
@@ -216,6 +217,7 @@ class Coordinator:
 
     def _disconnect(self, state: RemoteState) -> None:
         if state.chain is not None:
+            self.overhead_ms.extend(state.chain.overhead_ms)
             state.chain.close()
             state.chain = None
 

@@ -113,7 +113,7 @@ class Hop(_message.Message):
     def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ...) -> None: ...
 
 class Activation(_message.Message):
-    __slots__ = ("session_id", "step", "rows", "cols", "dtype", "data", "hop", "next", "deliver")
+    __slots__ = ("session_id", "step", "rows", "cols", "dtype", "data", "hop", "next", "deliver", "compute_us")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class Activation(_message.Message):
     HOP_FIELD_NUMBER: _ClassVar[int]
     NEXT_FIELD_NUMBER: _ClassVar[int]
     DELIVER_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     rows: int
@@ -132,7 +133,8 @@ class Activation(_message.Message):
     hop: Hop
     next: _containers.RepeatedCompositeFieldContainer[Hop]
     deliver: Deliver
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., hop: _Optional[_Union[Hop, _Mapping]] = ..., next: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., deliver: _Optional[_Union[Deliver, str]] = ...) -> None: ...
+    compute_us: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., hop: _Optional[_Union[Hop, _Mapping]] = ..., next: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., deliver: _Optional[_Union[Deliver, str]] = ..., compute_us: _Optional[int] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("session_id",)

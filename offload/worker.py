@@ -15,6 +15,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from offload.pki import Identity, PairingError
 from offload.planner import parse_size
 from offload.wire import PROTOCOL, WIRE_DTYPES, MalformedTensor, decode, encode
 
+CULPRIT_KEY = "offload-culprit"  # trailing metadata: the address of the worker that sent a malformed tensor
 LAYER_PARTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 FIELD_OF_PART = dict(zip(LAYER_PARTS, LayerWeights.__dataclass_fields__, strict=True))
 
@@ -89,26 +91,24 @@ class WorkerSession:
 
 
 class Downstream:
-    """This worker's stream to the next worker of a chain: fed from a queue, errors kept for the caller."""
+    """This worker's stream to the next worker of a chain, fed from a queue; its failure is reported."""
 
-    def __init__(self, channel: grpc.Channel, header: pb.Activation):
-        self.channel = channel
+    def __init__(self, address: str, channel: grpc.Channel, header: pb.Activation, on_error: Callable):
+        self.address, self.channel = address, channel
         self.header: pb.Activation | None = header  # the next hop's layers and the rest of the route
         self.outbox: queue.Queue = queue.Queue()
-        self.error: grpc.RpcError | None = None
         call = rpc.OffloadStub(channel).Forward(iter(self.outbox.get, None))
-        threading.Thread(target=self._drain, args=(call,), daemon=True).start()
+        threading.Thread(target=self._drain, args=(call, on_error), daemon=True).start()
 
-    def _drain(self, call) -> None:
+    def _drain(self, call, on_error: Callable) -> None:
         try:
             for _ in call:
                 pass
         except grpc.RpcError as e:
-            self.error = e
+            if e.code() != grpc.StatusCode.CANCELLED:
+                on_error(e)
 
     def send(self, msg: pb.Activation) -> None:
-        if self.error is not None:
-            raise self.error
         if self.header is not None:  # merged into the first message only
             msg.MergeFrom(self.header)
             self.header = None
@@ -117,6 +117,15 @@ class Downstream:
     def close(self) -> None:
         self.outbox.put(None)
         self.channel.close()
+
+
+def _pump_requests(requests, inbox: queue.Queue) -> None:
+    try:
+        for msg in requests:
+            inbox.put(msg)
+    except Exception:  # noqa: BLE001  the caller went away: the stream ends as if closed
+        pass
+    inbox.put(None)
 
 
 class WorkerService(rpc.OffloadServicer):
@@ -210,27 +219,32 @@ class WorkerService(rpc.OffloadServicer):
         return LayerWeights(**parts)
 
     def Forward(self, request_iterator, context):
+        """Requests and the next hop's failure arrive in one inbox, so a failure downstream ends this
+        stream at once, saying which worker is at fault, rather than at the next request."""
+        inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_pump_requests, args=(request_iterator, inbox), daemon=True).start()
         session_id, session = None, None
         try:
-            for msg in request_iterator:
+            while (msg := inbox.get()) is not None:
+                if isinstance(msg, grpc.RpcError):
+                    self._downstream_failed(context, msg, session.downstream.address)
                 if session is None:
-                    session_id, session = msg.session_id, self._open(msg, context)
+                    session_id, session = msg.session_id, self._open(msg, context, inbox)
                 try:
                     x = decode(msg, session.layers.config.dim)
                 except MalformedTensor as e:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {session_id}: {e}")
-                session.last_used = time.monotonic()
+                started = time.perf_counter()
                 y = session.layers.forward([x], [session.cache])[0]
+                session.last_used = time.monotonic()
                 if self.used > self.budget:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this session's KV cache outgrew the budget")
-                out = encode(y, session_id, msg.step, session.dtype)
+                out = self._output(y, session_id, msg.step, session.dtype)
+                out.compute_us = msg.compute_us + int((time.perf_counter() - started) * 1e6)
                 if session.reply:
                     yield out
                 elif session.downstream is not None:
-                    try:
-                        session.downstream.send(out)
-                    except grpc.RpcError as e:
-                        context.abort(grpc.StatusCode.UNAVAILABLE, f"next worker failed: {e.details()}")
+                    session.downstream.send(out)
                 else:
                     self._results(session_id).put(out)
         finally:
@@ -238,7 +252,20 @@ class WorkerService(rpc.OffloadServicer):
                 session.downstream.close()
                 session.downstream = None
 
-    def _open(self, first: pb.Activation, context) -> WorkerSession:
+    def _output(self, hidden: np.ndarray, session_id: str, step: int, dtype: str) -> pb.Activation:
+        return encode(hidden, session_id, step, dtype)
+
+    def _downstream_failed(self, context, error: grpc.RpcError, address: str) -> None:
+        """End this stream for a failure further down the chain, naming the worker at fault if known."""
+        if error.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the next worker refused what this one sent
+            context.abort(grpc.StatusCode.DATA_LOSS, f"the next worker refused this worker's output: {error.details()}")
+        if error.code() == grpc.StatusCode.DATA_LOSS:
+            culprit = dict(error.trailing_metadata() or ()).get(CULPRIT_KEY) or address
+            context.set_trailing_metadata(((CULPRIT_KEY, culprit),))
+            context.abort(grpc.StatusCode.DATA_LOSS, error.details())
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"next worker {address}: {error.code().name}: {error.details()}")
+
+    def _open(self, first: pb.Activation, context, inbox: queue.Queue) -> WorkerSession:
         hop = first.hop
         key = (hop.model_id, hop.layer_start, hop.layer_stop)
         if key not in self.ranges:
@@ -252,7 +279,7 @@ class WorkerService(rpc.OffloadServicer):
         if first.next:
             nxt = first.next[0]
             header = pb.Activation(hop=nxt, next=list(first.next[1:]), deliver=first.deliver)
-            downstream = Downstream(secure_channel(nxt.address, self.identity), header)
+            downstream = Downstream(nxt.address, secure_channel(nxt.address, self.identity), header, inbox.put)
         with self.lock:
             if first.session_id in self.sessions:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"session {first.session_id} is already open")
@@ -325,10 +352,17 @@ def secure_channel(address: str, identity: Identity) -> grpc.Channel:
 
 
 def start_worker(
-    identity: Identity, home: Path, host: str, port: int, budget: int, idle_s: float = 600, backend: str = "auto"
+    identity: Identity,
+    home: Path,
+    host: str,
+    port: int,
+    budget: int,
+    idle_s: float = 600,
+    backend: str = "auto",
+    service_class: type[WorkerService] = WorkerService,
 ) -> tuple[grpc.Server, WorkerService, int]:
     name = identity.certificate.subject.rfc4514_string().removeprefix("CN=")
-    service = WorkerService(name, identity, home, budget, select_backend(backend), idle_s)
+    service = service_class(name, identity, home, budget, select_backend(backend), idle_s)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=GRPC_OPTIONS[:2])
     rpc.add_OffloadServicer_to_server(service, server)
     creds = grpc.ssl_server_credentials(

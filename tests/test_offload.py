@@ -13,6 +13,8 @@ from models.engine import Engine
 from models.llama import Session
 from offload.coordinator import OffloadError
 from offload.pki import issue_identity
+from offload.planner import parse_size
+from offload.worker import WorkerService, start_worker
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 TOKENS = 32
@@ -149,3 +151,39 @@ def test_a_worker_joining_mid_generation_is_used_and_changes_nothing(engine, mod
         assert rebuilt == joined  # the token right after the join ran on a chain planned with it
         assert big.address in split.offload.workers
         assert gen.session.remote.chain is None  # released at the end
+
+
+class CorruptingWorker(WorkerService):
+    """A real worker (same server, same mTLS) whose outputs turn to NaN from its 4th message on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gflops = 1e6  # claims to be fast, so the planner puts it in the chain
+        self.sent = 0
+
+    def _output(self, hidden, session_id, step, dtype):
+        self.sent += 1
+        if self.sent > 3:
+            hidden = np.full_like(hidden, np.nan)
+        return super()._output(hidden, session_id, step, dtype)
+
+
+@pytest.mark.parametrize(("budget", "position"), [("90MB", "alone"), ("50MB", "first of two")])
+def test_a_worker_sending_malformed_tensors_is_dropped(engine, model_path, home, tmp_path_factory, budget, position):
+    """Alone, the appliance sees the NaNs; first of two, the next worker refuses them and says whose they are."""
+    expected = greedy(engine, PROMPTS[1])
+    folder = tmp_path_factory.mktemp("liar")
+    identity = issue_identity(home, folder, "liar")
+    server, liar, port = start_worker(
+        identity, folder, "127.0.0.1", 0, parse_size(budget), service_class=CorruptingWorker
+    )
+    try:
+        with new_worker(home, tmp_path_factory, "h1") as w1, new_worker(home, tmp_path_factory, "h2") as w2:
+            address = f"127.0.0.1:{port}"
+            split = load_engine(model_path, "numpy", "40MB", [address, w1.address, w2.address], step_timeout=5.0)
+            chain = [s.device.address for s in split.offload.make_plan().chain]
+            assert chain[0] == address and len(chain) == (1 if position == "alone" else 2)
+            assert greedy(split, PROMPTS[1]) == expected
+            assert liar.sent > 3 and address not in split.offload.workers
+    finally:
+        server.stop(None)
