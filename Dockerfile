@@ -2,6 +2,9 @@
 #   DGX / x86_64 or arm64 server GPUs:  docker build -t appliance .
 #   Jetson Orin (JetPack 6, L4T r36):   docker build --build-arg BASE=nvcr.io/nvidia/l4t-jetpack:r36.4.0 -t appliance .
 # Run:  docker run --gpus all --rm appliance generate --chat "Hello!"
+# Serve with offload: docker run --gpus all --network host -v appliance:/var/lib/appliance appliance \
+#         serve --memory-budget 8GB
+#   (host networking so LAN workers find it by mDNS; the volume keeps its CA and paired workers)
 ARG BASE=nvcr.io/nvidia/cuda:12.6.3-runtime-ubuntu24.04
 FROM ${BASE}
 

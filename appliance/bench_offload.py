@@ -26,7 +26,7 @@ from rich.console import Console
 
 from appliance.bench import FILLER, print_table
 from appliance.launch import free_port
-from appliance.netsim import DelayRelay, wait_listening, worker_process
+from appliance.netsim import relay_process, wait_listening, worker_process
 from appliance.offloading import certificate_authority, load_engine
 from models.engine import Engine
 from models.gguf_file import open_gguf
@@ -108,9 +108,9 @@ def run_bench_offload(path: Path, n_prompt: int, n_decode: int, delays: list[flo
             servers = [stack.enter_context(rpc_server(peer)) for _ in budgets] if peer else []
             for delay in delays:
                 with ExitStack() as links:
-                    ours = [links.enter_context(DelayRelay(w.address, delay)).address if delay else w.address
+                    ours = [links.enter_context(relay_process(w.address, delay)) if delay else w.address
                             for w in workers]  # fmt: skip
-                    theirs = [links.enter_context(DelayRelay(s, delay)).address if delay else s for s in servers]
+                    theirs = [links.enter_context(relay_process(s, delay)) if delay else s for s in servers]
                     engine = load_engine(path, "numpy", APPLIANCE_BUDGET, ours)
                     plan = engine.offload.make_plan()
                     layers = [s.stop - s.start for s in plan.chain]
@@ -141,8 +141,8 @@ def _relay_cost(address: str) -> float:
         client.close()
         return statistics.median(times)
 
-    with DelayRelay(address, 0) as relay:
-        return (rtt(relay.address) - rtt(address)) / 2
+    with relay_process(address, 0) as relay:
+        return (rtt(relay) - rtt(address)) / 2
 
 
 @contextmanager
@@ -168,7 +168,7 @@ def _print(rows: list[Row], path: Path, n_prompt: int, n_decode: int) -> None:
         table.append(
             [
                 r.system,
-                "all local" if not r.workers else f"{r.workers} worker(s): {r.split} layers",
+                "all local" if not r.workers else f"{r.workers}w: {r.split}",
                 "-" if not r.workers else ("loopback" if not r.delay_ms else f"{r.delay_ms:g} ms"),
                 f"{r.ttft_ms:.1f}",
                 f"{1e3 / r.ms_per_token:.1f}",
@@ -184,13 +184,13 @@ def _print(rows: list[Row], path: Path, n_prompt: int, n_decode: int) -> None:
         [
             "system",
             "placement",
-            "one-way delay",
+            "delay",
             "TTFT ms",
             "tok/s",
             "ms/token",
-            "added ms/token",
-            "wire+gRPC ms/token",
-            "bound (N+1)d+0.3",
+            "added ms/tok",
+            "wire ms/tok",
+            "(N+1)d+0.3",
         ],
         table,
     )

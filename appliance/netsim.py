@@ -75,7 +75,11 @@ class DelayRelay:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(self._pump(client_r, target_w, "up"), self._pump(target_r, client_w, "down"))
+        try:
+            await asyncio.gather(self._pump(client_r, target_w, "up"), self._pump(target_r, client_w, "down"))
+        except asyncio.CancelledError:  # the relay is shutting down
+            client_w.close()
+            target_w.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
         loop, queue, last_due = asyncio.get_running_loop(), asyncio.Queue(), 0.0
@@ -106,6 +110,21 @@ class DelayRelay:
         queue.put_nowait((0.0, None))
         with suppress(ConnectionError, OSError):
             await sender
+
+
+@contextmanager
+def relay_process(target: str, delay_ms: float = 0.0, jitter_ms: float = 0.0, listen: str = "127.0.0.1:0"):
+    """A DelayRelay in a process of its own, so its work never competes with the measured process."""
+    cmd = [sys.executable, "-m", "appliance.netsim", target, str(delay_ms), str(jitter_ms), listen]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        address = proc.stdout.readline().strip()
+        if not address:
+            raise RuntimeError(f"relay to {target} did not start")
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @dataclass
@@ -251,3 +270,11 @@ def worker_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+if __name__ == "__main__":  # python -m appliance.netsim TARGET DELAY_MS JITTER_MS LISTEN: a relay until killed
+    target, delay, jitter, listen = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])  # for sigwait, in every thread
+    with DelayRelay(target, delay, jitter, listen) as relay:
+        print(relay.address, flush=True)
+        signal.sigwait([signal.SIGTERM, signal.SIGINT])

@@ -180,6 +180,8 @@ def test_full_queue_is_a_429_with_a_retry_hint(engine):
                 next(first.iter_lines())  # running
                 with http.stream("POST", "/v1/completions", json=body) as second:
                     assert second.status_code == 200  # queued
+                    health = http.get("/health").json()
+                    assert (health["active"], health["waiting"]) == (1, 1), health
                     third = http.post("/v1/completions", json=body)
                     assert third.status_code == 429
                     assert third.headers["Retry-After"] == "1" and "busy" in third.json()["error"]["message"]
