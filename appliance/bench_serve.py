@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -129,7 +130,12 @@ def _servers(path: Path, peers: bool) -> list[tuple[str, list[str], str, str]]:
 def run_bench_serve(path: Path, levels: list[int], max_tokens: int, peers: bool = True) -> list[dict]:
     rows = []
     for label, cmd, url, model in _servers(path, peers):
-        with running(cmd, f"{url}/v1/models"):
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(running(cmd, f"{url}/v1/models"))
+            except (RuntimeError, TimeoutError) as e:  # a peer that will not start: say so, keep our figures
+                Console(stderr=True).print(f"{label} not measured: {e}")
+                continue
             asyncio.run(_level(url, model, 1, 4))  # warm up
             for clients in levels:
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,25 +20,30 @@ def free_port() -> int:
 
 @contextmanager
 def running(cmd: list[str], health_url: str, env: dict | None = None, timeout: float = 180) -> Iterator[int]:
-    """Run cmd until the with-block ends; yields its pid once health_url answers 200."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(cmd[:4])} exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(health_url, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{' '.join(cmd[:4])} did not answer {health_url} within {timeout:.0f} s")
-            time.sleep(0.3)
-        yield proc.pid
-    finally:
-        proc.terminate()
+    """Run cmd until the with-block ends; yields its pid once health_url answers 200.
+
+    Its stderr goes to a file (a pipe nobody reads would stall a chatty server once full).
+    """
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"{' '.join(cmd[:4])} exited with {proc.returncode}: {log.read()[-2000:]}")
+                try:
+                    if httpx.get(health_url, timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{' '.join(cmd[:4])} did not answer {health_url} within {timeout:.0f} s")
+                time.sleep(0.3)
+            yield proc.pid
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
