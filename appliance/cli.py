@@ -150,6 +150,9 @@ def serve(
             announced = announce(APPLIANCE_TYPE, f"appliance-{http_port}", http_port)
         except Exception as e:  # no multicast on this network: pairing then needs --appliance
             stderr.print(f"[yellow]mDNS announcement failed ({e}); workers must pair with --appliance URL[/]")
+    # The scheduler thread and the event loop share the GIL: hand it over every 0.5 ms, not 5 ms, so
+    # finished tokens reach their streams promptly (1 client: 18.8 -> 23.2 tok/s in bench-serve here).
+    sys.setswitchinterval(0.0005)
     scheduler.start()
     try:
         asyncio.run(run())
