@@ -118,6 +118,9 @@ class Scheduler:
         with self._wake:
             while not self._stopped and not self.active and not self.waiting:
                 self._wake.wait()
+            for t in self.active:
+                if t.cancelled.is_set() and not t.generation.done:  # a client that left: free its workers' caches
+                    self.engine.release(t.generation.session)
             self.active = [t for t in self.active if not t.cancelled.is_set()]
             self.waiting = collections.deque(t for t in self.waiting if not t.cancelled.is_set())
             while self.waiting and len(self.active) < self.max_batch:

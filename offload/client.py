@@ -173,6 +173,7 @@ class ChainSession:
         self.step = 0
         self.sent_at = 0.0
         self.overhead_ms: list[float] = []  # per one-row step: waiting on the chain minus its compute
+        self.hop_ms: list[float] = []  # each worker's time on the last reply, in chain order
         self.replies: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
         (first, first_hop), (last, _) = chain[0], chain[-1]
@@ -229,8 +230,9 @@ class ChainSession:
             raise ChainBroken(f"worker {address} sent a malformed tensor: {e}", culprit=address) from e
         if out.shape[0] != rows:
             raise ChainBroken(f"worker {address} sent {out.shape[0]} rows for {rows}", culprit=address)
+        self.hop_ms = [us / 1e3 for us in item.compute_us]
         if rows == 1:
-            self.overhead_ms.append((time.perf_counter() - self.sent_at) * 1e3 - item.compute_us / 1e3)
+            self.overhead_ms.append((time.perf_counter() - self.sent_at) * 1e3 - sum(self.hop_ms))
         return out
 
     def close(self) -> None:

@@ -8,11 +8,13 @@ those rows into the new chain to rebuild its KV caches, and carries on: the clie
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import statistics
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +27,8 @@ from offload.planner import Device, NoPlacementError, Plan, local_layers, make_p
 from offload.worker import LAYER_PARTS
 
 REPLAY_ROWS = 512  # rows per message when rebuilding a chain's caches
+SLOWDOWN = 3.0  # a worker this many times slower than its own usual pace ...
+SLOW_STEPS = 3  # ... on this many tokens in a row has slowed down: re-plan with its new speed
 
 
 class OffloadError(ModelError):
@@ -39,6 +43,29 @@ class RemoteState:
     inputs: list[np.ndarray] = field(default_factory=list)
     chain: ChainSession | None = None
     version: int = -1  # the plan the chain was built for
+
+
+class Pace:
+    """A worker's observed ms per layer on one-token steps: its usual pace, and whether it has slowed."""
+
+    def __init__(self):
+        self.usual: float | None = None
+        self.recent: collections.deque[float] = collections.deque(maxlen=SLOW_STEPS)
+
+    def add(self, ms_per_layer: float) -> float | None:
+        """How many times slower the worker has become, once SLOW_STEPS steps in a row say so."""
+        self.recent.append(ms_per_layer)
+        if len(self.recent) < SLOW_STEPS:
+            return None
+        now = statistics.median(self.recent)
+        if self.usual is None:
+            self.usual = now
+        elif min(self.recent) > SLOWDOWN * self.usual:
+            factor, self.usual = now / self.usual, now
+            return factor
+        else:
+            self.usual = min(self.usual, now)
+        return None
 
 
 class Coordinator:
@@ -64,6 +91,7 @@ class Coordinator:
         self.fixed_bytes = sum(t.raw.nbytes for name, t in files.items() if not name.startswith("blk."))
         self.appliance = Device("appliance", None, budget_bytes, appliance_ms_per_layer)
         self.workers: dict[str, tuple[WorkerClient, Device]] = {}
+        self.paces: dict[tuple[str, int], Pace] = {}  # by worker and batch size: a bigger batch is slower
         self.manifests: dict[tuple[int, int], list[pb.TensorSpec]] = {}
         self.model_id = self._model_id()
         self.plan: Plan | None = None
@@ -114,6 +142,7 @@ class Coordinator:
     def drop_worker(self, address: str) -> None:
         with self.lock:
             entry = self.workers.pop(address, None)
+            self.paces = {key: pace for key, pace in self.paces.items() if key[0] != address}
             self.version += 1
         if entry:
             entry[0].close()
@@ -175,6 +204,9 @@ class Coordinator:
                     outs[j] = states[j].chain.receive(hiddens[j].shape[0])
                 except ChainBroken as e:
                     failed.append((j, e))
+                    continue
+                if hiddens[j].shape[0] == 1:
+                    self._observe(plan, states[j].chain.hop_ms, len(sent))
             if failed:
                 self._recover(plan, [e for _, e in failed])
                 for j, _ in failed:
@@ -231,6 +263,26 @@ class Coordinator:
         with self.lock:
             self.version += 1  # rebuild chains even if every worker still answers
 
+    def _observe(self, plan: Plan, hop_ms: list[float], batch: int) -> None:
+        """Track each chain worker's pace; one that has slowed down is re-costed, and if that changes
+        the best placement, the next token runs on a new plan (its chain rebuilt by replay)."""
+        for stage, ms in zip(plan.chain, hop_ms, strict=False):
+            address = stage.device.address
+            factor = self.paces.setdefault((address, batch), Pace()).add(ms / (stage.stop - stage.start))
+            if factor is None:
+                continue
+            with self.lock:
+                if address not in self.workers:
+                    continue
+                client, device = self.workers[address]
+                self.workers[address] = (client, replace(device, ms_per_layer=device.ms_per_layer * factor))
+                if _placement(self.make_plan()) != _placement(plan):
+                    self.version += 1
+
     def release(self, session: Session) -> None:
         if session.remote is not None:
             self._disconnect(session.remote)
+
+
+def _placement(plan: Plan) -> list[tuple[str | None, int, int]]:
+    return [(s.device.address, s.start, s.stop) for s in plan.chain]

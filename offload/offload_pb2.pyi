@@ -133,8 +133,8 @@ class Activation(_message.Message):
     hop: Hop
     next: _containers.RepeatedCompositeFieldContainer[Hop]
     deliver: Deliver
-    compute_us: int
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., hop: _Optional[_Union[Hop, _Mapping]] = ..., next: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., deliver: _Optional[_Union[Deliver, str]] = ..., compute_us: _Optional[int] = ...) -> None: ...
+    compute_us: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., hop: _Optional[_Union[Hop, _Mapping]] = ..., next: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., deliver: _Optional[_Union[Deliver, str]] = ..., compute_us: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -240,7 +240,7 @@ class WorkerService(rpc.OffloadServicer):
                 if self.used > self.budget:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this session's KV cache outgrew the budget")
                 out = self._output(y, session_id, msg.step, session.dtype)
-                out.compute_us = msg.compute_us + int((time.perf_counter() - started) * 1e6)
+                out.compute_us.extend([*msg.compute_us, int((time.perf_counter() - started) * 1e6)])
                 if session.reply:
                     yield out
                 elif session.downstream is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -187,3 +188,50 @@ def test_a_worker_sending_malformed_tensors_is_dropped(engine, model_path, home,
             assert liar.sent > 3 and address not in split.offload.workers
     finally:
         server.stop(None)
+
+
+class SlowingWorker(WorkerService):
+    """A real worker that, once told to, spends `delay_s` more on every message: a laptop throttling."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay_s = 0.0
+
+    def _output(self, hidden, session_id, step, dtype):
+        time.sleep(self.delay_s)
+        return super()._output(hidden, session_id, step, dtype)
+
+
+def test_a_worker_that_slows_down_is_replaced_between_tokens(engine, model_path, home, tmp_path_factory):
+    """Either of two workers can hold every offloaded layer; the one in use slows down tenfold
+    mid-generation: within a few tokens the other takes over, and the text is the no-fault text."""
+    expected = greedy(engine, PROMPTS[0])
+    servers, services = [], {}
+    try:
+        for name in ("slow1", "slow2"):
+            folder = tmp_path_factory.mktemp(name)
+            identity = issue_identity(home, folder, name)
+            server, service, port = start_worker(
+                identity, folder, "127.0.0.1", 0, parse_size("90MB"), service_class=SlowingWorker
+            )
+            servers.append(server)
+            services[f"127.0.0.1:{port}"] = service
+        split = load_engine(model_path, "numpy", "40MB", list(services), step_timeout=5.0)
+        (used,) = [s.device.address for s in split.offload.make_plan().chain]  # one link beats two
+        (other,) = set(services) - {used}
+        gen = split.generate(engine.prompt_ids(PROMPTS[0]), max_tokens=TOKENS, ignore_eos=True)
+        step, moved_at = 0, None
+        while not gen.done:
+            if step == 8:
+                services[used].delay_s = 0.3
+            ids = gen.next_input()
+            gen.advance(len(ids), split.next_logits(ids, gen.session))
+            if moved_at is None and split.offload.plan.chain[0].device.address == other:
+                moved_at = step
+            step += 1
+        assert gen.token_ids == expected
+        assert moved_at is not None and moved_at <= 8 + 6, f"still on the slow worker after step {moved_at}"
+        assert used in split.offload.workers  # slow, not gone: it stays a candidate
+    finally:
+        for server in servers:
+            server.stop(None)

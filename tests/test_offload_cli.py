@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 from openai import OpenAI
 
 from appliance.netsim import worker_process
 from appliance.offloading import certificate_authority
+from offload import offload_pb2 as pb
+from offload.client import WorkerClient
 from offload.pki import issue_identity
 from tests.serving import running_server
 from tests.test_offload import PROMPTS
@@ -59,11 +63,32 @@ def test_serve_with_workers_found_by_mdns(ca, tmp_path, engine):
         issue_identity(ca, tmp_path / name, name)
     advertise = ("--advertise",)
     with (
-        worker_process(tmp_path / "m1", extra=advertise),
-        worker_process(tmp_path / "m2", extra=advertise),
+        worker_process(tmp_path / "m1", extra=advertise) as m1,
+        worker_process(tmp_path / "m2", extra=advertise) as m2,
         running_server("--memory-budget", "40MB", "--no-advertise") as server,
     ):
         client = OpenAI(base_url=f"{server.url}/v1", api_key="test-key")
         reply = client.completions.create(model=engine.name, prompt=PROMPTS[1], max_tokens=24, temperature=0)
         gen = engine.generate(engine.prompt_ids(PROMPTS[1]), max_tokens=24)
         assert reply.choices[0].text == gen.run()
+
+        # A client that leaves mid-stream: its sessions on the workers are released at once, not left
+        # to the workers' idle timeout.
+        body = {"model": engine.name, "prompt": PROMPTS[0], "max_tokens": 500, "stream": True}
+        headers = {"Authorization": "Bearer test-key"}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=60) as r:
+            next(r.iter_lines())
+            assert max(sessions(ca, w) for w in (m1, m2)) == 1
+        deadline = time.monotonic() + 10
+        while max(sessions(ca, w) for w in (m1, m2)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [sessions(ca, w) for w in (m1, m2)] == [0, 0]
+
+
+def sessions(ca, worker) -> int:
+    """Open sessions on a worker, asked over mTLS as the appliance."""
+    client = WorkerClient(worker.address, ca.identity())
+    try:
+        return client.stub.Health(pb.HealthRequest(), timeout=5).sessions
+    finally:
+        client.close()
