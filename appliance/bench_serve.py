@@ -120,6 +120,9 @@ def _servers(path: Path, peers: bool) -> list[tuple[str, list[str], str, str]]:
             str(os.cpu_count()),
             "--n_ctx",
             "4096",
+            # by default a new request cuts off the one streaming; queue them instead, as a user would want
+            "--interrupt_requests",
+            "False",
         ]
         servers.append(("llama.cpp server (llama-cpp-python)", cmd, f"http://127.0.0.1:{peer_port}", path.name))
     except ImportError as e:
