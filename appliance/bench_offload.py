@@ -4,7 +4,8 @@ Placements: all local; the appliance (embedding, head, the first layers its 40 M
 one worker; plus two workers. Links: loopback, then a delaying relay of d ms one way in front of
 every worker (the same relay in front of llama.cpp's `ggml-rpc-server`s). Every process computes
 on one thread. Figures per placement: time to first token, decode ms per token (median step), the
-time per token added over all-local (noisy: it is a difference of two ~45 ms figures), and for us
+time per token added over all-local measured just before it (a difference of two ~35 ms figures,
+so still noisy by a millisecond or so), and for us
 the median time per token spent waiting on the chain but not computing (the workers report their
 compute time in each message), against our bound (N + 1) x d + 0.3 ms.
 """
@@ -47,25 +48,29 @@ class Row:
     ms_per_token: float
     wire_ms: float | None = None
     split: str = ""
+    base_ms: float | None = None  # all-local ms per token, measured right before this placement
 
 
 def measure(engine: Engine, ids: list[int], n_decode: int) -> tuple[float, float, float | None]:
     """(time to first token, median decode step, median time per token on the wire and in gRPC rather
-    than computing) in ms, after one warm-up run."""
-    for _ in range(2):
-        if engine.offload is not None:
-            engine.offload.overhead_ms.clear()
+    than computing) in ms, over three runs after a warm-up run."""
+    steps, ttfts = [], []
+    for run in range(4):
+        if run == 1:
+            steps.clear()
+            ttfts.clear()
+            if engine.offload is not None:
+                engine.offload.overhead_ms.clear()
         gen = engine.generate(ids, max_tokens=n_decode + 1, ignore_eos=True)
         start = time.perf_counter()
         gen.advance(len(ids), engine.next_logits(ids, gen.session))
-        ttft = (time.perf_counter() - start) * 1e3
-        steps = []
+        ttfts.append((time.perf_counter() - start) * 1e3)
         while not gen.done:
             t = time.perf_counter()
             gen.advance(1, engine.next_logits(gen.next_input(), gen.session))
             steps.append((time.perf_counter() - t) * 1e3)
     wire = statistics.median(engine.offload.overhead_ms) if engine.offload is not None else None
-    return ttft, statistics.median(steps), wire
+    return statistics.median(ttfts), statistics.median(steps), wire
 
 
 def llama_bench(
@@ -115,14 +120,18 @@ def run_bench_offload(path: Path, n_prompt: int, n_decode: int, delays: list[flo
                     plan = engine.offload.make_plan()
                     layers = [s.stop - s.start for s in plan.chain]
                     split = "/".join(str(n) for n in layers)
-                    rows.append(Row("appliance", n_workers, delay, *measure(engine, ids, n_decode), split))
+                    base = measure(local, ids, n_decode)[1]
+                    figures = measure(engine, ids, n_decode)
+                    rows.append(Row("appliance", n_workers, delay, *figures, split, base))
                     if peer:
                         ngl = n_layers - plan.local.stop
+                        base = llama_bench(peer, path, n_prompt, n_decode, [], 0, "")[1]
                         figures = llama_bench(peer, path, n_prompt, n_decode, theirs, ngl, split)
-                        rows.append(Row("llama.cpp RPC", n_workers, delay, *figures, split))
+                        rows.append(Row("llama.cpp RPC", n_workers, delay, *figures, split, base))
                     for s in plan.chain:
                         engine.offload.drop_worker(s.device.address)
-        relay_ms = _relay_cost(workers[0].address) if n_workers == 1 else relay_ms
+            if n_workers == 1:
+                relay_ms = _relay_cost(workers[0].address)
     _print(rows, path, n_prompt, n_decode)
     print(f"the delaying relay itself adds {relay_ms:.2f} ms per one-way trip (a 0 ms relay vs direct, health calls)")
 
@@ -160,10 +169,9 @@ def rpc_server(binaries: Path) -> Iterator[str]:
 
 
 def _print(rows: list[Row], path: Path, n_prompt: int, n_decode: int) -> None:
-    base = {r.system.split()[0]: r.ms_per_token for r in rows if r.workers == 0}
     table = []
     for r in rows:
-        added = r.ms_per_token - base[r.system.split()[0]] if r.workers else 0.0
+        added = r.ms_per_token - r.base_ms if r.workers else 0.0
         bound = (r.workers + 1) * r.delay_ms + 0.3 if r.workers and r.system == "appliance" else None
         table.append(
             [

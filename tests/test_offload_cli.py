@@ -92,3 +92,10 @@ def sessions(ca, worker) -> int:
         return client.stub.Health(pb.HealthRequest(), timeout=5).sessions
     finally:
         client.close()
+
+
+def test_bench_offload_prints_its_table():
+    """The figures belong to `make bench-offload`; here only that it runs end to end (loopback, no peer)."""
+    result = appliance("bench-offload", "--prompt-tokens", "8", "--decode-tokens", "4", "--delay", "0")
+    assert result.returncode == 0, result.stderr
+    assert "1w: 27" in result.stdout and "2w: 16/11" in result.stdout and "loopback" in result.stdout
