@@ -7,8 +7,8 @@ jitter come from a TCP relay: every byte is held for delay +- jitter before it i
 
 from __future__ import annotations
 
-import asyncio
 import os
+import queue
 import random
 import signal
 import socket
@@ -25,91 +25,85 @@ from appliance.launch import free_port
 
 
 class DelayRelay:
-    """Listen on `listen`, forward each connection to `target`, delaying both directions."""
+    """Listen on `listen`, forward each connection to `target`, delaying both directions.
+
+    Threads, not an event loop: a thread sleeps to each chunk's due time with nanosleep, where an
+    event loop's millisecond epoll timeouts overshot by ~0.5 ms per pass.
+    """
 
     def __init__(self, target: str, delay_ms: float = 0.0, jitter_ms: float = 0.0, listen: str = "127.0.0.1:0"):
         self.target, self.delay_ms, self.jitter_ms = target, delay_ms, jitter_ms
-        self.listen_host, port = listen.rsplit(":", 1)
-        self.listen_port = int(port)
+        host, port = listen.rsplit(":", 1)
+        self.listener = socket.create_server((host, int(port)))
+        self.listen_host, self.listen_port = host, self.listener.getsockname()[1]
         self.bytes_up = 0  # client -> target
         self.bytes_down = 0  # target -> client
         self.rng = random.Random(0)
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
 
     @property
     def address(self) -> str:
         return f"{self.listen_host}:{self.listen_port}"
 
     def __enter__(self) -> DelayRelay:
-        self.thread.start()
-        if not self.ready.wait(10):
-            raise RuntimeError(f"relay to {self.target} did not start")
+        threading.Thread(target=self._accept, daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.loop.call_soon_threadsafe(self.stopping.set)
-        self.thread.join(timeout=5)
+        for sock in [self.listener, *self.sockets]:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
-    def _serve(self) -> None:
-        self.loop.run_until_complete(self._main())
-        self.loop.close()
-
-    async def _main(self) -> None:
-        self.stopping = asyncio.Event()
-        server = await asyncio.start_server(self._connect, self.listen_host, self.listen_port)
-        self.listen_port = server.sockets[0].getsockname()[1]
-        self.ready.set()
-        await self.stopping.wait()
-        server.close()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _connect(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+    def _accept(self) -> None:
         host, port = self.target.rsplit(":", 1)
-        try:
-            target_r, target_w = await asyncio.open_connection(host, int(port))
-        except OSError:
-            client_w.close()
-            return
-        try:
-            await asyncio.gather(self._pump(client_r, target_w, "up"), self._pump(target_r, client_w, "down"))
-        except asyncio.CancelledError:  # the relay is shutting down
-            client_w.close()
-            target_w.close()
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection((host, int(port)), timeout=10)
+            except OSError:
+                if self.listener.fileno() < 0:  # closed: the relay is shutting down
+                    return
+                continue
+            upstream.settimeout(None)
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sockets.append(sock)
+            self._pump(client, upstream, "up")
+            self._pump(upstream, client, "down")
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
-        loop, queue, last_due = asyncio.get_running_loop(), asyncio.Queue(), 0.0
+    def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
+        """One direction of a connection: a reader stamps each chunk with its due time, a writer
+        sends it then; bytes keep their order even with jitter."""
+        chunks: queue.SimpleQueue = queue.SimpleQueue()
 
-        async def deliver() -> None:
-            while True:
-                due, data = await queue.get()
-                if data is None:
-                    break
-                if (wait := due - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                writer.write(data)
-                await writer.drain()
-            writer.close()
+        def read() -> None:
+            last_due = 0.0
+            with suppress(OSError):
+                while data := source.recv(1 << 16):
+                    with self.lock:
+                        if direction == "up":
+                            self.bytes_up += len(data)
+                        else:
+                            self.bytes_down += len(data)
+                    jitter = self.rng.uniform(-self.jitter_ms, self.jitter_ms)
+                    last_due = max(last_due, time.monotonic() + max(self.delay_ms + jitter, 0) / 1e3)
+                    chunks.put((last_due, data))
+            chunks.put((0.0, None))
 
-        sender = asyncio.create_task(deliver())
-        try:
-            while data := await reader.read(1 << 16):
-                if direction == "up":
-                    self.bytes_up += len(data)
-                else:
-                    self.bytes_down += len(data)
-                jitter = self.rng.uniform(-self.jitter_ms, self.jitter_ms)
-                last_due = max(last_due, loop.time() + max(self.delay_ms + jitter, 0) / 1e3)  # bytes keep order
-                queue.put_nowait((last_due, data))
-        except (ConnectionError, OSError):
-            pass
-        queue.put_nowait((0.0, None))
-        with suppress(ConnectionError, OSError):
-            await sender
+        def write() -> None:
+            with suppress(OSError):
+                while (item := chunks.get())[1] is not None:
+                    due, data = item
+                    if (wait := due - time.monotonic()) > 0:
+                        time.sleep(wait)
+                    sink.sendall(data)
+            with suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=write, daemon=True).start()
 
 
 @contextmanager
