@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("appliance")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -51,6 +51,22 @@ class GpuCollector:
         yield from (util, used, total)
 
 
+class OffloadCollector:
+    """Per worker: seconds spent computing our offloaded layers, and hidden-state bytes sent to it."""
+
+    def __init__(self, coordinator) -> None:
+        self.coordinator = coordinator
+
+    def collect(self):
+        labels = ["device", "address"]
+        seconds = CounterMetricFamily("appliance_offload_compute_seconds", "Worker time on our layers", labels=labels)
+        sent = CounterMetricFamily("appliance_offload_bytes", "Hidden-state bytes into each worker", labels=labels)
+        for address, usage in list(self.coordinator.usage.items()):
+            seconds.add_metric([usage.name, address], usage.seconds)
+            sent.add_metric([usage.name, address], usage.bytes)
+        yield from (seconds, sent)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -74,6 +90,9 @@ class Metrics:
         self.kv_bytes = Gauge("appliance_kv_cache_bytes", "KV-cache memory of the running batch", registry=r)
         self.finished = Counter("appliance_finished", "Generations ended", ["reason"], registry=r)
         r.register(GpuCollector())
+
+    def watch_offload(self, coordinator) -> None:
+        self.registry.register(OffloadCollector(coordinator))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

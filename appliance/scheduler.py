@@ -81,6 +81,8 @@ class Scheduler:
     ):
         self.engine = engine
         self.metrics = metrics or Metrics()
+        if engine.offload is not None:
+            self.metrics.watch_offload(engine.offload)
         self.max_batch, self.max_queue, self.step_tokens = max_batch, max_queue, step_tokens
         self.waiting: collections.deque[Ticket] = collections.deque()
         self.active: list[Ticket] = []

@@ -45,6 +45,15 @@ class RemoteState:
     version: int = -1  # the plan the chain was built for
 
 
+@dataclass
+class Usage:
+    """What one worker has done for us: seconds computing offloaded layers, hidden-state bytes in."""
+
+    name: str
+    seconds: float = 0.0
+    bytes: int = 0
+
+
 class Pace:
     """A worker's observed ms per layer on one-token steps: its usual pace, and whether it has slowed."""
 
@@ -92,6 +101,7 @@ class Coordinator:
         self.appliance = Device("appliance", None, budget_bytes, appliance_ms_per_layer)
         self.workers: dict[str, tuple[WorkerClient, Device]] = {}
         self.paces: dict[tuple[str, int], Pace] = {}  # by worker and batch size: a bigger batch is slower
+        self.usage: dict[str, Usage] = {}  # by worker address, for /metrics
         self.manifests: dict[tuple[int, int], list[pb.TensorSpec]] = {}
         self.model_id = self._model_id()
         self.plan: Plan | None = None
@@ -205,6 +215,7 @@ class Coordinator:
                 except ChainBroken as e:
                     failed.append((j, e))
                     continue
+                self._account(plan, states[j].chain.hop_ms, hiddens[j].shape[0])
                 if hiddens[j].shape[0] == 1:
                     self._observe(plan, states[j].chain.hop_ms, len(sent))
             if failed:
@@ -262,6 +273,12 @@ class Coordinator:
                 self.drop_worker(address)
         with self.lock:
             self.version += 1  # rebuild chains even if every worker still answers
+
+    def _account(self, plan: Plan, hop_ms: list[float], rows: int) -> None:
+        for stage, ms in zip(plan.chain, hop_ms, strict=False):
+            usage = self.usage.setdefault(stage.device.address, Usage(stage.device.name))
+            usage.seconds += ms / 1e3
+            usage.bytes += rows * self.hidden_bytes
 
     def _observe(self, plan: Plan, hop_ms: list[float], batch: int) -> None:
         """Track each chain worker's pace; one that has slowed down is re-costed, and if that changes

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.netsim import worker_process
 from appliance.offloading import certificate_authority
@@ -71,6 +72,18 @@ def test_serve_with_workers_found_by_mdns(ca, tmp_path, engine):
         reply = client.completions.create(model=engine.name, prompt=PROMPTS[1], max_tokens=24, temperature=0)
         gen = engine.generate(engine.prompt_ids(PROMPTS[1]), max_tokens=24)
         assert reply.choices[0].text == gen.run()
+
+        # /metrics gives each worker's time and hidden-state bytes for the layers it ran
+        text = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer test-key"}).text
+        samples = {
+            (s.name, s.labels.get("address")): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        prompt_bytes = len(engine.prompt_ids(PROMPTS[1])) * engine.model.config.dim * 4  # fp32 on the wire
+        for w in (m1, m2):
+            assert samples[("appliance_offload_compute_seconds_total", w.address)] > 0
+            assert samples[("appliance_offload_bytes_total", w.address)] > prompt_bytes
 
         # A client that leaves mid-stream: its sessions on the workers are released at once, not left
         # to the workers' idle timeout.
