@@ -61,10 +61,12 @@ class DelayRelay:
         while True:
             try:
                 client, _ = self.listener.accept()
+            except OSError:  # the listener was closed: the relay is shutting down
+                return
+            try:
                 upstream = socket.create_connection((host, int(port)), timeout=10)
-            except OSError:
-                if self.listener.fileno() < 0:  # closed: the relay is shutting down
-                    return
+            except OSError:  # the target is gone: so is this connection
+                client.close()
                 continue
             upstream.settimeout(None)
             for sock in (client, upstream):

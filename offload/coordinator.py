@@ -215,9 +215,7 @@ class Coordinator:
                 except ChainBroken as e:
                     failed.append((j, e))
                     continue
-                self._account(plan, states[j].chain.hop_ms, hiddens[j].shape[0])
-                if hiddens[j].shape[0] == 1:
-                    self._observe(plan, states[j].chain.hop_ms, len(sent))
+                self._observe(plan, states[j].chain.hop_ms, hiddens[j].shape[0], len(sent))
             if failed:
                 self._recover(plan, [e for _, e in failed])
                 for j, _ in failed:
@@ -274,17 +272,17 @@ class Coordinator:
         with self.lock:
             self.version += 1  # rebuild chains even if every worker still answers
 
-    def _account(self, plan: Plan, hop_ms: list[float], rows: int) -> None:
-        for stage, ms in zip(plan.chain, hop_ms, strict=False):
-            usage = self.usage.setdefault(stage.device.address, Usage(stage.device.name))
-            usage.seconds += ms / 1e3
-            usage.bytes += rows * self.hidden_bytes
-
-    def _observe(self, plan: Plan, hop_ms: list[float], batch: int) -> None:
-        """Track each chain worker's pace; one that has slowed down is re-costed, and if that changes
-        the best placement, the next token runs on a new plan (its chain rebuilt by replay)."""
+    def _observe(self, plan: Plan, hop_ms: list[float], rows: int, batch: int) -> None:
+        """Count each chain worker's time and bytes, and on one-token steps track its pace: one that has
+        slowed down is re-costed, and if that changes the best placement, the next token runs on a new
+        plan (its chain rebuilt by replay)."""
         for stage, ms in zip(plan.chain, hop_ms, strict=False):
             address = stage.device.address
+            usage = self.usage.setdefault(address, Usage(stage.device.name))
+            usage.seconds += ms / 1e3
+            usage.bytes += rows * self.hidden_bytes
+            if rows != 1:
+                continue
             factor = self.paces.setdefault((address, batch), Pace()).add(ms / (stage.stop - stage.start))
             if factor is None:
                 continue
