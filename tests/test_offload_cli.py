@@ -91,7 +91,10 @@ def test_serve_with_workers_found_by_mdns(ca, tmp_path, engine):
         body = {"model": engine.name, "prompt": PROMPTS[0], "max_tokens": 500, "stream": True, "ignore_eos": True}
         headers = {"Authorization": "Bearer test-key"}
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=60) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # held: a dropped line iterator makes httpx close the connection
+            next(lines)
+            assert [sessions(ca, w) for w in (m1, m2)] == [1, 1]
+            assert next(line for line in lines if line).startswith("data: ")  # still streaming
         deadline = time.monotonic() + 10
         while max(sessions(ca, w) for w in (m1, m2)) and time.monotonic() < deadline:
             time.sleep(0.1)

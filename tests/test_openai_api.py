@@ -177,7 +177,8 @@ def test_full_queue_is_a_429_with_a_retry_hint(engine):
         headers = {"Authorization": f"Bearer {KEY}"}
         with httpx.Client(base_url=u, headers=headers, timeout=60) as http:
             with http.stream("POST", "/v1/completions", json=body) as first:
-                next(first.iter_lines())  # running
+                first_lines = first.iter_lines()  # held: a dropped line iterator makes httpx close the connection
+                next(first_lines)  # running
                 with http.stream("POST", "/v1/completions", json=body) as second:
                     assert second.status_code == 200  # queued
                     health = http.get("/health").json()
@@ -185,6 +186,7 @@ def test_full_queue_is_a_429_with_a_retry_hint(engine):
                     third = http.post("/v1/completions", json=body)
                     assert third.status_code == 429
                     assert third.headers["Retry-After"] == "1" and "busy" in third.json()["error"]["message"]
+                    assert next(line for line in first_lines if line).startswith("data: ")  # the first runs on
             # once the two have gone (the server notices at its next write), the queue has room again
             deadline = time.monotonic() + 15
             while (
