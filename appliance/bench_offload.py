@@ -7,7 +7,8 @@ on one thread. Figures per placement: time to first token, decode ms per token (
 time per token added over all-local measured just before it (a difference of two ~35 ms figures,
 so still noisy by a millisecond or so), and for us
 the median time per token spent waiting on the chain but not computing (the workers report their
-compute time in each message), against our bound (N + 1) x d + 0.3 ms.
+compute time in each message), against our bound (N + 1) x d + 0.3 ms. Last, the transports' own
+floor: one hidden state's round trip over plain TCP, TCP with mutual TLS, and our gRPC stream.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from appliance.bench import FILLER, print_table
 from appliance.launch import free_port
 from appliance.netsim import relay_process, wait_listening, worker_process
 from appliance.offloading import certificate_authority, load_engine
+from appliance.transport_floor import measure_floor
 from models.engine import Engine
 from models.gguf_file import open_gguf
 from offload.client import WorkerClient
@@ -134,6 +136,12 @@ def run_bench_offload(path: Path, n_prompt: int, n_decode: int, delays: list[flo
                 relay_ms = _relay_cost(workers[0].address)
     _print(rows, path, n_prompt, n_decode)
     print(f"the delaying relay itself adds {relay_ms:.2f} ms per one-way trip (a 0 ms relay vs direct, health calls)")
+    hidden_bytes = local.model.config.dim * 4
+    floor = measure_floor(hidden_bytes, ca.identity(), issue_identity(ca, home / "echo", "echo"))
+    print(
+        f"transport floor, one {hidden_bytes}-byte hidden state to an echo process and back after 23 ms idle: "
+        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in floor.items())
+    )
 
 
 def _relay_cost(address: str) -> float:

@@ -38,7 +38,7 @@ def coordinator_for(
     """
     ca = certificate_authority()
     coordinator = Coordinator(
-        model, parse_size(memory_budget), ca.identity(), ca.revoked_serials(), wire_dtype, step_timeout
+        model, parse_size(memory_budget), ca.identity(), ca.revoked_serials, wire_dtype, step_timeout
     )
 
     def take(address: str) -> None:

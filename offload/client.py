@@ -83,13 +83,14 @@ class WorkerClient:
         self.capabilities: pb.Capabilities | None = None
 
     def verify(self, timeout: float = 5.0) -> pb.Capabilities:
-        """Refuse a worker that is not paired with us or whose certificate was revoked."""
+        """Refuse a worker that is not paired with us or whose certificate was revoked; tell it ours."""
         cert = peer_certificate(self.address, self.identity, timeout)
         if cert.serial_number in self.revoked:
             name = cert.subject.rfc4514_string().removeprefix("CN=")
             raise WorkerRefused(f"worker {self.address} ({name}): its certificate was revoked")
         try:
-            caps = self.stub.GetCapabilities(pb.CapabilitiesRequest(), timeout=timeout)
+            request = pb.CapabilitiesRequest(revoked_serials=[str(s) for s in sorted(self.revoked)])
+            caps = self.stub.GetCapabilities(request, timeout=timeout)
         except grpc.RpcError as e:
             raise WorkerRefused(f"worker {self.address}: {e.code().name}: {e.details()}") from e
         if caps.protocol != PROTOCOL:

@@ -14,6 +14,7 @@ import json
 import statistics
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -83,13 +84,14 @@ class Coordinator:
         model: Llama,
         budget_bytes: int,
         identity: Identity,
-        revoked: set[int] = frozenset(),
+        revoked: Callable[[], set[int]] = frozenset,
         wire_dtype: str = "float32",
         step_timeout_s: float = 10.0,
         appliance_ms_per_layer: float = 1.0,
         kv_tokens: int = 512,
     ):
-        """kv_tokens: KV-cache room each placed layer keeps, counted against budgets with its weights."""
+        """revoked: the CA's revoked serials, read at each join (the owner may revoke while we run);
+        kv_tokens: KV-cache room each placed layer keeps, counted against budgets with its weights."""
         self.model, self.identity, self.revoked = model, identity, revoked
         self.wire_dtype, self.step_timeout_s = wire_dtype, step_timeout_s
         files = model.file.tensors
@@ -126,7 +128,7 @@ class Coordinator:
     # -- devices ----------------------------------------------------------------------------
     def add_worker(self, address: str) -> Device:
         """Check, measure and take on a worker; WorkerRefused if it may not be used."""
-        client = WorkerClient(address, self.identity, self.revoked)
+        client = WorkerClient(address, self.identity, self.revoked())
         try:
             caps = client.verify()
             link = client.measure_link()

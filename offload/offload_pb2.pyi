@@ -15,8 +15,10 @@ REPLY: Deliver
 RESULTS: Deliver
 
 class CapabilitiesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("revoked_serials",)
+    REVOKED_SERIALS_FIELD_NUMBER: _ClassVar[int]
+    revoked_serials: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, revoked_serials: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Capabilities(_message.Message):
     __slots__ = ("protocol", "name", "backend", "memory_budget_bytes", "memory_used_bytes", "gflops", "wire_dtypes")

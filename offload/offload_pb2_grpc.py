@@ -80,7 +80,7 @@ class OffloadServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetCapabilities(self, request, context):
-        """What the worker has: memory budget, backend, measured speed.
+        """What the worker has: memory budget, backend, measured speed. Carries the appliance's revocations.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 # Every worker certificate also carries this name, which clients verify: workers are reached by
 # whatever address the LAN gives them, so the CA (not the address) is what proves who they are.
 WORKER_SAN = "appliance-worker"
+APPLIANCE_NAME = "appliance"  # the appliance's own certificate; pairing refuses it to devices
 CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
 CODE_TTL_S = 300
 
@@ -118,7 +119,7 @@ class CertificateAuthority:
         (self.folder / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     # -- certificates ------------------------------------------------------------------------
-    def sign(self, csr_pem: bytes, days: int = 365) -> bytes:
+    def sign(self, csr_pem: bytes, days: int = 365, device: bool = True) -> bytes:
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as e:
@@ -129,6 +130,8 @@ class CertificateAuthority:
         name = str(names[0].value) if names else ""
         if not name or len(name) > 64:
             raise PairingError("the signing request needs a common name of 1 to 64 characters")
+        if device and name == APPLIANCE_NAME:  # workers take the appliance's word on revocations
+            raise PairingError(f"{APPLIANCE_NAME!r} is the appliance's own name; give the device another")
         now = _now()
         cert = (
             x509.CertificateBuilder()
@@ -144,16 +147,17 @@ class CertificateAuthority:
             )
             .sign(self.key, hashes.SHA256())
         )
-        self._record(name, cert.serial_number)
+        if device:
+            self._record(name, cert.serial_number)
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    def identity(self, name: str = "appliance") -> Identity:
+    def identity(self, name: str = APPLIANCE_NAME) -> Identity:
         """This appliance's own certificate (it is the client of every worker), made once."""
         existing = Identity.load(self.folder, name)
         if existing:
             return existing
         key = new_key()
-        ident = Identity(key_pem(key), self.sign(signing_request(key, name), days=3650), self.ca_pem)
+        ident = Identity(key_pem(key), self.sign(signing_request(key, name), days=3650, device=False), self.ca_pem)
         ident.save(self.folder, name)
         return ident
 

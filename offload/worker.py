@@ -32,6 +32,7 @@ from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.pki import Identity, PairingError
 from offload.planner import parse_size
+from offload.revocation import RevocationCheck, Revocations, is_appliance
 from offload.wire import PROTOCOL, WIRE_DTYPES, MalformedTensor, decode, encode
 
 CULPRIT_KEY = "offload-culprit"  # trailing metadata: the address of the worker that sent a malformed tensor
@@ -132,6 +133,7 @@ class WorkerService(rpc.OffloadServicer):
     def __init__(self, name: str, identity: Identity, home: Path, budget: int, backend: Backend, idle_s: float):
         self.name, self.identity, self.budget, self.backend, self.idle_s = name, identity, budget, backend, idle_s
         self.tensors = TensorCache(home / "tensors")
+        self.revoked = Revocations(home / "revoked.json")
         self.ranges: dict[tuple[str, int, int], tuple[LayerRange, int]] = {}  # key -> (layers, stored bytes)
         self.sessions: dict[str, WorkerSession] = {}
         self.results: dict[str, queue.Queue] = {}
@@ -164,6 +166,10 @@ class WorkerService(rpc.OffloadServicer):
 
     # -- rpc ---------------------------------------------------------------------------------
     def GetCapabilities(self, request, context):
+        if request.revoked_serials:
+            if not is_appliance(context):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the appliance may revoke certificates")
+            self.revoked.add(request.revoked_serials)
         return pb.Capabilities(
             protocol=PROTOCOL,
             name=self.name,
@@ -363,7 +369,11 @@ def start_worker(
 ) -> tuple[grpc.Server, WorkerService, int]:
     name = identity.certificate.subject.rfc4514_string().removeprefix("CN=")
     service = service_class(name, identity, home, budget, select_backend(backend), idle_s)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=GRPC_OPTIONS[:2])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=64),
+        interceptors=[RevocationCheck(service.revoked)],
+        options=GRPC_OPTIONS[:2],
+    )
     rpc.add_OffloadServicer_to_server(service, server)
     creds = grpc.ssl_server_credentials(
         [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem, require_client_auth=True

@@ -115,3 +115,4 @@ def test_bench_offload_prints_its_table():
     result = appliance("bench-offload", "--prompt-tokens", "8", "--decode-tokens", "4", "--delay", "0")
     assert result.returncode == 0, result.stderr
     assert "1w: 27" in result.stdout and "2w: 16/11" in result.stdout and "loopback" in result.stdout
+    assert "TCP, mTLS" in result.stdout and "gRPC, mTLS" in result.stdout

@@ -16,7 +16,7 @@ from models.llama import Llama
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.client import WorkerClient, WorkerRefused, layer_manifest
-from offload.pki import CertificateAuthority, Identity, issue_identity
+from offload.pki import CertificateAuthority, Identity, PairingError, issue_identity, new_key, signing_request
 from offload.worker import GRPC_OPTIONS
 from tests.serving import running_server
 
@@ -79,6 +79,51 @@ def test_a_revoked_worker_is_refused(ca, tmp_path):
             WorkerClient(w.address, ca.identity(), ca.revoked_serials()).verify()
     unknown = cli("-m", "appliance.ctl", "workers", "revoke", "nobody")
     assert unknown.returncode == 1 and "no paired device is named 'nobody'" in unknown.stderr
+
+
+def test_a_revoked_device_cannot_reach_the_other_workers(ca, tmp_path):
+    """The appliance tells each worker its revocations; the worker refuses the revoked, even restarted."""
+    issue_identity(ca, tmp_path / "w", "desktop")
+    old = issue_identity(ca, tmp_path / "old", "old-laptop")
+    tablet = issue_identity(ca, tmp_path / "tablet", "tablet")
+
+    def call(identity: Identity, address: str, request=None):
+        with grpc.secure_channel(address, _credentials(identity), options=GRPC_OPTIONS) as channel:
+            stub = rpc.OffloadStub(channel)
+            if request is None:
+                return stub.Health(pb.HealthRequest(), timeout=5)
+            return stub.GetCapabilities(request, timeout=5)
+
+    with worker_process(tmp_path / "w") as w:
+        assert call(old, w.address) is not None  # paired devices reach each other (a chain's next hop)
+        ca.revoke("old-laptop")
+        serial = str(old.certificate.serial_number)
+        with pytest.raises(grpc.RpcError) as not_the_appliance:
+            call(tablet, w.address, pb.CapabilitiesRequest(revoked_serials=[str(tablet.certificate.serial_number)]))
+        assert not_the_appliance.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "only the appliance" in not_the_appliance.value.details()
+        assert call(old, w.address) is not None  # nothing revoked by that, and not yet told
+        WorkerClient(w.address, ca.identity(), ca.revoked_serials()).verify()  # the appliance tells it
+        with pytest.raises(grpc.RpcError) as refused:
+            call(old, w.address)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "'old-laptop' was revoked" in refused.value.details()
+        assert call(tablet, w.address) is not None
+    assert serial in (tmp_path / "w" / "revoked.json").read_text()
+    with worker_process(tmp_path / "w") as w, pytest.raises(grpc.RpcError) as after_restart:
+        call(old, w.address)
+    assert after_restart.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_no_device_is_signed_the_appliances_own_name(ca):
+    with pytest.raises(PairingError, match="the appliance's own name"):
+        ca.pair(ca.new_code(), signing_request(new_key(), "appliance"))
+    ca.identity()
+    assert "appliance" not in ca.workers()  # its own certificate is not a device to list or revoke
+
+
+def _credentials(identity: Identity) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
 
 
 def test_pairing_through_the_running_appliance(ca, tmp_path):

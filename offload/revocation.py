@@ -1,0 +1,75 @@
+"""The worker's side of revocation: the appliance tells each worker which certificates it revoked,
+and the worker refuses every call from them, so a revoked laptop cannot reach the other devices
+either. The list lives in the worker's home, so a restart does not forget it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from offload.pki import APPLIANCE_NAME
+
+
+class Revocations:
+    """Serials the appliance has revoked, as it last said; only ever grows."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.serials: set[int] = {int(s) for s in json.loads(path.read_text())} if path.is_file() else set()
+        self.lock = threading.Lock()
+
+    def add(self, serials: Iterable[str]) -> None:
+        new = {int(s) for s in serials} - self.serials
+        if new:
+            with self.lock:
+                self.serials |= new
+                self.path.write_text(json.dumps(sorted(str(s) for s in self.serials)))
+
+    def __contains__(self, serial: int) -> bool:
+        return serial in self.serials
+
+
+def peer_certificate(context: grpc.ServicerContext) -> x509.Certificate:
+    """The client certificate mutual TLS already checked against our CA."""
+    return x509.load_pem_x509_certificate(context.auth_context()["x509_pem_cert"][0])
+
+
+def peer_name(context: grpc.ServicerContext) -> str:
+    return peer_certificate(context).subject.rfc4514_string().removeprefix("CN=")
+
+
+def is_appliance(context: grpc.ServicerContext) -> bool:
+    return peer_name(context) == APPLIANCE_NAME  # pairing never signs this name for a device
+
+
+class RevocationCheck(grpc.ServerInterceptor):
+    """Before any method runs: PERMISSION_DENIED for a certificate the appliance revoked."""
+
+    def __init__(self, revoked: Revocations):
+        self.revoked = revoked
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return handler._replace(**{kind: self._checked(behavior)})
+        return handler
+
+    def _checked(self, behavior: Callable) -> Callable:
+        def checked(request, context):
+            cert = peer_certificate(context)
+            if cert.serial_number in self.revoked:
+                name = cert.subject.rfc4514_string().removeprefix("CN=")
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the certificate of {name!r} was revoked")
+            return behavior(request, context)
+
+        return checked
