@@ -21,7 +21,7 @@ from cryptography import x509
 from models.llama import Llama
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
-from offload.pki import Identity
+from offload.pki import Identity, certificate_name
 from offload.wire import PROTOCOL, MalformedTensor, chunks, decode, encode, tensor_spec
 from offload.worker import CULPRIT_KEY, LAYER_PARTS, secure_channel
 
@@ -86,8 +86,7 @@ class WorkerClient:
         """Refuse a worker that is not paired with us or whose certificate was revoked; tell it ours."""
         cert = peer_certificate(self.address, self.identity, timeout)
         if cert.serial_number in self.revoked:
-            name = cert.subject.rfc4514_string().removeprefix("CN=")
-            raise WorkerRefused(f"worker {self.address} ({name}): its certificate was revoked")
+            raise WorkerRefused(f"worker {self.address} ({certificate_name(cert)}): its certificate was revoked")
         try:
             request = pb.CapabilitiesRequest(revoked_serials=[str(s) for s in sorted(self.revoked)])
             caps = self.stub.GetCapabilities(request, timeout=timeout)

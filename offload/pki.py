@@ -221,6 +221,11 @@ class CertificateAuthority:
         os.replace(tmp, self.folder / file)
 
 
+def certificate_name(cert: x509.Certificate) -> str:
+    """The device (or appliance) a certificate was signed for: its common name."""
+    return cert.subject.rfc4514_string().removeprefix("CN=")
+
+
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from offload.pki import APPLIANCE_NAME
+from offload.pki import APPLIANCE_NAME, certificate_name
 
 
 class Revocations:
@@ -25,9 +25,8 @@ class Revocations:
         self.lock = threading.Lock()
 
     def add(self, serials: Iterable[str]) -> None:
-        new = {int(s) for s in serials} - self.serials
-        if new:
-            with self.lock:
+        with self.lock:
+            if new := {int(s) for s in serials} - self.serials:
                 self.serials |= new
                 self.path.write_text(json.dumps(sorted(str(s) for s in self.serials)))
 
@@ -35,17 +34,13 @@ class Revocations:
         return serial in self.serials
 
 
-def peer_certificate(context: grpc.ServicerContext) -> x509.Certificate:
+def caller_certificate(context: grpc.ServicerContext) -> x509.Certificate:
     """The client certificate mutual TLS already checked against our CA."""
     return x509.load_pem_x509_certificate(context.auth_context()["x509_pem_cert"][0])
 
 
-def peer_name(context: grpc.ServicerContext) -> str:
-    return peer_certificate(context).subject.rfc4514_string().removeprefix("CN=")
-
-
 def is_appliance(context: grpc.ServicerContext) -> bool:
-    return peer_name(context) == APPLIANCE_NAME  # pairing never signs this name for a device
+    return certificate_name(caller_certificate(context)) == APPLIANCE_NAME  # never signed for a device
 
 
 class RevocationCheck(grpc.ServerInterceptor):
@@ -66,10 +61,11 @@ class RevocationCheck(grpc.ServerInterceptor):
 
     def _checked(self, behavior: Callable) -> Callable:
         def checked(request, context):
-            cert = peer_certificate(context)
+            cert = caller_certificate(context)
             if cert.serial_number in self.revoked:
-                name = cert.subject.rfc4514_string().removeprefix("CN=")
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the certificate of {name!r} was revoked")
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"the certificate of {certificate_name(cert)!r} was revoked"
+                )
             return behavior(request, context)
 
         return checked

@@ -30,7 +30,7 @@ from kernels.backend import Backend, select_backend
 from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
-from offload.pki import Identity, PairingError
+from offload.pki import Identity, PairingError, certificate_name
 from offload.planner import parse_size
 from offload.revocation import RevocationCheck, Revocations, is_appliance
 from offload.wire import PROTOCOL, WIRE_DTYPES, MalformedTensor, decode, encode
@@ -367,7 +367,7 @@ def start_worker(
     backend: str = "auto",
     service_class: type[WorkerService] = WorkerService,
 ) -> tuple[grpc.Server, WorkerService, int]:
-    name = identity.certificate.subject.rfc4514_string().removeprefix("CN=")
+    name = certificate_name(identity.certificate)
     service = service_class(name, identity, home, budget, select_backend(backend), idle_s)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64),
