@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from appliance.errors import friendly_errors, stderr
-from appliance.offloading import load_engine
+from appliance.console import friendly_errors, stderr
+from appliance.startup import load_engine
 from models.sampling import SamplingParams
 from models.store import ModelStore
 
@@ -106,11 +106,11 @@ def serve(
     """Serve the model to the home: OpenAI-compatible REST, KServe v2 (Triton) over REST and gRPC."""
     import uvicorn
 
-    from appliance.keys import key_file, load_or_create_key
-    from appliance.kserve_grpc import start_grpc
-    from appliance.scheduler import Scheduler
-    from appliance.server import create_app
-    from appliance.state import ServerState
+    from appliance.serving.app import create_app
+    from appliance.serving.keys import key_file, load_or_create_key
+    from appliance.serving.kserve.grpc import start_grpc
+    from appliance.serving.scheduler import Scheduler
+    from appliance.serving.state import ServerState
 
     engine = load_engine(
         ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout
@@ -174,7 +174,7 @@ def plan(
     from rich.console import Console
     from rich.table import Table
 
-    from appliance.offloading import coordinator_for
+    from appliance.startup import coordinator_for
     from models.llama import Llama
     from offload.planner import describe
 
@@ -206,7 +206,7 @@ def bench(
     peers: Annotated[bool, typer.Option(help="Measure the peers (llama.cpp, transformers) in the same run.")] = True,
 ) -> None:
     """Load time, resident memory, prefill and decode tokens/s, beside the peers on the same file."""
-    from appliance.bench import run_bench
+    from appliance.bench.engine import run_bench
 
     run_bench(ModelStore().resolve(model), backend, prompt_tokens, decode_tokens, peers)
 
@@ -220,7 +220,7 @@ def bench_serve(
     peers: Annotated[bool, typer.Option(help="Measure llama.cpp's server in the same run.")] = True,
 ) -> None:
     """Aggregate tokens/s, TTFT and inter-token latency at 1, 4, 8 and 16 clients, beside llama.cpp's server."""
-    from appliance.bench_serve import run_bench_serve
+    from appliance.bench.serve import run_bench_serve
 
     run_bench_serve(ModelStore().resolve(model), clients or [1, 4, 8, 16], max_tokens, peers)
 
@@ -237,7 +237,7 @@ def bench_offload(
     ] = None,
 ) -> None:
     """Tokens/s and TTFT all-local vs split over 1 and 2 workers, loopback and delayed links, beside llama.cpp RPC."""
-    from appliance.bench_offload import run_bench_offload
+    from appliance.bench.offload import run_bench_offload
 
     run_bench_offload(ModelStore().resolve(model), prompt_tokens, decode_tokens, delay or [0.0, 2.0, 5.0], llama_bin)
 

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from appliance.errors import friendly_errors
+from appliance.console import friendly_errors
 from models.errors import ModelStoreError
 from models.store import KNOWN_MODELS, ModelStore, verify
 
@@ -66,7 +66,7 @@ def verify_model(name: NameArg = "smollm2-135m-instruct") -> None:
 @friendly_errors
 def pair(ttl: Annotated[int, typer.Option(help="Seconds the code stays valid.")] = 300) -> None:
     """Print a one-time pairing code for a new worker."""
-    from appliance.offloading import certificate_authority
+    from appliance.startup import certificate_authority
 
     code = certificate_authority().new_code(ttl)
     print(code)
@@ -80,7 +80,7 @@ def pair(ttl: Annotated[int, typer.Option(help="Seconds the code stays valid.")]
 @friendly_errors
 def list_workers() -> None:
     """Paired devices, and whether their certificates are revoked."""
-    from appliance.offloading import certificate_authority
+    from appliance.startup import certificate_authority
 
     ca = certificate_authority()
     revoked = ca.revoked_serials()
@@ -98,7 +98,7 @@ def list_workers() -> None:
 @friendly_errors
 def revoke(name: Annotated[str, typer.Argument(help="The device's name, as `workers list` shows it.")]) -> None:
     """Revoke a device's certificates: the appliance no longer uses it (re-pair to use it again)."""
-    from appliance.offloading import certificate_authority
+    from appliance.startup import certificate_authority
 
     n = certificate_authority().revoke(name)
     print(f"revoked {n} certificate(s) of {name}")

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from appliance.launch import free_port, running
+from appliance.bench.launch import free_port, running
 
 ADMIN_KEY = "admin-test-key"
 

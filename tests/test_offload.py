@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from appliance.netsim import worker_process
-from appliance.offloading import certificate_authority, load_engine
+from appliance.bench.netsim import worker_process
+from appliance.startup import certificate_authority, load_engine
 from models.engine import Engine
 from models.llama import Session
 from offload.coordinator import OffloadError

@@ -12,8 +12,8 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.netsim import worker_process
-from appliance.offloading import certificate_authority
+from appliance.bench.netsim import worker_process
+from appliance.startup import certificate_authority
 from offload import offload_pb2 as pb
 from offload.client import WorkerClient
 from offload.pki import issue_identity

@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
-from appliance.netsim import free_port, worker_process
-from appliance.offloading import certificate_authority
+from appliance.bench.netsim import free_port, worker_process
+from appliance.startup import certificate_authority
 from models.llama import Llama
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.launch import running
+from appliance.bench.launch import running
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

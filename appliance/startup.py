@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from appliance.errors import stderr
+from appliance.console import stderr
 from models.engine import Engine
 from models.llama import Llama
 from models.store import default_root

@@ -19,8 +19,8 @@ import httpx
 import numpy as np
 from rich.console import Console
 
-from appliance.bench import print_table
-from appliance.launch import free_port, running
+from appliance.bench.engine import print_table
+from appliance.bench.launch import free_port, running
 
 PROMPTS = [
     "Once upon a time",

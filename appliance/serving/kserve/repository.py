@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, serialize_byte_tensor, triton_to_np_dtype
 
-from appliance.state import ServerState
+from appliance.serving.state import ServerState
 from models.llama import Session
 from models.sampling import SamplingParams
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.metrics import Metrics
+from appliance.serving.metrics import Metrics
 from models.engine import Engine, Generation
 
 

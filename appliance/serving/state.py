@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from appliance.scheduler import Scheduler
+from appliance.serving.scheduler import Scheduler
 from models.engine import Engine, Generation
 from models.sampling import InvalidParameterError, SamplingParams
 

@@ -10,12 +10,13 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from appliance import kserve_http, openai_api
-from appliance.kserve import KServeError, Repository
-from appliance.offloading import certificate_authority
-from appliance.openai_api import OpenAIError
-from appliance.scheduler import QueueFullError
-from appliance.state import AuthError, ServerState
+from appliance.serving import openai_api
+from appliance.serving.kserve import http as kserve_http
+from appliance.serving.kserve.repository import KServeError, Repository
+from appliance.serving.openai_api import OpenAIError
+from appliance.serving.scheduler import QueueFullError
+from appliance.serving.state import AuthError, ServerState
+from appliance.startup import certificate_authority
 from models.errors import ContextLengthError, ModelError
 from offload.pairing import PAIR_PATH
 from offload.pki import PairingError

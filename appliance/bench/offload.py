@@ -26,11 +26,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from appliance.bench import FILLER, print_table
-from appliance.launch import free_port
-from appliance.netsim import relay_process, wait_listening, worker_process
-from appliance.offloading import certificate_authority, load_engine
-from appliance.transport_floor import measure_floor
+from appliance.bench.engine import FILLER, print_table
+from appliance.bench.launch import free_port
+from appliance.bench.netsim import relay_process, wait_listening, worker_process
+from appliance.bench.transport_floor import measure_floor
+from appliance.startup import certificate_authority, load_engine
 from models.engine import Engine
 from models.gguf_file import open_gguf
 from offload.client import WorkerClient
