@@ -64,7 +64,7 @@ $(VENV)/llama-rpc/llama-bench: $(VENV)/.installed-test
 	tar xzf $(VENV)/llama-src/llama_cpp_python-*.tar.gz -C $(VENV)/llama-src
 	cmake -S $(VENV)/llama-src/llama_cpp_python-*/vendor/llama.cpp -B $(VENV)/llama-src/build -DGGML_RPC=ON \
 		$(LLAMA_CMAKE_ARGS) -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release
-	cmake --build $(VENV)/llama-src/build --target ggml-rpc-server llama-bench -j
+	cmake --build $(VENV)/llama-src/build --target ggml-rpc-server llama-bench -j$$(nproc)
 	cp $(VENV)/llama-src/build/bin/ggml-rpc-server $(VENV)/llama-src/build/bin/llama-bench $(VENV)/llama-rpc/
 
 ## proto: regenerate the offload service's stubs from offload/offload.proto (a test fails when they are stale)
