@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
 	$(BIN)/pip install -q 'llama-cpp-python[server]'
 	touch $@
 
