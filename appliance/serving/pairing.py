@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from appliance.serving.openai_api import OpenAIError
 from appliance.startup import certificate_authority
 from offload.pairing import PAIR_PATH
-from offload.pki import PairingError
+from offload.pki import PairingError, PairingLocked
 
 router = APIRouter(include_in_schema=False)
 
@@ -20,8 +20,11 @@ class PairRequest(BaseModel):
 
 
 @router.post(PAIR_PATH)
-async def pair(body: PairRequest) -> dict:
+def pair(body: PairRequest) -> dict:
+    """403 for a refused code, 400 for an unusable signing request, 409 for a taken name, 429 while locked.
+    A plain `def`: FastAPI runs it on a thread, so waiting on the CA's file lock never stalls the event loop."""
     try:
         return certificate_authority().pair(body.code, body.csr.encode())
     except PairingError as e:
-        raise OpenAIError(403, str(e), code="pairing_refused") from e
+        headers = {"Retry-After": str(e.retry_after)} if isinstance(e, PairingLocked) else None
+        raise OpenAIError(e.status, str(e), code="pairing_refused", headers=headers) from e
