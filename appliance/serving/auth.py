@@ -14,13 +14,14 @@ class AuthError(Exception):
 
 
 def check_key(state: ServerState, authorization: str, admin: bool = False) -> None:
-    """`authorization` is "Bearer KEY"; inference takes an API (or admin) key, administration the admin key.
-    A server started with --no-auth has no keys and takes everything."""
+    """`authorization` is "Bearer KEY". A server started with --no-auth has no keys and takes everything;
+    otherwise an empty token is never a key, whatever the key set holds."""
     if not (state.api_keys or state.admin_keys):
         return
     keys = state.admin_keys if admin else state.api_keys | state.admin_keys
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or not any(k and hmac.compare_digest(token, k) for k in keys):
         raise AuthError(f"a valid {'admin' if admin else 'API'} key is required: send 'Authorization: Bearer <key>'")
 
 
