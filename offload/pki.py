@@ -336,10 +336,12 @@ def _read_request(csr_pem: bytes, device: bool) -> tuple[x509.CertificateSigning
         raise InvalidSigningRequest(f"not a usable PEM certificate signing request ({e})") from e
     if not valid:
         raise InvalidSigningRequest("the signing request's signature does not match its key")
-    name = str(names[0].value) if len(names) == 1 else ""
+    if len(names) != 1:
+        raise InvalidSigningRequest("the signing request must carry exactly one common name (the device's name)")
+    name = str(names[0].value)
     if not DEVICE_NAME.fullmatch(name):
         raise InvalidSigningRequest(
-            "the signing request needs one common name: 1 to 64 letters, digits, '.', '-' or '_' (a host name)"
+            f"the device name {name!r} must be 1 to 64 letters, digits, '.', '-' or '_' (like a host name)"
         )
     if device and name == APPLIANCE_NAME:  # workers take the appliance's word on revocations
         raise InvalidSigningRequest(f"{APPLIANCE_NAME!r} is the appliance's own name; give the device another")
