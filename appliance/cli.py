@@ -107,25 +107,24 @@ def serve(
     import uvicorn
 
     from appliance.serving.app import create_app
-    from appliance.serving.keys import key_file, load_or_create_key
+    from appliance.serving.keys import key_file, server_keys
     from appliance.serving.kserve.grpc import start_grpc
     from appliance.serving.scheduler import Scheduler
     from appliance.serving.state import ServerState
 
-    engine = load_engine(
-        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout
-    )
     if no_auth:
         keys: frozenset[str] = frozenset()
         admin_keys: frozenset[str] = frozenset()
         stderr.print("[bold yellow]WARNING: --no-auth: anyone who can reach this port can use the model.[/]")
     else:
-        keys = frozenset(api_key or [load_or_create_key("api")])
-        admin_keys = frozenset([admin_key or load_or_create_key("admin")])
+        keys, admin_keys = server_keys(api_key, admin_key)
         if not api_key:
             stderr.print(f"API key: in {key_file('api')} (send it as 'Authorization: Bearer <key>')")
         if not admin_key:
             stderr.print(f"admin key: in {key_file('admin')}")
+    engine = load_engine(
+        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout
+    )
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
     state = ServerState(engine, scheduler, engine.name, keys, admin_keys, max_tokens_limit=max_tokens_limit)
     app = create_app(state)

@@ -64,14 +64,15 @@ def verify_model(name: NameArg = "smollm2-135m-instruct") -> None:
 
 @workers_app.command()
 @friendly_errors
-def pair(ttl: Annotated[int, typer.Option(help="Seconds the code stays valid.")] = 300) -> None:
+def pair(ttl: Annotated[int, typer.Option(help="Seconds the code stays valid (1 to 3600).")] = 300) -> None:
     """Print a one-time pairing code for a new worker."""
     from appliance.startup import certificate_authority
 
     code = certificate_authority().new_code(ttl)
     print(code)
+    within = f"{ttl // 60} min" if ttl % 60 == 0 else f"{ttl} s"
     Console(stderr=True).print(
-        f"On the device, within {ttl // 60} min: appliance-worker --port 50051 --pair {code} "
+        f"On the device, within {within}: appliance-worker --port 50051 --pair {code} "
         "[--appliance http://THIS-APPLIANCE:8000]"
     )
 

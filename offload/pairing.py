@@ -32,10 +32,16 @@ def pair_with_appliance(code: str, appliance: str | None, name: str, home: Path,
         with urllib.request.urlopen(request, timeout=timeout) as response:
             reply = json.loads(response.read())
     except urllib.error.HTTPError as e:
-        raise PairingError(f"the appliance refused to pair: {_message(e)}") from e
+        wait = f" (try again in {e.headers['Retry-After']} s)" if e.code == 429 and e.headers["Retry-After"] else ""
+        raise PairingError(f"the appliance refused to pair: {_message(e)}{wait}") from e
     except (urllib.error.URLError, OSError) as e:
         raise PairingError(f"cannot reach the appliance at {appliance}: {e}") from e
-    cert, ca = reply["certificate"].encode(), reply["ca"].encode()
+    except ValueError as e:
+        raise PairingError(f"the appliance at {appliance} did not answer in JSON: is it an appliance?") from e
+    try:
+        cert, ca = reply["certificate"].encode(), reply["ca"].encode()
+    except (KeyError, TypeError, AttributeError) as e:
+        raise PairingError(f"the appliance at {appliance} sent no certificate: is it an appliance?") from e
     if not hmac.compare_digest(reply.get("mac", ""), pairing_mac(code, cert, ca)):
         raise PairingError("the reply was not signed with this pairing code: is that really your appliance?")
     identity = Identity(key_pem(key), cert, ca)

@@ -4,21 +4,32 @@ Pairing: the owner runs `appliance-ctl workers pair`, which prints a one-time co
 minutes. On the laptop, `appliance-worker --pair CODE` makes a key and a signing request and sends
 them with the code to the appliance, which signs a certificate for the worker. From then on every
 offload connection is mutual TLS under this CA; a revoked certificate's serial is refused.
+
+The CA's state files (codes, issued and revoked certificates) are shared by the server and every
+`appliance-ctl` process: each read-modify-write holds an flock on `pki.lock`, and each file is
+replaced atomically, so concurrent pairings never lose or double-spend a code.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
+import math
 import os
+import re
 import secrets
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -29,10 +40,40 @@ WORKER_SAN = "appliance-worker"
 APPLIANCE_NAME = "appliance"  # the appliance's own certificate; pairing refuses it to devices
 CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
 CODE_TTL_S = 300
+MAX_CODE_TTL_S = 3600  # a code is for pairing a device now, not a standing invitation
+# Brute force: after MAX_WRONG_CODES unknown codes within WRONG_WINDOW_S (from anyone), every
+# redemption is refused for LOCKOUT_S: at most ~5 guesses per 2 minutes against 32^8 codes. A new
+# code (the owner at the appliance) lifts the lockout, so a guesser cannot keep the owner from pairing.
+MAX_WRONG_CODES, WRONG_WINDOW_S, LOCKOUT_S = 5, 60.0, 60.0
+DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a host name: it goes in the certificate's DNS name
 
 
 class PairingError(Exception):
-    """A pairing code or signing request was refused; the message says why."""
+    """A pairing code or signing request was refused; the message says why. `status`: its HTTP status."""
+
+    status = 403
+
+
+class InvalidSigningRequest(PairingError):
+    """The signing request itself is unusable (the code is not spent)."""
+
+    status = 400
+
+
+class NameTaken(PairingError):
+    """Another paired (not revoked) device already has this name."""
+
+    status = 409
+
+
+class PairingLocked(PairingError):
+    """Too many wrong codes lately: redemptions wait `retry_after` seconds."""
+
+    status = 429
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many wrong pairing codes: pairing is locked for {retry_after} s")
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -52,7 +93,7 @@ class Identity:
 
     def save(self, folder: Path, name: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_private(folder / f"{name}.key", self.key_pem)
+        write_atomic(folder / f"{name}.key", self.key_pem)
         (folder / f"{name}.pem").write_bytes(self.cert_pem)
         (folder / "ca.pem").write_bytes(self.ca_pem)
 
@@ -94,9 +135,10 @@ class CertificateAuthority:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "ca.key").is_file():
-            self._create()
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._locked():  # two first starts at once must not make two CAs
+            if not (folder / "ca.key").is_file():
+                self._create()
         self.key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
         self.ca_pem = (folder / "ca.pem").read_bytes()
         self.cert = x509.load_pem_x509_certificate(self.ca_pem)
@@ -115,23 +157,19 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .sign(key, hashes.SHA256())
         )
-        _write_private(self.folder / "ca.key", key_pem(key))
-        (self.folder / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_atomic(self.folder / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        write_atomic(self.folder / "ca.key", key_pem(key))  # last: its presence means the CA is complete
 
     # -- certificates ------------------------------------------------------------------------
     def sign(self, csr_pem: bytes, days: int = 365, device: bool = True) -> bytes:
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as e:
-            raise PairingError(f"not a PEM certificate signing request ({e})") from e
-        if not csr.is_signature_valid:
-            raise PairingError("the signing request's signature does not match its key")
-        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        name = str(names[0].value) if names else ""
-        if not name or len(name) > 64:
-            raise PairingError("the signing request needs a common name of 1 to 64 characters")
-        if device and name == APPLIANCE_NAME:  # workers take the appliance's word on revocations
-            raise PairingError(f"{APPLIANCE_NAME!r} is the appliance's own name; give the device another")
+        """A certificate for the request's key and name; a device's is recorded for `workers list` and revoke."""
+        csr, name = _read_request(csr_pem, device)
+        if not device:
+            return self._certificate(csr, name, days)
+        with self._locked():
+            return self._sign_device(csr, name, days)
+
+    def _certificate(self, csr: x509.CertificateSigningRequest, name: str, days: int) -> bytes:
         now = _now()
         cert = (
             x509.CertificateBuilder()
@@ -147,78 +185,124 @@ class CertificateAuthority:
             )
             .sign(self.key, hashes.SHA256())
         )
-        if device:
-            self._record(name, cert.serial_number)
         return cert.public_bytes(serialization.Encoding.PEM)
+
+    def _sign_device(self, csr: x509.CertificateSigningRequest, name: str, days: int) -> bytes:
+        """Sign and record (the caller holds the lock)."""
+        cert = self._certificate(csr, name, days)
+        issued = self._json("issued.json")
+        entry = issued.setdefault(name, {"serials": [], "paired": time.time()})
+        entry["serials"].append(str(x509.load_pem_x509_certificate(cert).serial_number))
+        self._save_json("issued.json", issued)
+        return cert
 
     def identity(self, name: str = APPLIANCE_NAME) -> Identity:
         """This appliance's own certificate (it is the client of every worker), made once."""
-        existing = Identity.load(self.folder, name)
-        if existing:
-            return existing
-        key = new_key()
-        ident = Identity(key_pem(key), self.sign(signing_request(key, name), days=3650, device=False), self.ca_pem)
-        ident.save(self.folder, name)
-        return ident
+        with self._locked():
+            existing = Identity.load(self.folder, name)
+            if existing:
+                return existing
+            key = new_key()
+            cert = self.sign(signing_request(key, name), days=3650, device=False)
+            ident = Identity(key_pem(key), cert, self.ca_pem)
+            ident.save(self.folder, name)
+            return ident
 
     # -- pairing codes -----------------------------------------------------------------------
     def new_code(self, ttl_s: int = CODE_TTL_S) -> str:
+        if not 1 <= ttl_s <= MAX_CODE_TTL_S:
+            raise PairingError(f"a pairing code lives 1 to {MAX_CODE_TTL_S} seconds; {ttl_s} is out of range")
         code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(8))
-        codes = self._json("codes.json")
-        codes = {h: c for h, c in codes.items() if c["expires"] > time.time()}
-        codes[_digest(code)] = {"expires": time.time() + ttl_s, "used": False}
-        self._save_json("codes.json", codes)
+        with self._locked():
+            state, now = self._codes(), time.time()
+            # Spent and expired codes are kept a while, so that their use is refused with the right reason.
+            state["codes"] = {h: c for h, c in state["codes"].items() if c["expires"] > now - MAX_CODE_TTL_S}
+            state["codes"][_digest(code)] = {"expires": now + ttl_s, "used": False}
+            state["wrong"], state["locked_until"] = [], 0.0  # the owner is here: a guesser's lockout ends
+            self._save_json("codes.json", state)
         return f"{code[:4]}-{code[4:]}"
 
-    def redeem(self, code: str) -> None:
-        """Accept a code once, before it expires; otherwise say which of the two it is."""
-        codes = self._json("codes.json")
-        entry = codes.get(_digest(_normalize(code)))
+    def pair(self, code: str, csr_pem: bytes) -> dict[str, str]:
+        """Sign a new device's request for a live code. The code is spent only when signing succeeds:
+        a bad request (400) or a taken name (409) leaves it usable."""
+        with self._locked():
+            state = self._codes()
+            entry = self._live_code(state, code)
+            csr, name = _read_request(csr_pem, device=True)
+            if self._in_use(name):
+                raise NameTaken(
+                    f"a paired device is already named {name!r}: give this one another name, "
+                    f"or revoke the old one first (appliance-ctl workers revoke {name})"
+                )
+            cert = self._sign_device(csr, name, 365)
+            entry["used"] = True
+            self._save_json("codes.json", state)
+        return {"certificate": cert.decode(), "ca": self.ca_pem.decode(), "mac": pairing_mac(code, cert, self.ca_pem)}
+
+    def _live_code(self, state: dict, code: str) -> dict:
+        """The unused, unexpired entry of `code` (the caller holds the lock); unknown codes count towards lockout."""
+        now = time.time()
+        if state["locked_until"] > now:
+            raise PairingLocked(math.ceil(state["locked_until"] - now))
+        entry = state["codes"].get(_digest(_normalize(code)))
         if entry is None:
+            state["wrong"] = [t for t in state["wrong"] if t > now - WRONG_WINDOW_S] + [now]
+            if len(state["wrong"]) >= MAX_WRONG_CODES:
+                state["locked_until"], state["wrong"] = now + LOCKOUT_S, []
+            self._save_json("codes.json", state)
             raise PairingError("unknown pairing code: run `appliance-ctl workers pair` for a new one")
         if entry["used"]:
             raise PairingError("this pairing code was already used: each code pairs one worker")
-        if entry["expires"] < time.time():
+        if entry["expires"] < now:
             raise PairingError("this pairing code has expired: run `appliance-ctl workers pair` for a new one")
-        entry["used"] = True
-        self._save_json("codes.json", codes)
+        return entry
 
-    def pair(self, code: str, csr_pem: bytes) -> dict[str, str]:
-        self.redeem(code)
-        cert = self.sign(csr_pem)
-        return {"certificate": cert.decode(), "ca": self.ca_pem.decode(), "mac": pairing_mac(code, cert, self.ca_pem)}
+    def _codes(self) -> dict:
+        """codes.json: {"codes": {digest: {"expires", "used"}}, "wrong": [times of unknown codes], "locked_until"}."""
+        saved = self._json("codes.json")
+        return {k: saved.get(k, empty) for k, empty in (("codes", {}), ("wrong", []), ("locked_until", 0.0))}
 
     # -- the paired devices and revocation ---------------------------------------------------
     def workers(self) -> dict[str, dict]:
         return self._json("issued.json")
 
     def revoke(self, name: str) -> int:
-        issued = self.workers()
-        if name not in issued:
-            raise PairingError(f"no paired device is named {name!r}; paired: {', '.join(sorted(issued)) or 'none'}")
-        revoked = self._json("revoked.json")
-        for serial in issued[name]["serials"]:
-            revoked[str(serial)] = name
-        self._save_json("revoked.json", revoked)
+        with self._locked():
+            issued = self.workers()
+            if name not in issued:
+                raise PairingError(f"no paired device is named {name!r}; paired: {', '.join(sorted(issued)) or 'none'}")
+            revoked = self._json("revoked.json")
+            for serial in issued[name]["serials"]:
+                revoked[str(serial)] = name
+            self._save_json("revoked.json", revoked)
         return len(issued[name]["serials"])
 
     def revoked_serials(self) -> set[int]:
         return {int(s) for s in self._json("revoked.json")}
 
-    def _record(self, name: str, serial: int) -> None:
-        issued = self._json("issued.json")
-        entry = issued.setdefault(name, {"serials": [], "paired": time.time()})
-        entry["serials"].append(str(serial))
-        self._save_json("issued.json", issued)
+    def _in_use(self, name: str) -> bool:
+        """A device of this name holds a certificate that is not revoked."""
+        serials = {int(s) for s in self.workers().get(name, {}).get("serials", [])}
+        return bool(serials - self.revoked_serials())
+
+    # -- the state files ---------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Held around every read-modify-write of the state files, against this and every other process.
+        Not reentrant: methods that need it take it once, and call helpers that assume it."""
+        fd = os.open(self.folder / "pki.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # and with it the lock
 
     def _json(self, file: str) -> dict:
         path = self.folder / file
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def _save_json(self, file: str, data: dict) -> None:
-        tmp = self.folder / f".{file}.tmp"
-        _write_private(tmp, json.dumps(data, indent=1).encode())
-        os.replace(tmp, self.folder / file)
+        write_atomic(self.folder / file, json.dumps(data, indent=1).encode())
 
 
 def certificate_name(cert: x509.Certificate) -> str:
@@ -242,7 +326,47 @@ def _digest(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+def _read_request(csr_pem: bytes, device: bool) -> tuple[x509.CertificateSigningRequest, str]:
+    """A signing request whose signature holds, and the device name it asks for."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        valid = csr.is_signature_valid
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise InvalidSigningRequest(f"not a usable PEM certificate signing request ({e})") from e
+    if not valid:
+        raise InvalidSigningRequest("the signing request's signature does not match its key")
+    if len(names) != 1:
+        raise InvalidSigningRequest("the signing request must carry exactly one common name (the device's name)")
+    name = str(names[0].value)
+    if not DEVICE_NAME.fullmatch(name):
+        raise InvalidSigningRequest(
+            f"the device name {name!r} must be 1 to 64 letters, digits, '.', '-' or '_' (like a host name)"
+        )
+    if device and name == APPLIANCE_NAME:  # workers take the appliance's word on revocations
+        raise InvalidSigningRequest(f"{APPLIANCE_NAME!r} is the appliance's own name; give the device another")
+    return csr, name
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, replace: bool = True) -> None:
+    """Write `path` so that a reader sees the old file or the new one, never half of one, and never a
+    moment with looser permissions than `mode`. replace=False: an existing file wins (FileExistsError)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from appliance.bench.launch import free_port, running
 
@@ -20,7 +21,8 @@ class Server:
 
 
 @contextmanager
-def running_server(*args: str, key: str = "test-key") -> Iterator[Server]:
+def running_server(*args: str, key: str = "test-key", log_path: Path | None = None) -> Iterator[Server]:
+    """`log_path`: where the server's stderr goes, to read it afterwards."""
     port, grpc_port = free_port(), free_port()
     cmd = [
         sys.executable,
@@ -40,5 +42,5 @@ def running_server(*args: str, key: str = "test-key") -> Iterator[Server]:
         *args,
     ]
     url = f"http://127.0.0.1:{port}"
-    with running(cmd, f"{url}/health") as pid:
+    with running(cmd, f"{url}/health", log_path=log_path) as pid:
         yield Server(url, f"127.0.0.1:{grpc_port}", pid)

@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -19,12 +20,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(cmd: list[str], health_url: str, env: dict | None = None, timeout: float = 180) -> Iterator[int]:
+def running(
+    cmd: list[str], health_url: str, env: dict | None = None, timeout: float = 180, log_path: Path | None = None
+) -> Iterator[int]:
     """Run cmd until the with-block ends; yields its pid once health_url answers 200.
 
-    Its stderr goes to a file (a pipe nobody reads would stall a chatty server once full).
+    Its stderr goes to a file (a pipe nobody reads would stall a chatty server once full): log_path, to
+    read it afterwards, else a temporary one.
     """
-    with tempfile.TemporaryFile(mode="w+") as log:
+    with open(log_path, "w+") if log_path else tempfile.TemporaryFile(mode="w+") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
         try:
             deadline = time.monotonic() + timeout

@@ -6,25 +6,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from appliance.serving import openai_api
+from appliance.serving import openai_api, pairing
+from appliance.serving.auth import AuthError
 from appliance.serving.kserve import http as kserve_http
 from appliance.serving.kserve.repository import KServeError, Repository
 from appliance.serving.openai_api import OpenAIError
 from appliance.serving.scheduler import QueueFullError
-from appliance.serving.state import AuthError, ServerState
-from appliance.startup import certificate_authority
+from appliance.serving.state import ServerState
 from models.errors import ContextLengthError, ModelError
-from offload.pairing import PAIR_PATH
-from offload.pki import PairingError
-
-
-class PairRequest(BaseModel):
-    code: str = Field(max_length=32)
-    csr: str = Field(max_length=8192)
 
 
 class BodyLimit:
@@ -98,6 +90,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
     app.state.kserve = Repository(state)
     app.include_router(openai_api.router)
+    app.include_router(pairing.router)
     for router in (kserve_http.health, kserve_http.router, kserve_http.admin):
         app.include_router(router)
 
@@ -113,14 +106,6 @@ def create_app(state: ServerState) -> FastAPI:
             if response.status_code >= 400:
                 metrics.errors.labels(protocol, str(response.status_code)).inc()
         return response
-
-    @app.post(PAIR_PATH, include_in_schema=False)
-    async def pair(body: PairRequest) -> dict:
-        """A worker redeems a one-time code (from `appliance-ctl workers pair`) for a signed certificate."""
-        try:
-            return certificate_authority().pair(body.code, body.csr.encode())
-        except PairingError as e:
-            return _reply_path(PAIR_PATH, 403, str(e), "pairing_refused")
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -16,8 +16,9 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from appliance.serving.auth import authorize
 from appliance.serving.scheduler import TokenStream
-from appliance.serving.state import ServerState, authorize, server_state
+from appliance.serving.state import ServerState, server_state
 from models.engine import Generation
 from models.sampling import SamplingParams
 

@@ -1,8 +1,7 @@
-"""What every endpoint shares: the engine, its scheduler, the keys and the limits."""
+"""What every endpoint shares: the engine, its scheduler, the keys and the limits (auth.py checks the keys)."""
 
 from __future__ import annotations
 
-import hmac
 import time
 from dataclasses import dataclass, field
 
@@ -11,10 +10,6 @@ from fastapi import Request
 from appliance.serving.scheduler import Scheduler
 from models.engine import Engine, Generation
 from models.sampling import InvalidParameterError, SamplingParams
-
-
-class AuthError(Exception):
-    """A missing or wrong API key (401)."""
 
 
 @dataclass
@@ -50,22 +45,3 @@ class ServerState:
 
 def server_state(request: Request) -> ServerState:
     return request.app.state.appliance
-
-
-def check_key(state: ServerState, authorization: str, admin: bool = False) -> None:
-    """`authorization` is "Bearer KEY"; inference takes an API (or admin) key, administration the admin key.
-    A server started with --no-auth has no keys and takes everything."""
-    if not (state.api_keys or state.admin_keys):
-        return
-    keys = state.admin_keys if admin else state.api_keys | state.admin_keys
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
-        raise AuthError(f"a valid {'admin' if admin else 'API'} key is required: send 'Authorization: Bearer <key>'")
-
-
-def authorize(request: Request) -> None:
-    check_key(server_state(request), request.headers.get("authorization", ""))
-
-
-def authorize_admin(request: Request) -> None:
-    check_key(server_state(request), request.headers.get("authorization", ""), admin=True)

@@ -10,9 +10,9 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from appliance.serving.auth import AuthError, check_key
 from appliance.serving.kserve.repository import KServeError, Repository, datatype_of, tensor_bytes, tensor_from
 from appliance.serving.scheduler import QueueFullError
-from appliance.serving.state import AuthError, check_key
 from models.errors import ModelError
 
 CODES = {

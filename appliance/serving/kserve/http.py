@@ -10,8 +10,8 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from appliance.serving.auth import authorize, authorize_admin
 from appliance.serving.kserve.repository import KServeError, Repository, datatype_of, tensor_bytes, tensor_from
-from appliance.serving.state import authorize, authorize_admin
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -1,0 +1,33 @@
+"""Who may call: inference takes an API (or admin) key, administration the admin key; both as bearer tokens."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from appliance.serving.state import ServerState, server_state
+
+
+class AuthError(Exception):
+    """A missing or wrong API key (401)."""
+
+
+def check_key(state: ServerState, authorization: str, admin: bool = False) -> None:
+    """`authorization` is "Bearer KEY". A server started with --no-auth has no keys and takes everything;
+    otherwise an empty token is never a key, whatever the key set holds."""
+    if not (state.api_keys or state.admin_keys):
+        return
+    keys = state.admin_keys if admin else state.api_keys | state.admin_keys
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or not any(k and hmac.compare_digest(token, k) for k in keys):
+        raise AuthError(f"a valid {'admin' if admin else 'API'} key is required: send 'Authorization: Bearer <key>'")
+
+
+def authorize(request: Request) -> None:
+    check_key(server_state(request), request.headers.get("authorization", ""))
+
+
+def authorize_admin(request: Request) -> None:
+    check_key(server_state(request), request.headers.get("authorization", ""), admin=True)
