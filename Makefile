@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test run test lint bench bench-serve bench-offload proto clean
+.PHONY: install install-test run test lint bench bench-serve bench-offload proto fatbin gpu-carry gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,10 @@ $(VENV)/llama-rpc/llama-bench: $(VENV)/.installed-test
 ## proto: regenerate the offload service's stubs from offload/offload.proto (a test fails when they are stale)
 proto: install-test
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. offload/offload.proto
+
+## fatbin: rebuild the CUDA kernels' fatbin and manifest with nvcc from PyPI (no GPU needed; a test fails when stale)
+fatbin: $(VENV)/.installed-test
+	$(BIN)/python -m kernels.cuda.build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
