@@ -7,6 +7,7 @@ there; faster backends (C on the CPU, CUDA, TensorRT) implement the same names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -46,17 +47,28 @@ class NumpyBackend:
     swiglu = staticmethod(reference.swiglu)
 
 
-BACKENDS: dict[str, type] = {"numpy": NumpyBackend}
-
-
 class UnknownBackendError(ValueError):
     pass
+
+
+def _cuda_backend() -> Backend:
+    """Imported only when asked for: a machine without a GPU never loads pycuda (kernels/cuda_backend.py)."""
+    from kernels.cuda_backend import CudaBackend, available
+
+    if not available():
+        raise UnknownBackendError("backend 'cuda' needs an NVIDIA GPU and pycuda (pip install -e '.[cuda]')")
+    return CudaBackend()
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"numpy": NumpyBackend, "cuda": _cuda_backend}
 
 
 def select_backend(name: str = "auto") -> Backend:
     """The named backend, or for "auto" the fastest one this machine can run."""
     if name == "auto":
-        name = "numpy"
+        from kernels.cuda_backend import available  # NVML and a package lookup: imports nothing of CUDA's
+
+        name = "cuda" if available() else "numpy"
     if name not in BACKENDS:
         raise UnknownBackendError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
     return BACKENDS[name]()

@@ -1,4 +1,4 @@
-// Prefill and large batches: y[T, N] (+)= x[T, K] . W[N, K]^T on the tensor cores.
+// Prefill and large batches: y[T, N] (+)= x[T, K] . W[N, K]^T on the tensor cores (y's rows ldy apart).
 //
 // A block makes a 64 x 64 tile of y. Per step of 32 along K, half its threads dequantize one unit
 // of 64 weight rows to half precision in shared memory and the other half convert 64 tokens'
@@ -14,7 +14,7 @@ using namespace nvcuda;
 
 template <int QT>
 __device__ void matmat(const uint8_t* __restrict__ w, int n_rows, int k_cols, const float* __restrict__ x, int tokens,
-                       float* __restrict__ y, int accumulate) {
+                       float* __restrict__ y, int ldy, int accumulate) {
     __shared__ __align__(32) half ws[MM_TILE][QK + MM_PAD];
     __shared__ __align__(32) half xs[MM_TILE][QK + MM_PAD];
     __shared__ __align__(32) float cs[MM_TILE][MM_TILE + 4];
@@ -80,7 +80,7 @@ __device__ void matmat(const uint8_t* __restrict__ w, int n_rows, int k_cols, co
     for (int e = tid; e < MM_TILE * MM_TILE; e += blockDim.x) {
         const int t = e / MM_TILE, n = e % MM_TILE;
         if (t0 + t < tokens && n0 + n < n_rows) {
-            float* o = y + (long)(t0 + t) * n_rows + n0 + n;
+            float* o = y + (long)(t0 + t) * ldy + n0 + n;
             *o = accumulate ? *o + cs[t][n] : cs[t][n];
         }
     }
@@ -90,7 +90,7 @@ __device__ void matmat(const uint8_t* __restrict__ w, int n_rows, int k_cols, co
 #define MATMAT_ENTRY(name, QT)                                                                                 \
     extern "C" __global__ void __launch_bounds__(128) matmat_##name(const uint8_t* w, int n_rows, int k_cols, \
                                                                     const float* x, int tokens, float* y,     \
-                                                                    int accumulate) {                         \
-        matmat<QT>(w, n_rows, k_cols, x, tokens, y, accumulate);                                              \
+                                                                    int ldy, int accumulate) {                \
+        matmat<QT>(w, n_rows, k_cols, x, tokens, y, ldy, accumulate);                                            \
     }
 FOR_EACH_QTYPE(MATMAT_ENTRY)

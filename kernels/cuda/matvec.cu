@@ -32,10 +32,11 @@ __device__ __forceinline__ void row_dots(const uint8_t* row, int units, const bl
     for (int c = 0; c < NCOLS; ++c) sums[c] = warp_sum(sums[c]);
 }
 
-// out[c, r] (+)= W[r, :] . x[c, :] for rows r of W; blockDim (32, 4), one warp per row.
+// out[c * ldo + r] (+)= W[r, :] . x[c, :] for rows r of W; blockDim (32, 4), one warp per row.
+// ldo lets Q, K and V (formats may differ) write side by side into one [T, (H + 2G) * E] buffer.
 template <int QT, int NCOLS>
 __device__ void matvec(const uint8_t* __restrict__ w, int rows, int cols, const block_q8_1* __restrict__ act,
-                       float* __restrict__ out, int accumulate) {
+                       float* __restrict__ out, int ldo, int accumulate) {
     const int r = blockIdx.x * blockDim.y + threadIdx.y;
     if (r >= rows) return;
     float sums[NCOLS];
@@ -43,7 +44,7 @@ __device__ void matvec(const uint8_t* __restrict__ w, int rows, int cols, const 
     if (threadIdx.x == 0) {
 #pragma unroll
         for (int c = 0; c < NCOLS; ++c) {
-            float* o = out + (long)c * rows + r;
+            float* o = out + (long)c * ldo + r;
             *o = accumulate ? *o + sums[c] : sums[c];
         }
     }
@@ -73,8 +74,8 @@ __device__ void matvec_swiglu(const uint8_t* __restrict__ wg, const uint8_t* __r
 
 #define MATVEC_ENTRY(name, QT, N)                                                                                 \
     extern "C" __global__ void __launch_bounds__(128) matvec_##name##_b##N(                                       \
-        const uint8_t* w, int rows, int cols, const block_q8_1* act, float* out, int accumulate) {               \
-        matvec<QT, N>(w, rows, cols, act, out, accumulate);                                                       \
+        const uint8_t* w, int rows, int cols, const block_q8_1* act, float* out, int ldo, int accumulate) {      \
+        matvec<QT, N>(w, rows, cols, act, out, ldo, accumulate);                                                  \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) swiglu_##name##_b##N(                                       \
         const uint8_t* wg, const uint8_t* wu, int rows, int cols, const block_q8_1* act, block_q8_1* out) {      \
