@@ -75,5 +75,33 @@ proto: install-test
 fatbin: $(VENV)/.installed-test
 	$(BIN)/python -m kernels.cuda.build
 
+# The lent GPU machines have python3.12, torch, nvcc and compute-sanitizer but no network and no pycuda:
+# gpu-carry gathers here what gpu-check installs there (pycuda's sdist, built there; small pure-Python
+# wheels; the image has their other needs). The default model (98 MB) is over one call's 64 MiB, so it travels
+# split in two folders: carry .gpu-carry in one call and .gpu-carry-2 in the next on the same warm machine.
+GPU_CARRY := .gpu-carry
+GPU_WHEELS := --only-binary :all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
+	--platform manylinux_2_17_x86_64
+GPU_PY ?= python3
+
+## gpu-carry: pycuda's sdist, its small dependencies, gguf and the split model file into .gpu-carry*/ (git-ignored)
+gpu-carry: $(VENV)/.installed-test
+	rm -rf $(GPU_CARRY) $(GPU_CARRY)-2 && mkdir -p $(GPU_CARRY) $(GPU_CARRY)-2
+	$(BIN)/pip download -q --no-deps --no-binary :all: --no-build-isolation pycuda -d $(GPU_CARRY)
+	$(BIN)/pip download -q --no-deps $(GPU_WHEELS) pytools platformdirs siphash24 mako gguf -d $(GPU_CARRY)
+	$(BIN)/appliance-ctl models fetch
+	split -b 50M $$($(BIN)/python -c "from models.store import ModelStore; print(ModelStore().get())") $(GPU_CARRY)/model.part-
+	mv $(GPU_CARRY)/model.part-ab $(GPU_CARRY)-2/
+	du -sh $(GPU_CARRY) $(GPU_CARRY)-2
+
+## gpu-check: on a GPU machine, every GPU check in one table (kernels, greedy text, compute-sanitizer, benchmark)
+gpu-check:
+	test -d $(GPU_CARRY)/site || CUDA_ROOT=$$(dirname $$(dirname $$(readlink -f $$(which nvcc)))) \
+		$(GPU_PY) -m pip install -q --no-index --no-build-isolation --find-links $(GPU_CARRY) \
+		--no-deps --target $(GPU_CARRY)/site pycuda pytools platformdirs siphash24 mako gguf
+	cat $(GPU_CARRY)/model.part-* $(GPU_CARRY)-2/model.part-* > $(GPU_CARRY)/model.gguf
+	PYTHONPATH=$$PWD:$$PWD/$(GPU_CARRY)/site PYTHONUNBUFFERED=1 $(GPU_PY) -m appliance.bench.gpu_check \
+		--model $(GPU_CARRY)/model.gguf
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,274 @@
+"""Every GPU check in one go (`make gpu-check`), printed as one table.
+
+Rows: each kernel against the NumPy reference on random data; greedy text of the whole model on
+three prompts against the reference (or, where a near-tie flips, the reference's margin there);
+compute-sanitizer on a short generation; decode tok/s at batch 1 and 8 and prefill tok/s for a
+512-token prompt, for SmolLM2-135M and a synthetic Llama-3.2-1B-shaped Q4_0 model, beside
+transformers on the same GPU, with the memory-bandwidth bound. Exits 2 where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kernels import reference
+from kernels.cuda_backend import KERNEL_FORMATS, Q8_BLOCK_BYTES, WIDTHS, gpu_present
+from kernels.dequant import dequantize
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,")
+ROWS: list[tuple[str, str, str]] = []  # (check, result, detail)
+
+
+def row(check: str, ok: bool | None, detail: str) -> None:
+    ROWS.append((check, "PASS" if ok else ("FAIL" if ok is False else "-"), detail))
+    print(f"{check:<44} {ROWS[-1][1]:<5} {detail}", flush=True)
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def random_weight(rng, qtype, rows: int, cols: int) -> np.ndarray:
+    from gguf import quants
+
+    from tests.gguf_factory import K_FORMATS, random_k_blocks
+
+    if qtype in K_FORMATS:
+        return random_k_blocks(rng, (rows, cols), qtype, cols**-0.5 * K_FORMATS[qtype][1] * 400)
+    data = (rng.standard_normal((rows, cols)) * cols**-0.5).astype(np.float32)
+    if qtype.name == "F16":
+        return data.astype(np.float16).view(np.uint8)
+    return quants.quantize(data, qtype).view(np.uint8)
+
+
+def check_kernels(dev) -> None:
+    """Each kernel on random data (odd token counts included) against the reference formulas."""
+    rng = np.random.default_rng(0)
+    N, K = 320, 512
+    for qtype, fmt in KERNEL_FORMATS.items():
+        raw = random_weight(rng, qtype, N, K)
+        w_ref = dequantize(raw, qtype, (N, K))
+        w = dev.upload(raw)
+        worst = 0.0
+        for width in WIDTHS:
+            x = rng.standard_normal((width, K)).astype(np.float32)
+            xd, q, y = dev.upload(x), dev.alloc(width * K // 32 * Q8_BLOCK_BYTES), dev.alloc(width * N * 4)
+            dev.quantize(xd, width, K, q)
+            dev.matvec(fmt, w, N, K, q, y, width, N, False)
+            worst = max(worst, rel(dev.to_host(y, (width, N)), x @ w_ref.T))
+        row(f"matvec {fmt} (widths 1-8)", worst < 2e-2, f"rel err {worst:.1e} (8-bit activations)")
+        T = 77
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        y = dev.alloc(T * N * 4)
+        dev.matmat(fmt, w, N, K, dev.upload(x), T, y, N, False)
+        err = rel(dev.to_host(y, (T, N)), x @ w_ref.T)
+        row(f"matmat {fmt} (T={T})", err < 5e-3, f"rel err {err:.1e} (half operands, float sums)")
+        ids = rng.integers(0, N, 5).astype(np.int32)
+        out = dev.alloc(5 * K * 4)
+        dev.embed(fmt, w, K, dev.upload(ids), out, 5)
+        err = rel(dev.to_host(out, (5, K)), w_ref[ids])
+        row(f"embed {fmt}", err < 1e-6, f"rel err {err:.1e}")
+    # RMSNorm, and SwiGLU fused with gate/up.
+    D, F = 576, 1536
+    x = rng.standard_normal((3, D)).astype(np.float32)
+    g = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
+    y = dev.alloc(3 * D * 4)
+    dev.rmsnorm_quant(dev.upload(x), dev.upload(g), 3, D, 1e-5, y, 0)
+    err = rel(dev.to_host(y, (3, D)), reference.rmsnorm(x, g, 1e-5))
+    row("rmsnorm", err < 1e-5, f"rel err {err:.1e}")
+    from gguf import GGMLQuantizationType as Q
+
+    wg, wu = random_weight(rng, Q.Q4_0, F, D), random_weight(rng, Q.Q4_0, F, D)
+    q, hq, h = dev.alloc(D // 32 * Q8_BLOCK_BYTES), dev.alloc(F // 32 * Q8_BLOCK_BYTES), dev.alloc(F * 4)
+    dev.quantize(dev.upload(x[:1]), 1, D, q)
+    dev.swiglu_vec("q4_0", dev.upload(wg), dev.upload(wu), F, D, q, hq, 1)
+    # Read the quantized result back through a mat-vec with the identity would need Q8 weights; decode it.
+    blocks = dev.to_host(hq, (F // 32, Q8_BLOCK_BYTES), np.uint8)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    got = (blocks[:, 4:].view(np.int8).astype(np.float32) * d).reshape(F)
+    gate, up = x[:1] @ dequantize(wg, Q.Q4_0, (F, D)).T, x[:1] @ dequantize(wu, Q.Q4_0, (F, D)).T
+    err = rel(got, (reference.silu(gate) * up)[0])
+    row("swiglu fused with gate/up (q4_0)", err < 3e-2, f"rel err {err:.1e}")
+    del h
+
+
+def check_attention_and_sampling(model) -> None:
+    """RoPE + attention inside the model against the reference, through forward_hidden on layer 0."""
+    from models.llama import Session
+
+    ref_model, gpu = model
+    rng = np.random.default_rng(1)
+    for T in (1, 37):
+        hidden = rng.standard_normal((T, ref_model.config.dim)).astype(np.float32)
+        ref = ref_model.run_layers((0, 1), hidden, Session())
+        got = gpu.forward_hidden((0, 1), hidden, slot=0, start=0)
+        err = rel(got, ref)
+        row(f"layer 0 (norm, rope, attention, swiglu) T={T}", err < 2e-2, f"rel err {err:.1e}")
+
+
+def check_greedy(ref_engine, gpu, n_new: int = 24) -> None:
+    from models.llama import Session
+
+    for prompt in PROMPTS:
+        ids = ref_engine.prompt_ids(prompt)
+        got = gpu.generate_greedy(ids, n_new, slot=1)
+        session, want, margin_at = Session(), [], None
+        logits = ref_engine.next_logits(ids, session)
+        for step in range(n_new):
+            top2 = np.sort(logits)[-2:]
+            want.append(int(np.argmax(logits)))
+            if got[: step + 1] != want and margin_at is None:
+                margin_at = (step, float(top2[1] - top2[0]))
+                break
+            logits = ref_engine.next_logits([want[-1]], session)
+        if margin_at is None:
+            row(f"greedy text: {prompt[:24]!r}", True, f"{n_new} tokens equal the reference's")
+        else:
+            step, margin = margin_at
+            row(
+                f"greedy text: {prompt[:24]!r}", margin < 0.1, f"differs at token {step}; reference margin {margin:.3f}"
+            )
+
+
+def bench(gpu, label: str, bound_bytes: int, bandwidth: float) -> dict:
+    """Decode tok/s at batch 1 and 8, prefill tok/s for 512 tokens (CUDA-graph replays, median of runs)."""
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(10, 1000, 512).tolist()
+    gpu.prefill(prompt[:8], slot=0)  # warm-up
+    t = time.perf_counter()
+    gpu.prefill(prompt, slot=0)
+    prefill = 512 / (time.perf_counter() - t)
+    out = {}
+    for batch in (1, 8):
+        slots = list(range(batch))
+        for s in slots:
+            gpu.prefill(prompt[:16], slot=s)
+        pos, toks = 16, [5] * batch
+        for _ in range(3):
+            toks = gpu.decode(toks, [pos] * batch, slots)
+            pos += 1
+        n = 128
+        t = time.perf_counter()
+        for _ in range(n):
+            toks = gpu.decode(toks, [pos] * batch, slots)
+            pos += 1
+        out[batch] = batch * n / (time.perf_counter() - t)
+    bound = bandwidth / bound_bytes
+    row(f"bench {label}: decode b1", None, f"{out[1]:.0f} tok/s ({out[1] / bound:.0%} of the {bound:.0f} tok/s bound)")
+    row(f"bench {label}: decode b8", None, f"{out[8]:.0f} tok/s ({out[8] / out[1]:.1f}x batch 1)")
+    row(f"bench {label}: prefill 512", None, f"{prefill:.0f} tok/s")
+    return {"b1": out[1], "b8": out[8], "prefill": prefill}
+
+
+def bench_transformers(path: Path, label: str) -> None:
+    """The same GGUF through transformers (dequantized to float16) on the same GPU."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float16)
+        model = model.cuda().eval()
+        ids = torch.randint(10, 1000, (1, 512), device="cuda")
+        with torch.no_grad():
+            model(ids[:, :8])
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(ids)
+            torch.cuda.synchronize()
+            prefill = 512 / (time.perf_counter() - t)
+            for batch in (1, 8):
+                t = time.perf_counter()
+                model.generate(ids[:, :16].repeat(batch, 1), max_new_tokens=64, min_new_tokens=64, do_sample=False)
+                torch.cuda.synchronize()
+                rate = batch * 64 / (time.perf_counter() - t)
+                row(f"transformers {label}: decode b{batch}", None, f"{rate:.0f} tok/s (generate, float16)")
+        row(f"transformers {label}: prefill 512", None, f"{prefill:.0f} tok/s")
+        del model
+        torch.cuda.empty_cache()
+    except Exception as e:  # a peer that will not run is reported, not fatal
+        row(f"transformers {label}", None, f"did not run: {type(e).__name__}: {e}")
+
+
+def measure_bandwidth(dev, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read plus written per second."""
+    a, b = dev.alloc(nbytes), dev.alloc(nbytes)
+    dev.cuda.memcpy_dtod(b, a, nbytes)
+    dev.ctx.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        dev.cuda.memcpy_dtod(b, a, nbytes)
+    dev.ctx.synchronize()
+    return 2 * nbytes * 10 / (time.perf_counter() - t)
+
+
+def sanitizer(model_path: Path) -> None:
+    cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", sys.executable, "-m",
+           "appliance.bench.gpu_check", "--short-generation", "--model", str(model_path)]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        row("compute-sanitizer memcheck", False, "compute-sanitizer not on PATH")
+        return
+    summary = [line for line in proc.stdout.splitlines() if "ERROR SUMMARY" in line]
+    row("compute-sanitizer memcheck (8 tokens)", proc.returncode == 0, summary[-1] if summary else proc.stderr[-200:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the store's SmolLM2)")
+    parser.add_argument("--short-generation", action="store_true", help="(for compute-sanitizer) 8 greedy tokens")
+    parser.add_argument("--skip-1b", action="store_true")
+    args = parser.parse_args()
+    if not gpu_present():
+        print(
+            "error: no NVIDIA GPU on this machine (NVML finds none): gpu-check runs only where one is", file=sys.stderr
+        )
+        return 2
+    from kernels.cuda_backend import Device, GpuModel
+    from models.engine import Engine
+    from models.gguf_file import open_gguf
+    from models.store import ModelStore
+
+    model_path = args.model or ModelStore().get()  # the lent GPU machines have no network: pass --model
+    dev = Device()
+    if args.short_generation:
+        gpu = GpuModel(open_gguf(model_path), dev, max_batch=1, max_context=64)
+        print(gpu.generate_greedy([1, 2, 3, 4], 8))
+        return 0
+    print(f"device: {dev.name} ({dev.sms} SMs, {'integrated' if dev.integrated else 'discrete'})")
+    check_kernels(dev)
+    ref = Engine.load(model_path, backend="numpy")
+    file = open_gguf(model_path)
+    gpu = GpuModel(file, dev)
+    check_attention_and_sampling((ref.model, gpu))
+    check_greedy(ref, gpu)
+    sanitizer(model_path)
+    bandwidth = measure_bandwidth(dev)
+    row("memory bandwidth (device copy)", None, f"{bandwidth / 1e9:.0f} GB/s")
+    bench(gpu, "SmolLM2-135M", file.quantized_bytes, bandwidth)
+    bench_transformers(model_path, "SmolLM2-135M")
+    if not args.skip_1b:
+        from models.synthetic import write_llama_1b_q4_0
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_llama_1b_q4_0(Path(tmp) / "llama-1b-shapes.Q4_0.gguf")
+            f1 = open_gguf(path)
+            c = GpuModel(f1, dev, max_batch=8, max_context=1024)
+            # Per token a decode reads every layer weight and the (tied) head once; the embedding row is noise.
+            bench(c, "Llama-1B-shape Q4_0", f1.quantized_bytes, bandwidth)
+            bench_transformers(path, "Llama-1B-shape Q4_0")
+    print("\n| check | result | detail |\n|---|---|---|")
+    for check, result, detail in ROWS:
+        print(f"| {check} | {result} | {detail} |")
+    return 1 if any(r[1] == "FAIL" for r in ROWS) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
