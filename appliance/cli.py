@@ -28,7 +28,7 @@ ModelOpt = Annotated[
 BackendOpt = Annotated[str, typer.Option(help="Compute backend: auto, numpy.")]
 BudgetOpt = Annotated[
     str | None,
-    typer.Option(help="Memory for the model here, e.g. 40MB (weights as stored, plus KV); the rest goes to workers."),
+    typer.Option(help="Memory for the model here, e.g. 190MB (weights as held, plus KV); the rest goes to workers."),
 ]
 WorkerOpt = Annotated[list[str] | None, typer.Option("--worker", help="A paired worker's host:port; may be repeated.")]
 DiscoverOpt = Annotated[bool, typer.Option(help="Also use paired workers found on the LAN by mDNS.")]
@@ -165,7 +165,7 @@ def serve(
 @friendly_errors
 def plan(
     model: ModelOpt = None,
-    memory_budget: Annotated[str, typer.Option(help="Memory for the model here, e.g. 40MB.")] = "40MB",
+    memory_budget: Annotated[str, typer.Option(help="Memory for the model here, e.g. 190MB.")] = "190MB",
     worker: WorkerOpt = None,
     wire_dtype: WireOpt = "float32",
 ) -> None:

@@ -13,6 +13,7 @@ from offload.client import WorkerRefused
 from offload.coordinator import Coordinator, OffloadError
 from offload.pki import CertificateAuthority
 from offload.planner import parse_size
+from offload.revocation import RevokedFile
 
 
 def pki_folder() -> Path:
@@ -34,12 +35,12 @@ def coordinator_for(
 ) -> Coordinator:
     """A coordinator for the layers beyond the budget, with the named (and, with discover, found) workers.
 
-    With discover, it waits up to discover_wait seconds for enough workers to answer mDNS.
+    With discover, it waits up to discover_wait seconds for enough workers to answer mDNS. Workers
+    that do not answer now (or drop out later) are probed again in the background.
     """
     ca = certificate_authority()
-    coordinator = Coordinator(
-        model, parse_size(memory_budget), ca.identity(), ca.revoked_serials, wire_dtype, step_timeout
-    )
+    revoked = RevokedFile(ca.folder / "revoked.json")
+    coordinator = Coordinator(model, parse_size(memory_budget), ca.identity(), revoked, wire_dtype, step_timeout)
 
     def take(address: str) -> None:
         try:
@@ -55,12 +56,13 @@ def coordinator_for(
 
         coordinator.discovery = browse(WORKER_TYPE, lambda a: None if a in coordinator.workers else take(a))
         deadline = time.monotonic() + discover_wait
-        while coordinator.start < model.config.n_layers and time.monotonic() < deadline:
+        while coordinator.first_remote_layer < model.config.n_layers and time.monotonic() < deadline:
             try:
                 coordinator.make_plan()
                 break
             except OffloadError:
                 time.sleep(0.2)  # not enough workers found yet
+    coordinator.start_upkeep()
     return coordinator
 
 
@@ -78,10 +80,9 @@ def load_engine(
     if memory_budget is None:
         return Engine(model)
     coordinator = coordinator_for(model, memory_budget, workers or [], discover, wire_dtype, step_timeout)
-    if coordinator.start == model.config.n_layers:
+    k = coordinator.first_remote_layer
+    if k == model.config.n_layers:
+        coordinator.close()
         return Engine(model)
-    stderr.print(
-        f"memory budget {memory_budget}: layers [0, {coordinator.start}) here, "
-        f"[{coordinator.start}, {model.config.n_layers}) on workers"
-    )
+    stderr.print(f"memory budget {memory_budget}: layers [0, {k}) here, [{k}, {model.config.n_layers}) on workers")
     return Engine(model, offload=coordinator)

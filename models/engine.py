@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
@@ -19,10 +19,19 @@ from models.sampling import InvalidParameterError, Sampler, SamplingParams
 from models.tokenizer import Tokenizer
 
 
-class Engine:
-    """offload: runs the layers after the local ranges on LAN workers (offload.coordinator.Coordinator)."""
+class OffloadStage(Protocol):
+    """Runs layers [first_remote_layer, n) somewhere else (offload.coordinator.Coordinator: LAN workers)."""
 
-    def __init__(self, model: Llama, ranges: Sequence[tuple[int, int]] | None = None, offload: Any = None):
+    first_remote_layer: int
+
+    def run(self, hiddens: list[np.ndarray], sessions: list[Session]) -> list[np.ndarray]: ...
+    def release(self, session: Session) -> None: ...
+
+
+class Engine:
+    """offload: runs the layers after the local ones elsewhere; without it every layer runs here."""
+
+    def __init__(self, model: Llama, offload: OffloadStage | None = None):
         self.model, self.offload = model, offload
         meta = model.file.metadata
         self.tokenizer = Tokenizer(meta)
@@ -32,11 +41,8 @@ class Engine:
             bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
             eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
         )
-        n = offload.start if offload is not None else model.config.n_layers
-        self.ranges = list(ranges or ([(0, n)] if n else []))
-        covered = [i for a, b in self.ranges for i in range(a, b)]
-        if covered != list(range(n)):
-            raise ValueError(f"layer ranges {self.ranges} must cover [0, {n}) in order, once each")
+        n = offload.first_remote_layer if offload is not None else model.config.n_layers
+        self.ranges = [(0, n)] if n else []  # the layers run here
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto") -> Engine:

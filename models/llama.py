@@ -11,10 +11,11 @@ some ranges and LAN workers run others, so a range touches nothing but its own w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kernels.backend import Backend, select_backend
 from kernels.dequant import dequantize
@@ -76,6 +77,46 @@ class LayerWeights:
     w_down: Any
 
 
+# Each LayerWeights field and the GGUF tensor it is read from (blk.{i}.<part>.weight): the one map the
+# model, the worker and the coordinator use, so reordering the dataclass cannot swap wq and wk.
+LAYER_TENSORS = {
+    "attn_norm": "attn_norm",
+    "wq": "attn_q",
+    "wk": "attn_k",
+    "wv": "attn_v",
+    "wo": "attn_output",
+    "ffn_norm": "ffn_norm",
+    "w_gate": "ffn_gate",
+    "w_up": "ffn_up",
+    "w_down": "ffn_down",
+}
+assert set(LAYER_TENSORS) == {f.name for f in fields(LayerWeights)}
+
+
+def layer_tensor_name(layer: int, field_name: str) -> str:
+    """The GGUF name of one LayerWeights field of a layer, e.g. (7, "wq") -> blk.7.attn_q.weight."""
+    return f"blk.{layer}.{LAYER_TENSORS[field_name]}.weight"
+
+
+def layer_tensor_names(layer: int) -> dict[str, str]:
+    """Every tensor of a layer, by LayerWeights field."""
+    return {name: layer_tensor_name(layer, name) for name in LAYER_TENSORS}
+
+
+_HELD: dict[tuple[str, int, tuple[int, ...]], int] = {}
+
+
+def held_nbytes(backend: Backend, qtype: int, shape: tuple[int, ...]) -> int:
+    """The bytes `backend` holds for a stored tensor of this type and shape (the NumPy backend keeps
+    float32, ~6x a Q4 file's bytes): found once per kind by preparing a zero tensor of that kind."""
+    key = (backend.name, int(qtype), tuple(int(n) for n in shape))
+    if key not in _HELD:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        raw = np.zeros(int(np.prod(key[2])) // block * type_size, np.uint8)
+        _HELD[key] = backend.weight(raw, GGMLQuantizationType(qtype), key[2]).nbytes
+    return _HELD[key]
+
+
 class KVCache:
     """Keys and values of one session for one layer range: [layer, position, G, E].
 
@@ -120,12 +161,18 @@ class KVCache:
         self.length += n_new
 
 
+class RemoteSession(Protocol):
+    """A session's state on LAN workers (offload.coordinator.RemoteState): whatever the offload stage keeps."""
+
+    id: str
+
+
 @dataclass
 class Session:
     """One conversation's state on this device: a KV cache per layer range it runs."""
 
     caches: dict[tuple[int, int], KVCache] = field(default_factory=dict)
-    remote: Any = None  # its state on LAN workers, when layers are offloaded (offload.coordinator)
+    remote: RemoteSession | None = None  # set by the offload stage when layers run on LAN workers
 
     @property
     def nbytes(self) -> int:
@@ -151,7 +198,7 @@ class LayerRange:
         chunk, or one token when decoding). The sequences share every matmul (one pass over the
         weights for the whole batch); only attention is per sequence, over its own cache.
         """
-        c, B = self.config, self.backend
+        c, ops = self.config, self.backend
         H, G, E = c.n_heads, c.n_kv_heads, c.head_dim
         sizes = [x.shape[0] for x in xs]
         starts = [cache.length for cache in caches]
@@ -160,20 +207,20 @@ class LayerRange:
         bounds = np.cumsum([0, *sizes])
         rows = [slice(bounds[j], bounds[j + 1]) for j in range(len(xs))]
         positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, sizes, strict=True)])
-        cos, sin = B.rope_tables(positions, E, c.rope_theta)
+        cos, sin = ops.rope_tables(positions, E, c.rope_theta)
         x = np.concatenate(xs)
         T = x.shape[0]
         for i, L in enumerate(self.layers):
-            h = B.rmsnorm(x, L.attn_norm, c.norm_eps)
-            q = B.rope(B.linear(h, L.wq).reshape(T, H, E), cos, sin)
-            k = B.rope(B.linear(h, L.wk).reshape(T, G, E), cos, sin)
-            v = B.linear(h, L.wv).reshape(T, G, E)
+            h = ops.rmsnorm(x, L.attn_norm, c.norm_eps)
+            q = ops.rope(ops.linear(h, L.wq).reshape(T, H, E), cos, sin)
+            k = ops.rope(ops.linear(h, L.wk).reshape(T, G, E), cos, sin)
+            v = ops.linear(h, L.wv).reshape(T, G, E)
             attended = []
             for row, cache, start in zip(rows, caches, starts, strict=True):
                 keys, values = cache.store(i, k[row], v[row])
-                attended.append(B.attention(q[row], keys, values, start))
-            x = x + B.linear(np.concatenate(attended).reshape(T, H * E), L.wo)
-            x = x + B.swiglu(B.rmsnorm(x, L.ffn_norm, c.norm_eps), L.w_gate, L.w_up, L.w_down)
+                attended.append(ops.attention(q[row], keys, values, start))
+            x = x + ops.linear(np.concatenate(attended).reshape(T, H * E), L.wo)
+            x = x + ops.swiglu(ops.rmsnorm(x, L.ffn_norm, c.norm_eps), L.w_gate, L.w_up, L.w_down)
         for cache, n in zip(caches, sizes, strict=True):
             cache.advance(n)
         return [x[row] for row in rows]
@@ -208,18 +255,7 @@ class Llama:
 
     def _layer(self, i: int) -> LayerWeights:
         if i not in self._layers:
-            w = lambda part: self._weight(f"blk.{i}.{part}.weight")  # noqa: E731
-            self._layers[i] = LayerWeights(
-                attn_norm=w("attn_norm"),
-                wq=w("attn_q"),
-                wk=w("attn_k"),
-                wv=w("attn_v"),
-                wo=w("attn_output"),
-                ffn_norm=w("ffn_norm"),
-                w_gate=w("ffn_gate"),
-                w_up=w("ffn_up"),
-                w_down=w("ffn_down"),
-            )
+            self._layers[i] = LayerWeights(**{f: self._weight(name) for f, name in layer_tensor_names(i).items()})
         return self._layers[i]
 
     def layer_range(self, start: int, stop: int) -> LayerRange:
@@ -229,6 +265,19 @@ class Llama:
             layers = [self._layer(i) for i in range(start, stop)]
             self._ranges[(start, stop)] = LayerRange(self.config, self.backend, start, layers)
         return self._ranges[(start, stop)]
+
+    def layer_nbytes(self, i: int) -> int:
+        """What layer i's weights take once this model's backend has prepared them."""
+        tensors = self.file.tensors
+        return sum(
+            held_nbytes(self.backend, tensors[n].qtype, tensors[n].shape) for n in layer_tensor_names(i).values()
+        )
+
+    @property
+    def fixed_nbytes(self) -> int:
+        """What never leaves this device: the (quantized) embedding table, the final norm and the head."""
+        head = 0 if self.lm_head is self.token_embd else self.lm_head.nbytes
+        return self.token_embd.raw.nbytes + self.output_norm.nbytes + head
 
     def embed(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Hidden states [T, D] for token ids: dequantizes just the embedding rows asked for."""
@@ -255,5 +304,5 @@ class Llama:
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] from the last layer's hidden states."""
-        B = self.backend
-        return B.linear(B.rmsnorm(hidden, self.output_norm, self.config.norm_eps), self.lm_head)
+        ops = self.backend
+        return ops.linear(ops.rmsnorm(hidden, self.output_norm, self.config.norm_eps), self.lm_head)

@@ -12,18 +12,19 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from cryptography import x509
 
-from models.llama import Llama
+from models.llama import Llama, layer_tensor_names
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.pki import Identity, certificate_name
-from offload.wire import PROTOCOL, MalformedTensor, chunks, decode, encode, tensor_spec
-from offload.worker import CULPRIT_KEY, LAYER_PARTS, secure_channel
+from offload.protocol import CULPRIT_KEY, PROTOCOL, secure_channel
+from offload.wire import MalformedTensor, chunks, decode, encode, tensor_spec
 
 
 class WorkerRefused(Exception):
@@ -75,27 +76,39 @@ class LinkStats:
     bytes_per_ms: float
 
 
+def no_revocations() -> frozenset[int]:
+    return frozenset()
+
+
 class WorkerClient:
-    def __init__(self, address: str, identity: Identity, revoked: set[int] = frozenset()):
+    """revoked: the CA's revoked serials now (read at each call: the owner may revoke while we run)."""
+
+    def __init__(self, address: str, identity: Identity, revoked: Callable[[], frozenset[int]] = no_revocations):
         self.address, self.identity, self.revoked = address, identity, revoked
         self.channel = secure_channel(address, identity)
         self.stub = rpc.OffloadStub(self.channel)
         self.capabilities: pb.Capabilities | None = None
+        self.serial: int | None = None  # of the worker's certificate, once verified
 
     def verify(self, timeout: float = 5.0) -> pb.Capabilities:
         """Refuse a worker that is not paired with us or whose certificate was revoked; tell it ours."""
         cert = peer_certificate(self.address, self.identity, timeout)
-        if cert.serial_number in self.revoked:
+        if cert.serial_number in self.revoked():
             raise WorkerRefused(f"worker {self.address} ({certificate_name(cert)}): its certificate was revoked")
-        try:
-            request = pb.CapabilitiesRequest(revoked_serials=[str(s) for s in sorted(self.revoked)])
-            caps = self.stub.GetCapabilities(request, timeout=timeout)
-        except grpc.RpcError as e:
-            raise WorkerRefused(f"worker {self.address}: {e.code().name}: {e.details()}") from e
+        self.serial = cert.serial_number
+        caps = self.capabilities_now(timeout)
         if caps.protocol != PROTOCOL:
             raise WorkerRefused(f"worker {self.address} speaks {caps.protocol!r}, not {PROTOCOL!r}")
-        self.capabilities = caps
         return caps
+
+    def capabilities_now(self, timeout: float = 5.0) -> pb.Capabilities:
+        """Its capabilities (speed re-measured when stale), telling it the serials we revoked."""
+        try:
+            request = pb.CapabilitiesRequest(revoked_serials=[str(s) for s in sorted(self.revoked())])
+            self.capabilities = self.stub.GetCapabilities(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise WorkerRefused(f"worker {self.address}: {e.code().name}: {e.details()}") from e
+        return self.capabilities
 
     def measure_link(self, probes: int = 5, payload: int = 256 << 10) -> LinkStats:
         """Round-trip time from empty health calls; bandwidth from one carrying `payload` bytes."""
@@ -116,8 +129,18 @@ class WorkerClient:
         except grpc.RpcError:
             return False
 
-    def ensure_layers(self, model: Llama, model_id: str, start: int, stop: int, manifest: list[pb.TensorSpec]) -> None:
-        """Ship the tensors the worker's disk cache lacks, then have it build layers [start, stop)."""
+    def ensure_layers(
+        self,
+        model: Llama,
+        model_id: str,
+        start: int,
+        stop: int,
+        manifest: list[pb.TensorSpec],
+        owner: str = "",
+        generation: int = 0,
+    ) -> None:
+        """Ship the tensors the worker's disk cache lacks, then have it build layers [start, stop) for
+        `owner`'s plan `generation` (which frees what that owner's older plans left there)."""
         missing = set(self.stub.MissingTensors(pb.Manifest(tensors=manifest), timeout=30).sha256)
         if missing:
             tensors = model.file.tensors
@@ -136,6 +159,8 @@ class WorkerClient:
                 layer_start=start,
                 layer_stop=stop,
                 manifest=pb.Manifest(tensors=manifest),
+                owner=owner,
+                generation=generation,
             ),
             timeout=120,
         )
@@ -153,8 +178,8 @@ def layer_manifest(model: Llama, start: int, stop: int) -> list[pb.TensorSpec]:
     tensors = model.file.tensors
     specs = []
     for i in range(start, stop):
-        for part in LAYER_PARTS:
-            t = tensors[f"blk.{i}.{part}.weight"]
+        for name in layer_tensor_names(i).values():
+            t = tensors[name]
             specs.append(tensor_spec(t.name, t.qtype, t.shape, t.raw))
     return specs
 

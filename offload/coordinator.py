@@ -1,35 +1,41 @@
 """The appliance's offloaded layers: plan them onto workers, stream through them, survive their loss.
 
-The appliance runs layers [0, start) itself; this runs [start, n) on a chain of workers. It keeps
-each session's hidden states at that boundary (one row per token, a few KB), so when a worker
-dies, hangs or sends garbage, it drops the worker, re-plans onto the others (or itself), replays
-those rows into the new chain to rebuild its KV caches, and carries on: the client sees nothing.
+The appliance runs layers [0, k) itself; this runs [k, n) on a chain of workers. It keeps each
+session's hidden states at that boundary (one row per token, a few KB), so when a worker dies,
+hangs, sends garbage or is revoked, it drops the worker, re-plans onto the others, replays those
+rows into the new chain to rebuild its KV caches, and carries on: the client sees nothing. The
+appliance's own share [0, k) is fixed by its budget at start-up; with too few workers left, a step
+fails with OffloadError. A background thread re-probes dropped workers and takes them back when they
+answer, and re-reads every worker's speed now and then.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import statistics
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import grpc
 import numpy as np
 
 from models.errors import ModelError
 from models.llama import Llama, Session
 from offload import offload_pb2 as pb
-from offload.client import ChainBroken, ChainSession, WorkerClient, WorkerRefused, layer_manifest
+from offload.client import ChainBroken, ChainSession, WorkerClient, WorkerRefused, layer_manifest, no_revocations
 from offload.pki import Identity
 from offload.planner import Device, NoPlacementError, Plan, local_layers, make_plan
-from offload.worker import LAYER_PARTS
 
 REPLAY_ROWS = 512  # rows per message when rebuilding a chain's caches
 SLOWDOWN = 3.0  # a worker this many times slower than its own usual pace ...
 SLOW_STEPS = 3  # ... on this many tokens in a row has slowed down: re-plan with its new speed
+BARRED_S = 600.0  # a worker that sent malformed tensors is not probed again for this long
 
 
 class OffloadError(ModelError):
@@ -43,7 +49,7 @@ class RemoteState:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     inputs: list[np.ndarray] = field(default_factory=list)
     chain: ChainSession | None = None
-    version: int = -1  # the plan the chain was built for
+    generation: int = -1  # of the plan the chain was built for
 
 
 @dataclass
@@ -84,36 +90,43 @@ class Coordinator:
         model: Llama,
         budget_bytes: int,
         identity: Identity,
-        revoked: Callable[[], set[int]] = frozenset,
+        revoked: Callable[[], frozenset[int]] = no_revocations,
         wire_dtype: str = "float32",
         step_timeout_s: float = 10.0,
         appliance_ms_per_layer: float = 1.0,
         kv_tokens: int = 512,
     ):
-        """revoked: the CA's revoked serials, read at each join (the owner may revoke while we run);
-        kv_tokens: KV-cache room each placed layer keeps, counted against budgets with its weights."""
+        """revoked: the CA's revoked serials now, asked before every step (make it cheap: RevokedFile);
+        kv_tokens: KV-cache room each placed layer keeps, counted against budgets with its weights.
+
+        Budgets count what is really held: a layer's weights as the backend prepares them (the
+        appliance's backend: float32 for NumPy), plus that KV room; the appliance's own part also
+        holds the quantized embedding table, the final norm and the head."""
         self.model, self.identity, self.revoked = model, identity, revoked
         self.wire_dtype, self.step_timeout_s = wire_dtype, step_timeout_s
-        files = model.file.tensors
-        n = model.config.n_layers
-        c = model.config
-        kv = kv_tokens * 2 * c.n_kv_heads * c.head_dim * 4
-        self.layer_bytes = [sum(files[f"blk.{i}.{p}.weight"].raw.nbytes for p in LAYER_PARTS) + kv for i in range(n)]
-        self.fixed_bytes = sum(t.raw.nbytes for name, t in files.items() if not name.startswith("blk."))
+        self.layer_bytes = layer_costs(model, kv_tokens)
+        self.fixed_bytes = model.fixed_nbytes
         self.appliance = Device("appliance", None, budget_bytes, appliance_ms_per_layer)
+        self.owner = uuid.uuid4().hex  # names this coordinator's loads on workers
         self.workers: dict[str, tuple[WorkerClient, Device]] = {}
+        self.known: set[str] = set()  # every worker address offered (named or discovered): re-probed when dropped
+        self.barred: dict[str, float] = {}  # address -> until when it is not probed again (it sent garbage)
         self.paces: dict[tuple[str, int], Pace] = {}  # by worker and batch size: a bigger batch is slower
+        self.slowdowns: dict[str, float] = {}  # by worker: how much slower than measured its pace has shown it
         self.usage: dict[str, Usage] = {}  # by worker address, for /metrics
         self.manifests: dict[tuple[int, int], list[pb.TensorSpec]] = {}
         self.model_id = self._model_id()
         self.plan: Plan | None = None
-        self.version = 0
+        self.generation = 0  # bumped by any change of workers or of their costs: chains rebuild on it
+        self.planned_generation = -1  # the generation self.plan was made and loaded for
         self.lock = threading.RLock()
-        self.plan_version = -1
+        self.revoked_seen: frozenset[int] = frozenset()
         self.overhead_ms: list[float] = []  # per decoded token: time on the wire and in gRPC, not computing
         self.discovery = None  # a zeroconf browser adding workers as they appear, if any
+        self.stopping = threading.Event()
+        self.speeds_due = True  # re-read every worker's speed at the next maintenance pass
         try:
-            self.start = local_layers(self.layer_bytes, self.fixed_bytes, budget_bytes)  # [0, start) stay here
+            self.first_remote_layer = local_layers(self.layer_bytes, self.fixed_bytes, budget_bytes)
         except NoPlacementError as e:
             raise OffloadError(str(e)) from e
 
@@ -127,8 +140,10 @@ class Coordinator:
 
     # -- devices ----------------------------------------------------------------------------
     def add_worker(self, address: str) -> Device:
-        """Check, measure and take on a worker; WorkerRefused if it may not be used."""
-        client = WorkerClient(address, self.identity, self.revoked())
+        """Check, measure and take on a worker; WorkerRefused if it may not be used (it stays known,
+        so the background probe tries it again)."""
+        self.known.add(address)
+        client = WorkerClient(address, self.identity, self.revoked)
         try:
             caps = client.verify()
             link = client.measure_link()
@@ -138,13 +153,22 @@ class Coordinator:
         except Exception as e:
             client.close()
             raise WorkerRefused(f"worker {address}: {e}") from e
-        ms_per_layer = self._layer_flops() / max(caps.gflops, 1e-3) / 1e6
-        room = max(caps.memory_budget_bytes - caps.memory_used_bytes, 0)
-        device = Device(caps.name, address, room, ms_per_layer, link.one_way_ms, link.bytes_per_ms)
+        # Its whole budget: what our older plans left there is freed by the next plan's load, and
+        # ranges nobody uses are evicted; a refusal anyway shrinks it (see current_plan).
+        device = Device(
+            caps.name, address, caps.memory_budget_bytes, self._ms_per_layer(caps), link.one_way_ms, link.bytes_per_ms
+        )
         with self.lock:
+            old = self.workers.get(address)
             self.workers[address] = (client, device)
-            self.version += 1
+            self.generation += 1
+            self.speeds_due = True  # a device joining is when speeds measured together go wrong
+        if old:
+            old[0].close()
         return device
+
+    def _ms_per_layer(self, caps: pb.Capabilities) -> float:
+        return self._layer_flops() / max(caps.gflops, 1e-3) / 1e6
 
     def _layer_flops(self) -> float:
         c = self.model.config
@@ -155,9 +179,82 @@ class Coordinator:
         with self.lock:
             entry = self.workers.pop(address, None)
             self.paces = {key: pace for key, pace in self.paces.items() if key[0] != address}
-            self.version += 1
+            self.slowdowns.pop(address, None)
+            self.generation += 1
         if entry:
             entry[0].close()
+
+    # -- upkeep: dropped workers come back, speeds are re-read --------------------------------
+    def start_upkeep(self, probe_every_s: float = 2.0, speeds_every_s: float = 300.0) -> None:
+        """A daemon thread: re-probe dropped workers every probe_every_s; re-read speeds every speeds_every_s."""
+
+        def loop() -> None:
+            last_speeds = time.monotonic()
+            while not self.stopping.wait(probe_every_s):
+                self.reprobe()
+                if self.speeds_due or time.monotonic() - last_speeds > speeds_every_s:
+                    self.refresh_speeds()
+                    last_speeds = time.monotonic()
+
+        threading.Thread(target=loop, name="offload-upkeep", daemon=True).start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.discovery is not None:
+            self.discovery.close()
+
+    def reprobe(self) -> list[str]:
+        """Try every known worker that is not in use; take back those that answer. Returns them."""
+        back = []
+        now = time.monotonic()
+        for address in sorted(self.known - set(self.workers)):
+            if self.barred.get(address, 0.0) > now:
+                continue
+            try:
+                self.add_worker(address)
+                back.append(address)
+            except WorkerRefused:
+                pass
+        return back
+
+    def refresh_speeds(self) -> None:
+        """Ask each worker its speed again (it re-measures when its figure is stale); re-plan if that moves layers."""
+        self.speeds_due = False
+        for address, (client, _) in list(self.workers.items()):
+            try:
+                caps = client.capabilities_now(timeout=2.0)
+            except WorkerRefused:
+                continue  # a step will find out whether it is gone
+            with self.lock:
+                if address in self.workers:
+                    slowdown = self.slowdowns.get(address, 1.0)  # what its pace showed still holds
+                    ms = self._ms_per_layer(caps) * slowdown
+                    self._recost(address, lambda d, ms=ms: replace(d, ms_per_layer=ms))
+
+    def _recost(self, address: str, change: Callable[[Device], Device]) -> None:
+        """Change a worker's Device (under the lock); a new generation only if the best placement moves."""
+        client, device = self.workers[address]
+        self.workers[address] = (client, change(device))
+        try:
+            moved = self.plan is None or _placement(self.make_plan()) != _placement(self.plan)
+        except OffloadError:
+            moved = True
+        if moved:
+            self.generation += 1
+
+    def _drop_revoked(self) -> None:
+        """Between tokens: a worker whose certificate was revoked leaves the chain now; the others learn
+        the new list at once (so the revoked one cannot reach them either)."""
+        serials = self.revoked()
+        if serials == self.revoked_seen:
+            return
+        self.revoked_seen = serials
+        for address, (client, _) in list(self.workers.items()):
+            if client.serial in serials:
+                self.drop_worker(address)
+        for client, _ in list(self.workers.values()):
+            with contextlib.suppress(WorkerRefused):
+                client.capabilities_now(timeout=2.0)
 
     def make_plan(self) -> Plan:
         devices = [d for _, d in self.workers.values()]
@@ -166,25 +263,36 @@ class Coordinator:
         except NoPlacementError as e:
             raise OffloadError(f"no placement can hold the model: {e}") from e
 
-    def _current_plan(self) -> tuple[Plan, int]:
-        """The plan for the current set of workers, with its layers loaded on each of them."""
+    def current_plan(self) -> tuple[Plan, int]:
+        """The plan for the current set of workers, with its layers loaded on each of them. A load
+        for a new generation frees, on that worker, what our older plans left there. A worker that
+        refuses for memory anyway is planned with less; one that fails otherwise is dropped."""
         with self.lock:
-            while self.plan_version != self.version:
-                version = self.version
+            while self.planned_generation != self.generation:
+                generation = self.generation
                 plan = self.make_plan()
-                failed = None
                 for stage in plan.chain:
-                    client = self.workers[stage.device.address][0]
+                    address = stage.device.address
+                    client = self.workers[address][0]
                     try:
-                        client.ensure_layers(self.model, self.model_id, stage.start, stage.stop, self._manifest(stage))
-                    except Exception:
-                        failed = stage.device.address
+                        client.ensure_layers(
+                            self.model, self.model_id, stage.start, stage.stop, self._manifest(stage),
+                            self.owner, generation,
+                        )  # fmt: skip
+                    except grpc.RpcError as e:
+                        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # another appliance's sessions?
+                            client, device = self.workers[address]
+                            self.workers[address] = (client, replace(device, budget_bytes=stage.bytes - 1))
+                            self.generation += 1
+                        else:
+                            self.drop_worker(address)
                         break
-                if failed:
-                    self.drop_worker(failed)
-                    continue
-                self.plan, self.plan_version = plan, version
-            return self.plan, self.version
+                    except Exception:  # noqa: BLE001  unreachable, closed channel, ...: not usable now
+                        self.drop_worker(address)
+                        break
+                else:
+                    self.plan, self.planned_generation = plan, generation
+            return self.plan, self.planned_generation
 
     def _manifest(self, stage) -> list[pb.TensorSpec]:
         key = (stage.start, stage.stop)
@@ -192,21 +300,27 @@ class Coordinator:
             self.manifests[key] = layer_manifest(self.model, stage.start, stage.stop)
         return self.manifests[key]
 
-    # -- running layers [start, n) ---------------------------------------------------------
+    # -- running layers [first_remote_layer, n) --------------------------------------------
     def run(self, hiddens: list[np.ndarray], sessions: list[Session]) -> list[np.ndarray]:
         """Hidden states after the offloaded layers, for a batch of sessions (pipelined across them)."""
+        self._drop_revoked()
         states = [self._state(s) for s in sessions]
         outs: list[np.ndarray | None] = [None] * len(hiddens)
-        for _attempt in range(len(self.workers) + 2):
+        for _attempt in range(len(self.known) + 2):
             pending = [j for j, o in enumerate(outs) if o is None]
             if not pending:
                 break
-            plan, version = self._current_plan()
+            try:
+                plan, generation = self.current_plan()
+            except OffloadError:
+                if not self.reprobe():  # workers that came back since the last probe; else nothing to run on
+                    raise
+                plan, generation = self.current_plan()
             failed: list[tuple[int, ChainBroken]] = []
             sent = []
             for j in pending:
                 try:
-                    self._connect(states[j], plan, version)
+                    self._connect(states[j], plan, generation)
                     states[j].chain.send(hiddens[j])
                     sent.append(j)
                 except ChainBroken as e:
@@ -233,24 +347,24 @@ class Coordinator:
             session.remote = RemoteState()
         return session.remote
 
-    def _connect(self, state: RemoteState, plan: Plan, version: int) -> None:
+    def _connect(self, state: RemoteState, plan: Plan, generation: int) -> None:
         """Make the session's chain match the plan, replaying its past rows into a new one."""
-        if state.chain is not None and state.version == version:
+        if state.chain is not None and state.generation == generation:
             return
         self._disconnect(state)
         if not plan.chain:
             raise OffloadError("internal: a plan without workers does not offload")
-        chain = [
-            (
-                self.workers[s.device.address][0],
-                pb.Hop(address=s.device.address, model_id=self.model_id, layer_start=s.start, layer_stop=s.stop),
-            )
-            for s in plan.chain
-        ]
+        chain = []
+        for s in plan.chain:
+            entry = self.workers.get(s.device.address)
+            if entry is None:
+                raise ChainBroken(f"worker {s.device.address} was dropped")
+            hop = pb.Hop(address=s.device.address, model_id=self.model_id, layer_start=s.start, layer_stop=s.stop)
+            chain.append((entry[0], hop))
         state.chain = ChainSession(
-            state.id + f"-{version}", chain, self.wire_dtype, self.model.config.dim, self.step_timeout_s
+            state.id + f"-{generation}", chain, self.wire_dtype, self.model.config.dim, self.step_timeout_s
         )
-        state.version = version
+        state.generation = generation
         if state.inputs:
             past = np.concatenate(state.inputs)
             for at in range(0, past.shape[0], REPLAY_ROWS):
@@ -267,12 +381,14 @@ class Coordinator:
     def _recover(self, plan: Plan, errors: list[ChainBroken]) -> None:
         """Drop the workers at fault: named ones, and any in the chain that no longer answers."""
         culprits = {e.culprit for e in errors if e.culprit}
+        for address in culprits:
+            self.barred[address] = time.monotonic() + BARRED_S
         for stage in plan.chain:
             address = stage.device.address
             if address in culprits or address in self.workers and not self.workers[address][0].healthy():
                 self.drop_worker(address)
         with self.lock:
-            self.version += 1  # rebuild chains even if every worker still answers
+            self.generation += 1  # rebuild chains even if every worker still answers
 
     def _observe(self, plan: Plan, hop_ms: list[float], rows: int, batch: int) -> None:
         """Count each chain worker's time and bytes, and on one-token steps track its pace: one that has
@@ -289,16 +405,20 @@ class Coordinator:
             if factor is None:
                 continue
             with self.lock:
-                if address not in self.workers:
-                    continue
-                client, device = self.workers[address]
-                self.workers[address] = (client, replace(device, ms_per_layer=device.ms_per_layer * factor))
-                if _placement(self.make_plan()) != _placement(plan):
-                    self.version += 1
+                if address in self.workers:
+                    self.slowdowns[address] = self.slowdowns.get(address, 1.0) * factor
+                    self._recost(address, lambda d, f=factor: replace(d, ms_per_layer=d.ms_per_layer * f))
 
     def release(self, session: Session) -> None:
         if session.remote is not None:
             self._disconnect(session.remote)
+
+
+def layer_costs(model: Llama, kv_tokens: int = 512) -> list[int]:
+    """What each layer takes where it runs: its weights as the backend holds them, plus KV room for kv_tokens."""
+    c = model.config
+    kv = kv_tokens * 2 * c.n_kv_heads * c.head_dim * 4
+    return [model.layer_nbytes(i) + kv for i in range(c.n_layers)]
 
 
 def _placement(plan: Plan) -> list[tuple[str | None, int, int]]:

@@ -83,18 +83,22 @@ class PushReply(_message.Message):
     def __init__(self, stored: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_id", "config_json", "layer_start", "layer_stop", "manifest")
+    __slots__ = ("model_id", "config_json", "layer_start", "layer_stop", "manifest", "owner", "generation")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_STOP_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     config_json: str
     layer_start: int
     layer_stop: int
     manifest: Manifest
-    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+    owner: str
+    generation: int
+    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., owner: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("bytes",)

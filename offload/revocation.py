@@ -1,6 +1,6 @@
-"""The worker's side of revocation: the appliance tells each worker which certificates it revoked,
-and the worker refuses every call from them, so a revoked laptop cannot reach the other devices
-either. The list lives in the worker's home, so a restart does not forget it.
+"""Revocation. The appliance reads its CA's list between tokens (`RevokedFile`) and tells each worker
+which certificates it revoked; the worker refuses every call from them, so a revoked laptop cannot
+reach the other devices either. The worker keeps the list in its home, so a restart does not forget it.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def is_appliance(context: grpc.ServicerContext) -> bool:
 class RevocationCheck(grpc.ServerInterceptor):
     """Before any method runs: PERMISSION_DENIED for a certificate the appliance revoked."""
 
-    def __init__(self, revoked: Revocations):
-        self.revoked = revoked
+    def __init__(self, revocations: Revocations):
+        self.revocations = revocations
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -62,10 +62,30 @@ class RevocationCheck(grpc.ServerInterceptor):
     def _checked(self, behavior: Callable) -> Callable:
         def checked(request, context):
             cert = caller_certificate(context)
-            if cert.serial_number in self.revoked:
+            if cert.serial_number in self.revocations:
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED, f"the certificate of {certificate_name(cert)!r} was revoked"
                 )
             return behavior(request, context)
 
         return checked
+
+
+class RevokedFile:
+    """The appliance's side: the CA's revoked serials (`revoked.json`), read again only when the file
+    changes, so asking before every token costs one stat."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stamp: tuple[int, int] | None = None
+        self.serials: frozenset[int] = frozenset()
+
+    def __call__(self) -> frozenset[int]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return frozenset()
+        if (st.st_mtime_ns, st.st_size) != self.stamp:
+            self.serials = frozenset(int(s) for s in json.loads(self.path.read_text()))  # replaced atomically
+            self.stamp = (st.st_mtime_ns, st.st_size)
+        return self.serials

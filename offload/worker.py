@@ -1,9 +1,11 @@
 """`appliance-worker`: runs layer ranges for the appliance on a LAN device, over mutual TLS.
 
 It keeps shipped tensors in a disk cache named by their SHA-256 (a restart does not re-ship them),
-holds any number of sessions' KV caches, frees them on release or when idle, and refuses what its
-memory budget cannot hold. Outputs go to the next worker of the chain directly, or, from the last
-one, straight back to the appliance.
+holds any number of sessions' KV caches, frees a session when its stream ends, on release or when
+idle, and counts against its memory budget what it really holds: weights as its backend prepared
+them (float32 for NumPy) plus KV caches. A new plan's load frees what the appliance's older plans
+left here, and ranges no session uses are evicted before a load is refused. Outputs go to the next
+worker of the chain directly, or, from the last one, straight back to the appliance.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import queue
+import statistics
 import sys
 import threading
 import time
@@ -27,17 +30,16 @@ import typer
 from gguf import GGMLQuantizationType
 
 from kernels.backend import Backend, select_backend
-from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig
+from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig, held_nbytes, layer_tensor_names
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.pki import Identity, PairingError, certificate_name
 from offload.planner import parse_size
+from offload.protocol import CULPRIT_KEY, MESSAGE_OPTIONS, PROTOCOL, secure_channel
 from offload.revocation import RevocationCheck, Revocations, is_appliance
-from offload.wire import PROTOCOL, WIRE_DTYPES, MalformedTensor, decode, encode
+from offload.wire import WIRE_DTYPES, MalformedTensor, decode, encode
 
-CULPRIT_KEY = "offload-culprit"  # trailing metadata: the address of the worker that sent a malformed tensor
-LAYER_PARTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
-FIELD_OF_PART = dict(zip(LAYER_PARTS, LayerWeights.__dataclass_fields__, strict=True))
+GFLOPS_MAX_AGE_S = 30.0  # capabilities asked for later than this re-measure the speed first
 
 
 class TensorCache:
@@ -81,6 +83,13 @@ class TensorCache:
 
 
 @dataclass
+class LoadedRange:
+    layers: LayerRange
+    nbytes: int  # its weights as the backend holds them
+    owners: dict[str, int]  # each coordinator using it -> the plan generation it was loaded for
+
+
+@dataclass
 class WorkerSession:
     layers: LayerRange
     key: tuple[str, int, int]
@@ -89,6 +98,7 @@ class WorkerSession:
     reply: bool  # outputs go back on the Forward stream (a one-worker chain) rather than onward
     downstream: Downstream | None = None
     last_used: float = field(default_factory=time.monotonic)
+    closed: bool = False  # released (or its range superseded) while its stream is still open
 
 
 class Downstream:
@@ -133,34 +143,42 @@ class WorkerService(rpc.OffloadServicer):
     def __init__(self, name: str, identity: Identity, home: Path, budget: int, backend: Backend, idle_s: float):
         self.name, self.identity, self.budget, self.backend, self.idle_s = name, identity, budget, backend, idle_s
         self.tensors = TensorCache(home / "tensors")
-        self.revoked = Revocations(home / "revoked.json")
-        self.ranges: dict[tuple[str, int, int], tuple[LayerRange, int]] = {}  # key -> (layers, stored bytes)
+        self.revocations = Revocations(home / "revoked.json")  # what the appliance told us, kept on disk
+        self.ranges: dict[tuple[str, int, int], LoadedRange] = {}  # by (model id, start, stop)
         self.sessions: dict[str, WorkerSession] = {}
         self.results: dict[str, queue.Queue] = {}
         self.lock = threading.Lock()
-        self.gflops = _measure_gflops()
+        self.gflops, self.measured_at = measure_gflops(), time.monotonic()
         threading.Thread(target=self._reap_idle, daemon=True).start()
 
     # -- memory ------------------------------------------------------------------------------
     @property
     def used(self) -> int:
+        """Bytes held now: every loaded range's weights as the backend holds them, and every KV cache."""
         with self.lock:
-            return sum(b for _, b in self.ranges.values()) + sum(s.cache.nbytes for s in self.sessions.values())
+            return sum(r.nbytes for r in self.ranges.values()) + sum(s.cache.nbytes for s in self.sessions.values())
 
-    @property
-    def pinned(self) -> int:
-        """Memory that open sessions hold: their ranges and caches. The rest can be evicted for new layers."""
+    def _supersede(self, owner: str, generation: int, keep: tuple[str, int, int]) -> None:
+        """A load for `owner`'s plan `generation`: free the ranges it loaded for older plans (unless
+        another owner still uses them) and close the sessions on those ranges."""
+        closing = []
         with self.lock:
-            in_use = {s.key for s in self.sessions.values()}
-            ranges = sum(b for k, (_, b) in self.ranges.items() if k in in_use)
-            return ranges + sum(s.cache.nbytes for s in self.sessions.values())
+            for key, loaded in list(self.ranges.items()):
+                if key != keep and loaded.owners.get(owner, generation) < generation:
+                    del loaded.owners[owner]
+                    if not loaded.owners:
+                        del self.ranges[key]
+                        closing += [sid for sid, s in self.sessions.items() if s.key == key]
+        for sid in closing:
+            self._release(sid)
 
     def _evict_unused(self, need: int) -> None:
-        """Drop loaded ranges no session uses until `need` more bytes fit (a re-plan leaves old ones behind)."""
+        """Drop loaded ranges no session uses until `need` more bytes fit."""
         with self.lock:
             in_use = {s.key for s in self.sessions.values()}
             for key in [k for k in self.ranges if k not in in_use]:
-                if sum(b for _, b in self.ranges.values()) + need <= self.budget:
+                held = sum(r.nbytes for r in self.ranges.values()) + sum(s.cache.nbytes for s in self.sessions.values())
+                if held + need <= self.budget:
                     break
                 del self.ranges[key]
 
@@ -169,13 +187,15 @@ class WorkerService(rpc.OffloadServicer):
         if request.revoked_serials:
             if not is_appliance(context):
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the appliance may revoke certificates")
-            self.revoked.add(request.revoked_serials)
+            self.revocations.add(request.revoked_serials)
+        if time.monotonic() - self.measured_at > GFLOPS_MAX_AGE_S:  # speeds change: a laptop throttles, a job starts
+            self.gflops, self.measured_at = measure_gflops(), time.monotonic()
         return pb.Capabilities(
             protocol=PROTOCOL,
             name=self.name,
             backend=self.backend.name,
             memory_budget_bytes=self.budget,
-            memory_used_bytes=self.pinned,
+            memory_used_bytes=self.used,
             gflops=self.gflops,
             wire_dtypes=list(WIRE_DTYPES),
         )
@@ -191,10 +211,16 @@ class WorkerService(rpc.OffloadServicer):
 
     def LoadLayers(self, request, context):
         key = (request.model_id, request.layer_start, request.layer_stop)
-        if key in self.ranges:
-            return pb.LoadReply(bytes=self.ranges[key][1])
+        self._supersede(request.owner, request.generation, keep=key)
+        with self.lock:
+            if key in self.ranges:
+                self.ranges[key].owners[request.owner] = request.generation
+                return pb.LoadReply(bytes=self.ranges[key].nbytes)
         specs = {t.name: t for t in request.manifest.tensors}
-        need = sum(t.nbytes for t in specs.values())
+        try:
+            need = sum(held_nbytes(self.backend, t.ggml_type, tuple(t.shape)) for t in specs.values())
+        except (ValueError, KeyError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a tensor of this manifest has no known type: {e}")
         self._evict_unused(need)
         if self.used + need > self.budget:
             context.abort(
@@ -210,16 +236,18 @@ class WorkerService(rpc.OffloadServicer):
             layers = [self._layer(i, specs) for i in range(request.layer_start, request.layer_stop)]
         except (TypeError, ValueError, KeyError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot build layers from this request: {e}")
+        held = sum(getattr(w, name).nbytes for w in layers for name in LayerWeights.__dataclass_fields__)
         with self.lock:
-            self.ranges[key] = (LayerRange(config, self.backend, request.layer_start, layers), need)
-        return pb.LoadReply(bytes=need)
+            layer_range = LayerRange(config, self.backend, request.layer_start, layers)
+            self.ranges[key] = LoadedRange(layer_range, held, {request.owner: request.generation})
+        return pb.LoadReply(bytes=held)
 
     def _layer(self, i: int, specs: dict[str, pb.TensorSpec]) -> LayerWeights:
         parts = {}
-        for part in LAYER_PARTS:
-            spec = specs[f"blk.{i}.{part}.weight"]
+        for field_name, tensor_name in layer_tensor_names(i).items():
+            spec = specs[tensor_name]
             raw = self.tensors.read(spec)
-            parts[FIELD_OF_PART[part]] = self.backend.weight(
+            parts[field_name] = self.backend.weight(
                 raw, GGMLQuantizationType(spec.ggml_type), tuple(int(n) for n in spec.shape)
             )
         return LayerWeights(**parts)
@@ -233,9 +261,11 @@ class WorkerService(rpc.OffloadServicer):
         try:
             while (msg := inbox.get()) is not None:
                 if isinstance(msg, grpc.RpcError):
-                    self._downstream_failed(context, msg, session.downstream.address)
+                    self._downstream_failed(context, msg, getattr(session.downstream, "address", "next worker"))
                 if session is None:
                     session_id, session = msg.session_id, self._open(msg, context, inbox)
+                if session.closed:
+                    context.abort(grpc.StatusCode.ABORTED, f"session {session_id} was released or its plan superseded")
                 try:
                     x = decode(msg, session.layers.config.dim)
                 except MalformedTensor as e:
@@ -253,10 +283,9 @@ class WorkerService(rpc.OffloadServicer):
                     session.downstream.send(out)
                 else:
                     self._results(session_id).put(out)
-        finally:
-            if session is not None and session.downstream is not None:
-                session.downstream.close()
-                session.downstream = None
+        finally:  # the stream is over: so is the session, and its KV cache is freed
+            if session is not None:
+                self._release(session_id)
 
     def _output(self, hidden: np.ndarray, session_id: str, step: int, dtype: str) -> pb.Activation:
         return encode(hidden, session_id, step, dtype)
@@ -280,7 +309,7 @@ class WorkerService(rpc.OffloadServicer):
             )
         if first.dtype not in WIRE_DTYPES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"wire dtype {first.dtype!r} not supported")
-        layers = self.ranges[key][0]
+        layers = self.ranges[key].layers
         downstream = None
         if first.next:
             nxt = first.next[0]
@@ -316,10 +345,13 @@ class WorkerService(rpc.OffloadServicer):
         with self.lock:
             session = self.sessions.pop(session_id, None)
             results = self.results.pop(session_id, None)
+            downstream = session.downstream if session is not None else None
+            if session is not None:
+                session.closed, session.downstream = True, None
         if results is not None:
             results.put(None)
-        if session is not None and session.downstream is not None:
-            session.downstream.close()
+        if downstream is not None:
+            downstream.close()
         return session is not None
 
     def Health(self, request, context):
@@ -333,28 +365,21 @@ class WorkerService(rpc.OffloadServicer):
                 self._release(sid)
 
 
-def _measure_gflops() -> float:
-    """One-row matmuls like a decode step's: what this device sustains when it runs layers."""
+def measure_gflops(samples: int = 7, gap_s: float = 0.03) -> float:
+    """What this device sustains on one-row matmuls like a decode step's: the median of spaced samples,
+    each the best of a few runs. One burst taken while other processes start swung 0.2 to 85 GFLOP/s;
+    a median over samples spread in time does not follow one busy moment."""
     a, w = np.ones((1, 1024), np.float32), np.ones((1024, 2048), np.float32)
-    best = float("inf")
-    for _ in range(20):
-        t = time.perf_counter()
-        a @ w
-        best = min(best, time.perf_counter() - t)
-    return 2 * 1024 * 2048 / best / 1e9
-
-
-# -- mutual TLS -----------------------------------------------------------------------------------
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.ssl_target_name_override", "appliance-worker"),
-]
-
-
-def secure_channel(address: str, identity: Identity) -> grpc.Channel:
-    creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
-    return grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
+    rates = []
+    for _ in range(samples):
+        best = float("inf")
+        for _ in range(4):
+            t = time.perf_counter()
+            a @ w
+            best = min(best, time.perf_counter() - t)
+        rates.append(2 * 1024 * 2048 / max(best, 1e-9) / 1e9)
+        time.sleep(gap_s)
+    return statistics.median(rates)
 
 
 def start_worker(
@@ -371,8 +396,8 @@ def start_worker(
     service = service_class(name, identity, home, budget, select_backend(backend), idle_s)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64),
-        interceptors=[RevocationCheck(service.revoked)],
-        options=GRPC_OPTIONS[:2],
+        interceptors=[RevocationCheck(service.revocations)],
+        options=MESSAGE_OPTIONS,
     )
     rpc.add_OffloadServicer_to_server(service, server)
     creds = grpc.ssl_server_credentials(

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
 
+from appliance.bench.launch import free_port
 from appliance.bench.netsim import worker_process
 from appliance.startup import certificate_authority, load_engine
 from models.engine import Engine
-from models.llama import Session
-from offload.coordinator import OffloadError
+from models.llama import Llama, Session
+from offload.coordinator import OffloadError, layer_costs
 from offload.pki import issue_identity
 from offload.planner import parse_size
 from offload.worker import WorkerService, start_worker
@@ -29,7 +31,7 @@ def home(tmp_path_factory):
         yield certificate_authority()
 
 
-def new_worker(ca, tmp_path_factory, name: str, budget: str = "50MB", **kw):
+def new_worker(ca, tmp_path_factory, name: str, budget: str = "210MB", **kw):
     folder = tmp_path_factory.mktemp(name)
     issue_identity(ca, folder, name)
     return worker_process(folder, budget, **kw)
@@ -43,8 +45,9 @@ def two_workers(home, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def split(model_path, home, two_workers) -> Engine:
-    """40 MB here holds the embedding, head and 3 layers; 50 MB per worker forces a 3-way split."""
-    return load_engine(model_path, "numpy", "40MB", [w.address for w in two_workers])
+    """190 MB here holds the embedding, the float32 head and 3 layers; 210 MB per worker (14 layers as
+    float32, with KV room) forces a 3-way split."""
+    return load_engine(model_path, "numpy", "190MB", [w.address for w in two_workers])
 
 
 def greedy(engine: Engine, prompt: str) -> list[int]:
@@ -55,7 +58,7 @@ def greedy(engine: Engine, prompt: str) -> list[int]:
 
 def test_the_model_is_split_over_the_appliance_and_both_workers(split, two_workers):
     plan = split.offload.make_plan()
-    assert plan.local.stop == split.offload.start > 0
+    assert plan.local.stop == split.offload.first_remote_layer > 0
     assert {s.device.address for s in plan.chain} == {w.address for w in two_workers}
     assert plan.chain[-1].stop == split.model.config.n_layers
     for stage in plan.stages:
@@ -86,14 +89,16 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> 
 
 
 def test_fp16_on_the_wire_stays_close(model_path, engine, home, two_workers):
-    half = load_engine(model_path, "numpy", "40MB", [w.address for w in two_workers], wire_dtype="float16")
+    half = load_engine(model_path, "numpy", "190MB", [w.address for w in two_workers], wire_dtype="float16")
     ids = engine.prompt_ids(PROMPTS[0])
-    assert_close(half.hidden_states(ids, Session()), engine.hidden_states(ids, Session()), 2e-3)
+    assert_close(
+        half.hidden_states(ids, Session()), engine.hidden_states(ids, Session()), 3e-3
+    )  # fp16 rounding at 3 hops
 
 
 def test_no_placement_is_a_clear_error(model_path, home, tmp_path_factory):
     with new_worker(home, tmp_path_factory, "small", budget="20MB") as w:
-        engine = load_engine(model_path, "numpy", "40MB", [w.address])
+        engine = load_engine(model_path, "numpy", "190MB", [w.address])
         with pytest.raises(OffloadError, match=r"no placement can hold the model: .*27 layers .* 20\.0 MB"):
             greedy(engine, PROMPTS[0])
 
@@ -110,14 +115,13 @@ def test_a_worker_lost_mid_generation_changes_nothing(engine, model_path, home, 
         new_worker(home, tmp_path_factory, "f3") as w3,
     ):
         workers = {w.address: w for w in (w1, w2, w3)}
-        split = load_engine(model_path, "numpy", "40MB", list(workers), step_timeout=2.0)
-        chain = [s.device.address for s in split.offload.make_plan().chain]
-        victim = workers[rng.choice(chain)]
+        split = load_engine(model_path, "numpy", "190MB", list(workers), step_timeout=2.0)
         fault_at = rng.randrange(1, TOKENS)
         gen = split.generate(engine.prompt_ids(PROMPTS[0]), max_tokens=TOKENS, ignore_eos=True)
         step = 0
         while not gen.done:
-            if step == fault_at:
+            if step == fault_at:  # a worker of the chain in use (speeds re-read at a join may move layers)
+                victim = workers[rng.choice([s.device.address for s in split.offload.current_plan()[0].chain])]
                 victim.kill() if fault == "kill -9" else victim.stop()
             ids = gen.next_input()
             gen.advance(len(ids), split.next_logits(ids, gen.session))
@@ -133,20 +137,20 @@ def test_a_worker_joining_mid_generation_is_used_and_changes_nothing(engine, mod
     with (
         new_worker(home, tmp_path_factory, "j1") as w1,
         new_worker(home, tmp_path_factory, "j2") as w2,
-        new_worker(home, tmp_path_factory, "big", budget="200MB") as big,
+        new_worker(home, tmp_path_factory, "big", budget="420MB") as big,
     ):
-        split = load_engine(model_path, "numpy", "40MB", [w1.address, w2.address])
+        split = load_engine(model_path, "numpy", "190MB", [w1.address, w2.address])
         assert len(split.offload.make_plan().chain) == 2
         gen = split.generate(engine.prompt_ids(PROMPTS[2]), max_tokens=TOKENS, ignore_eos=True)
         step, rebuilt = 0, None
         while not gen.done:
             if step == TOKENS // 2:
                 split.offload.add_worker(big.address)
-                joined = split.offload.version
+                joined = split.offload.generation
             ids = gen.next_input()
             gen.advance(len(ids), split.next_logits(ids, gen.session))
             if step == TOKENS // 2:
-                rebuilt = gen.session.remote.version
+                rebuilt = gen.session.remote.generation
             step += 1
         assert gen.token_ids == expected
         assert rebuilt == joined  # the token right after the join ran on a chain planned with it
@@ -169,7 +173,7 @@ class CorruptingWorker(WorkerService):
         return super()._output(hidden, session_id, step, dtype)
 
 
-@pytest.mark.parametrize(("budget", "position"), [("90MB", "alone"), ("50MB", "first of two")])
+@pytest.mark.parametrize(("budget", "position"), [("420MB", "alone"), ("210MB", "first of two")])
 def test_a_worker_sending_malformed_tensors_is_dropped(engine, model_path, home, tmp_path_factory, budget, position):
     """Alone, the appliance sees the NaNs; first of two, the next worker refuses them and says whose they are."""
     expected = greedy(engine, PROMPTS[1])
@@ -181,7 +185,7 @@ def test_a_worker_sending_malformed_tensors_is_dropped(engine, model_path, home,
     try:
         with new_worker(home, tmp_path_factory, "h1") as w1, new_worker(home, tmp_path_factory, "h2") as w2:
             address = f"127.0.0.1:{port}"
-            split = load_engine(model_path, "numpy", "40MB", [address, w1.address, w2.address], step_timeout=5.0)
+            split = load_engine(model_path, "numpy", "190MB", [address, w1.address, w2.address], step_timeout=5.0)
             chain = [s.device.address for s in split.offload.make_plan().chain]
             assert chain[0] == address and len(chain) == (1 if position == "alone" else 2)
             assert greedy(split, PROMPTS[1]) == expected
@@ -212,11 +216,11 @@ def test_a_worker_that_slows_down_is_replaced_between_tokens(engine, model_path,
             folder = tmp_path_factory.mktemp(name)
             identity = issue_identity(home, folder, name)
             server, service, port = start_worker(
-                identity, folder, "127.0.0.1", 0, parse_size("90MB"), service_class=SlowingWorker
+                identity, folder, "127.0.0.1", 0, parse_size("420MB"), service_class=SlowingWorker
             )
             servers.append(server)
             services[f"127.0.0.1:{port}"] = service
-        split = load_engine(model_path, "numpy", "40MB", list(services), step_timeout=5.0)
+        split = load_engine(model_path, "numpy", "190MB", list(services), step_timeout=5.0)
         (used,) = [s.device.address for s in split.offload.make_plan().chain]  # one link beats two
         (other,) = set(services) - {used}
         gen = split.generate(engine.prompt_ids(PROMPTS[0]), max_tokens=TOKENS, ignore_eos=True)
@@ -232,6 +236,99 @@ def test_a_worker_that_slows_down_is_replaced_between_tokens(engine, model_path,
         assert gen.token_ids == expected
         assert moved_at is not None and moved_at <= 8 + 6, f"still on the slow worker after step {moved_at}"
         assert used in split.offload.workers  # slow, not gone: it stays a candidate
+    finally:
+        for server in servers:
+            server.stop(None)
+
+
+def test_after_every_worker_died_a_returning_one_is_taken_back(engine, model_path, home, tmp_path_factory):
+    """The only worker is killed: a step fails with a clear error. It comes back on its address: the
+    background probe takes it back by itself, and requests are served again."""
+    expected = greedy(engine, PROMPTS[1])
+    folder = tmp_path_factory.mktemp("phoenix")
+    issue_identity(home, folder, "phoenix")
+    port = free_port()
+    with worker_process(folder, "420MB", port=port) as w:
+        split = load_engine(model_path, "numpy", "190MB", [w.address], step_timeout=2.0)
+        assert greedy(split, PROMPTS[1]) == expected
+        w.kill()
+        w.proc.wait()
+        with pytest.raises(OffloadError):
+            greedy(split, PROMPTS[1])
+        assert w.address not in split.offload.workers
+    with worker_process(folder, "420MB", port=port) as w:
+        deadline = time.monotonic() + 30
+        while w.address not in split.offload.workers and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert w.address in split.offload.workers, "the returning worker was not probed again"
+        assert greedy(split, PROMPTS[1]) == expected
+    split.offload.close()
+
+
+def tight_budgets(model_path, layers: tuple[int, ...]) -> list[int]:
+    """Budgets of exactly these many offloaded layers each, plus a third of a layer."""
+    costs = layer_costs(Llama.load(str(model_path), "numpy"))
+    return [int((n + 0.3) * max(costs[3:])) for n in layers]
+
+
+def test_a_worker_revoked_mid_generation_leaves_before_the_next_token(engine, model_path, home, tmp_path_factory):
+    """Three workers, any two of which only just hold the offloaded layers: one in the chain is revoked
+    between tokens; the next token already runs without it, and the text is the no-fault text."""
+    expected = greedy(engine, PROMPTS[2])
+    budgets = tight_budgets(model_path, (15, 14, 13))
+    names = ("r1", "r2", "r3")
+    with ExitStack() as stack:
+        workers = {}
+        for name, budget in zip(names, budgets, strict=True):
+            w = stack.enter_context(new_worker(home, tmp_path_factory, name, budget=f"{budget}B"))
+            workers[w.address] = name
+        split = load_engine(model_path, "numpy", "190MB", list(workers), step_timeout=2.0)
+        victim = split.offload.make_plan().chain[0].device.address
+        gen = split.generate(engine.prompt_ids(PROMPTS[2]), max_tokens=TOKENS, ignore_eos=True)
+        step = 0
+        while not gen.done:
+            if step == TOKENS // 2:
+                home.revoke(workers[victim])
+            ids = gen.next_input()
+            gen.advance(len(ids), split.next_logits(ids, gen.session))
+            if step == TOKENS // 2:
+                assert victim not in split.offload.workers
+                assert victim not in [s.device.address for s in split.offload.plan.chain]
+            step += 1
+        assert gen.token_ids == expected
+        split.offload.close()
+
+
+def test_a_slowdown_that_swaps_ranges_works_under_tight_budgets(engine, model_path, home, tmp_path_factory):
+    """Two workers that together only just hold the offloaded layers; the first slows tenfold: the
+    re-plan moves it to the shorter range and the other to the longer one, each freeing its old range."""
+    expected = greedy(engine, PROMPTS[0])
+    servers, services = [], {}
+    try:
+        for name, budget in zip(("tight1", "tight2"), tight_budgets(model_path, (14, 14)), strict=True):
+            folder = tmp_path_factory.mktemp(name)
+            identity = issue_identity(home, folder, name)
+            server, service, port = start_worker(identity, folder, "127.0.0.1", 0, budget, service_class=SlowingWorker)
+            servers.append(server)
+            services[f"127.0.0.1:{port}"] = service
+        split = load_engine(model_path, "numpy", "190MB", list(services), step_timeout=5.0)
+        first = split.offload.make_plan().chain[0]
+        assert first.stop - first.start == 14
+        gen = split.generate(engine.prompt_ids(PROMPTS[0]), max_tokens=TOKENS, ignore_eos=True)
+        step, moved_at = 0, None
+        while not gen.done:
+            if step == 8:
+                services[first.device.address].delay_s = 0.3
+            ids = gen.next_input()
+            gen.advance(len(ids), split.next_logits(ids, gen.session))
+            if moved_at is None and split.offload.plan.chain[0].device.address != first.device.address:
+                moved_at = step
+            step += 1
+        assert gen.token_ids == expected
+        assert moved_at is not None, "the slow worker kept the first range"
+        for address, service in services.items():  # each holds only its range of the current plan
+            assert len(service.ranges) == 1 and service.used <= service.budget, address
+        split.offload.close()
     finally:
         for server in servers:
             server.stop(None)

@@ -40,12 +40,12 @@ def test_generate_split_over_named_workers_prints_the_local_text(ca, tmp_path):
     assert local.returncode == 0, local.stderr
     with worker_process(tmp_path / "w1") as w1, worker_process(tmp_path / "w2") as w2:
         workers = ["--worker", w1.address, "--worker", w2.address]
-        split = appliance("generate", PROMPTS[0], "-n", "24", "--memory-budget", "40MB", *workers)
+        split = appliance("generate", PROMPTS[0], "-n", "24", "--memory-budget", "190MB", *workers)
         assert split.returncode == 0, split.stderr
         assert split.stdout == local.stdout
         assert "layers [0, 3) here, [3, 30) on workers" in split.stderr
 
-        plan = appliance("plan", "--memory-budget", "40MB", *workers)
+        plan = appliance("plan", "--memory-budget", "190MB", *workers)
         assert plan.returncode == 0, plan.stderr
         assert "(this appliance)" in plan.stdout and "[0, 3)" in plan.stdout
         assert w1.address in plan.stdout and w2.address in plan.stdout
@@ -53,7 +53,7 @@ def test_generate_split_over_named_workers_prints_the_local_text(ca, tmp_path):
 
 
 def test_generate_without_enough_workers_is_a_clear_error(ca):
-    result = appliance("generate", "hi", "--memory-budget", "40MB")
+    result = appliance("generate", "hi", "--memory-budget", "190MB")
     assert result.returncode == 1
     assert "no placement can hold the model" in result.stderr and "Traceback" not in result.stderr
 
@@ -66,7 +66,7 @@ def test_serve_with_workers_found_by_mdns(ca, tmp_path, engine):
     with (
         worker_process(tmp_path / "m1", extra=advertise) as m1,
         worker_process(tmp_path / "m2", extra=advertise) as m2,
-        running_server("--memory-budget", "40MB", "--no-advertise") as server,
+        running_server("--memory-budget", "190MB", "--no-advertise") as server,
     ):
         client = OpenAI(base_url=f"{server.url}/v1", api_key="test-key")
         reply = client.completions.create(model=engine.name, prompt=PROMPTS[1], max_tokens=24, temperature=0)

@@ -28,7 +28,7 @@ def test_the_last_worker_answers_the_appliance_directly(ca, tmp_path, model_path
         DelayRelay(w1.address) as r1,
         DelayRelay(w2.address) as r2,
     ):
-        split = load_engine(model_path, "numpy", "40MB", [r1.address, r2.address])
+        split = load_engine(model_path, "numpy", "190MB", [r1.address, r2.address])
         chain = [s.device.address for s in split.offload.make_plan().chain]
         assert len(chain) == 2
         first, last = (r1, r2) if chain[0] == r1.address else (r2, r1)
@@ -54,7 +54,7 @@ def test_identical_output_over_delayed_jittery_rate_limited_links(ca, tmp_path, 
             DelayRelay(w1.address, 3, 1, listen=f"{lan.host_address}:0") as r1,
             DelayRelay(w2.address, 3, 1, listen=f"{lan.host_address}:0") as r2,
         ):
-            split = load_engine(model_path, "numpy", "40MB", [r1.address, r2.address])
+            split = load_engine(model_path, "numpy", "190MB", [r1.address, r2.address])
             assert len(split.offload.make_plan().chain) == 2
             for prompt in PROMPTS:
                 assert greedy(split, prompt) == greedy(engine, prompt)

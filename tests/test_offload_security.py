@@ -17,7 +17,7 @@ from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.client import WorkerClient, WorkerRefused, layer_manifest
 from offload.pki import CertificateAuthority, Identity, PairingError, issue_identity, new_key, signing_request
-from offload.worker import GRPC_OPTIONS
+from offload.protocol import GRPC_OPTIONS
 from tests.serving import running_server
 
 
@@ -169,12 +169,12 @@ def test_an_unpaired_worker_will_not_start(tmp_path):
 def test_a_worker_refuses_layers_beyond_its_budget(ca, tmp_path, model_path):
     issue_identity(ca, tmp_path / "w", "tiny")
     model = Llama.load(str(model_path), "numpy")
-    with worker_process(tmp_path / "w", budget="5MB") as w:
+    with worker_process(tmp_path / "w", budget="45MB") as w:
         client = WorkerClient(w.address, ca.identity())
         with pytest.raises(grpc.RpcError) as refused:
             client.ensure_layers(model, "m", 0, 4, layer_manifest(model, 0, 4))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "budget is 5.0 MB" in refused.value.details()
+        assert "budget is 45.0 MB" in refused.value.details()
         client.ensure_layers(model, "m", 0, 2, layer_manifest(model, 0, 2))  # what fits is taken
 
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -212,11 +213,15 @@ class Worker:
         os.kill(self.proc.pid, signal.SIGCONT)
 
 
-def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_listening(host: str, port: int, proc: subprocess.Popen, log=None, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            said = ""
+            if log is not None:
+                log.seek(0)
+                said = log.read()[-2000:]
+            raise RuntimeError(f"worker exited with {proc.returncode}: {said}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -228,7 +233,7 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float 
 @contextmanager
 def worker_process(
     home: Path,
-    budget: str = "60MB",
+    budget: str = "210MB",
     host: str = "127.0.0.1",
     port: int | None = None,
     netns: str | None = None,
@@ -253,9 +258,10 @@ def worker_process(
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  closed below; a pipe nobody reads would stall a worker
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
     try:
-        wait_listening(host, port, proc)
+        wait_listening(host, port, proc, log)
         yield Worker(f"{host}:{port}", proc, home)
     finally:
         if proc.poll() is None:
@@ -266,6 +272,7 @@ def worker_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        log.close()
 
 
 if __name__ == "__main__":  # python -m appliance.bench.netsim TARGET DELAY_MS JITTER_MS LISTEN: a relay until killed

@@ -1,6 +1,6 @@
 """`appliance bench-offload`: the model split over workers, beside llama.cpp's RPC backend, same links.
 
-Placements: all local; the appliance (embedding, head, the first layers its 40 MB budget holds) plus
+Placements: all local; the appliance (embedding, head, the first layers its 190 MB budget holds) plus
 one worker; plus two workers. Links: loopback, then a delaying relay of d ms one way in front of
 every worker (the same relay in front of llama.cpp's `ggml-rpc-server`s). Every process computes
 on one thread. Figures per placement: time to first token, decode ms per token (median step), the
@@ -36,8 +36,8 @@ from models.gguf_file import open_gguf
 from offload.client import WorkerClient
 from offload.pki import issue_identity
 
-APPLIANCE_BUDGET = "40MB"
-PLACEMENTS = {1: ["200MB"], 2: ["50MB", "50MB"]}  # workers' budgets: the 2-worker case must split
+APPLIANCE_BUDGET = "190MB"
+PLACEMENTS = {1: ["420MB"], 2: ["210MB", "210MB"]}  # workers' budgets: the 2-worker case must split
 err = Console(stderr=True, highlight=False)
 
 
@@ -167,7 +167,7 @@ def rpc_server(binaries: Path) -> Iterator[str]:
     """One ggml-rpc-server on a free loopback port, computing on one thread."""
     port = free_port()
     cmd = [str(binaries / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # no pipe left unread
     try:
         wait_listening("127.0.0.1", port, proc)
         yield f"127.0.0.1:{port}"

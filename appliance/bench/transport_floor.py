@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from offload.pki import Identity
-from offload.worker import GRPC_OPTIONS, secure_channel
+from offload.protocol import MESSAGE_OPTIONS, secure_channel
 
 ECHO_METHOD = "/appliance.Echo/Stream"
 
@@ -62,7 +62,7 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes:
 
 
 def _grpc_echo(identity: Identity, port_out) -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS[:2])  # as a worker's
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=MESSAGE_OPTIONS)  # as a worker's
     handler = grpc.stream_stream_rpc_method_handler(lambda requests, context: requests)
     service, method = ECHO_METHOD.strip("/").split("/")
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
