@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import httpx
 import openai
@@ -48,11 +47,9 @@ def test_32_concurrent_streams(engine, model_path):
 
         stream(PROMPTS[0])  # warm: weights prepared, first allocations made
         idle = rss_mib(server.pid)
-        started = time.monotonic()
         jobs = [PROMPTS[i % len(PROMPTS)] for i in range(32)]
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
-            texts = list(pool.map(stream, jobs, timeout=600))
-        assert time.monotonic() - started < 600
+            texts = list(pool.map(stream, jobs, timeout=600))  # the time bound: TimeoutError past it
         assert texts == [expected[p] for p in jobs]
         health = httpx.get(f"{server.url}/health").json()
         assert health["active"] == 0 and health["waiting"] == 0
