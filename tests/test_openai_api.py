@@ -199,6 +199,7 @@ def test_full_queue_is_a_429_with_a_retry_hint(engine):
 
 def test_metrics(url, client, engine):
     client.completions.create(model=engine.name, prompt="Hello", max_tokens=3, temperature=0)
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401  # counted
     text = httpx.get(f"{url}/metrics").text
     for name in (
         "appliance_requests_total",
