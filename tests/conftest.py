@@ -10,8 +10,10 @@ import pytest
 # mDNS from tests (and the servers and workers they start) stays on loopback.
 os.environ["APPLIANCE_MDNS_INTERFACES"] = "127.0.0.1"
 
+from appliance.startup import certificate_authority
 from models.engine import Engine
 from models.store import ModelStore
+from offload.pki import CertificateAuthority
 
 
 def gpu_present() -> bool:
@@ -36,6 +38,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     return ModelStore().get()
+
+
+@pytest.fixture()
+def ca(tmp_path, monkeypatch) -> CertificateAuthority:
+    """A fresh APPLIANCE_HOME for this test, and the certificate authority the appliance makes there."""
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "appliance"))
+    return certificate_authority()
 
 
 @pytest.fixture(scope="session")

@@ -8,23 +8,15 @@ import sys
 import time
 
 import httpx
-import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.bench.netsim import worker_process
-from appliance.startup import certificate_authority
 from offload import offload_pb2 as pb
 from offload.client import WorkerClient
 from offload.pki import issue_identity
 from tests.serving import running_server
 from tests.test_offload import PROMPTS
-
-
-@pytest.fixture()
-def ca(tmp_path, monkeypatch):
-    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "appliance"))
-    return certificate_authority()
 
 
 def appliance(*args: str) -> subprocess.CompletedProcess:

@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 
 from appliance.bench.netsim import DelayRelay, can_build_lan, home_lan, worker_process
-from appliance.startup import certificate_authority, load_engine
+from appliance.startup import load_engine
 from offload.pki import issue_identity
 from tests.test_offload import PROMPTS, TOKENS, greedy
 
 HIDDEN_BYTES = 576 * 4  # one token's hidden state, fp32
-
-
-@pytest.fixture()
-def ca(tmp_path, monkeypatch):
-    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "appliance"))
-    return certificate_authority()
 
 
 def test_the_last_worker_answers_the_appliance_directly(ca, tmp_path, model_path):

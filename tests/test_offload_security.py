@@ -11,7 +11,6 @@ import grpc
 import pytest
 
 from appliance.bench.netsim import free_port, worker_process
-from appliance.startup import certificate_authority
 from models.llama import Llama
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
@@ -19,12 +18,6 @@ from offload.client import WorkerClient, WorkerRefused, layer_manifest
 from offload.pki import CertificateAuthority, Identity, PairingError, issue_identity, new_key, signing_request
 from offload.protocol import GRPC_OPTIONS
 from tests.serving import running_server
-
-
-@pytest.fixture()
-def ca(tmp_path, monkeypatch) -> CertificateAuthority:
-    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "appliance"))
-    return certificate_authority()
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
