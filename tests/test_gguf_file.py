@@ -66,7 +66,8 @@ def test_another_llama_file_in_every_format_matches_transformers(tmp_path, smol_
     with torch.inference_mode():
         theirs = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
-    assert engine.model.lm_head.shape == (64, 49152)  # its own output.weight (kept as W^T), not the embedding
+    config = engine.model.config
+    assert engine.model.lm_head.shape == (config.dim, config.vocab_size)  # its own output.weight, not the embedding
 
 
 K_MIXED = {

@@ -25,7 +25,7 @@ def appliance(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_generate_split_over_named_workers_prints_the_local_text(ca, tmp_path):
+def test_generate_split_over_named_workers_prints_the_local_text(ca, tmp_path, engine):
     for name in ("w1", "w2"):
         issue_identity(ca, tmp_path / name, name)
     local = appliance("generate", PROMPTS[0], "-n", "24")
@@ -35,7 +35,7 @@ def test_generate_split_over_named_workers_prints_the_local_text(ca, tmp_path):
         split = appliance("generate", PROMPTS[0], "-n", "24", "--memory-budget", "190MB", *workers)
         assert split.returncode == 0, split.stderr
         assert split.stdout == local.stdout
-        assert "layers [0, 3) here, [3, 30) on workers" in split.stderr
+        assert f"layers [0, 3) here, [3, {engine.model.config.n_layers}) on workers" in split.stderr
 
         plan = appliance("plan", "--memory-budget", "190MB", *workers)
         assert plan.returncode == 0, plan.stderr

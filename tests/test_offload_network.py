@@ -9,8 +9,6 @@ from appliance.startup import load_engine
 from offload.pki import issue_identity
 from tests.test_offload import PROMPTS, TOKENS, greedy
 
-HIDDEN_BYTES = 576 * 4  # one token's hidden state, fp32
-
 
 def test_the_last_worker_answers_the_appliance_directly(ca, tmp_path, model_path):
     """appliance -> w1 -> w2 -> appliance: hidden states never travel back through w1."""
@@ -23,6 +21,7 @@ def test_the_last_worker_answers_the_appliance_directly(ca, tmp_path, model_path
         DelayRelay(w2.address) as r2,
     ):
         split = load_engine(model_path, "numpy", "190MB", [r1.address, r2.address])
+        hidden_bytes = split.model.config.dim * 4  # one token's hidden state, fp32
         chain = [s.device.address for s in split.offload.make_plan().chain]
         assert len(chain) == 2
         first, last = (r1, r2) if chain[0] == r1.address else (r2, r1)
@@ -31,8 +30,8 @@ def test_the_last_worker_answers_the_appliance_directly(ca, tmp_path, model_path
         before = {"first": first.bytes_down, "last": last.bytes_down}
         gen.run()  # 31 more tokens, one message each
         decoded = TOKENS - 1
-        assert last.bytes_down - before["last"] >= decoded * HIDDEN_BYTES  # outputs come from the last worker
-        assert first.bytes_down - before["first"] < decoded * HIDDEN_BYTES / 4  # only HTTP/2 bookkeeping
+        assert last.bytes_down - before["last"] >= decoded * hidden_bytes  # outputs come from the last worker
+        assert first.bytes_down - before["first"] < decoded * hidden_bytes / 4  # only HTTP/2 bookkeeping
 
 
 @pytest.mark.skipif(bool(can_build_lan()), reason=f"LAN simulation unavailable: {can_build_lan()}")
