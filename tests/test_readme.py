@@ -1,19 +1,20 @@
-"""The README's curl, openai and tritonclient examples, run as written against `appliance serve` on
-its default ports, with the key it makes on first start."""
+"""The README's curl, openai and tritonclient examples, run as written against `appliance serve`, with
+the key it makes on first start. Only the ports differ: the server takes free ones (8000 and 8001 may be
+held by something else on a test machine), and the examples' `localhost:8000` and `:8001` follow it."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from appliance.bench.launch import running
+from appliance.bench.launch import free_port, running
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -22,41 +23,51 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+@dataclass
+class Served:
+    env: dict[str, str]
+    http_port: int
+    grpc_port: int
+
+    def example(self, text: str) -> str:
+        """The README's example text, its default ports moved to this server's."""
+        assert "localhost:8000" in text or "localhost:8001" in text, "the example names no default port"
+        text = text.replace("localhost:8000", f"localhost:{self.http_port}")
+        return text.replace("localhost:8001", f"localhost:{self.grpc_port}")
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, model_path):
+def served(tmp_path_factory, model_path):
     """A fresh HOME holding only the model: the server makes its keys there, as on a new box."""
-    if not (port_free(8000) and port_free(8001)):
-        pytest.fail("ports 8000 and 8001 must be free for the README examples (something else holds them)")
     home = tmp_path_factory.mktemp("home")
     store = home / ".cache" / "appliance" / "models"
     store.mkdir(parents=True)
     shutil.copyfile(model_path, store / model_path.name)
     env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_HOME", "XDG_CACHE_HOME")}
     env["HOME"] = str(home)
-    with running(
-        [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1"], "http://127.0.0.1:8000/health", env=env
-    ):
-        yield env
+    http_port = free_port()
+    grpc_port = free_port()
+    while grpc_port == http_port:
+        grpc_port = free_port()
+    ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    serve = [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1", *ports]
+    with running(serve, f"http://127.0.0.1:{http_port}/health", env=env):
+        yield Served(env, http_port, grpc_port)
 
 
-def test_curl_example(home):
+def test_curl_example(served):
     (curl,) = [b for b in blocks("sh") if "curl" in b]
-    r = subprocess.run(["bash", "-c", curl], env=home, capture_output=True, text=True, timeout=120)
+    command = ["bash", "-c", served.example(curl)]
+    r = subprocess.run(command, env=served.env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert '"choices"' in r.stdout and '"content"' in r.stdout
 
 
 @pytest.mark.parametrize("marker", ["import openai", "tritonclient.grpc"])
-def test_python_examples(home, marker):
+def test_python_examples(served, marker):
     (code,) = [b for b in blocks("python") if marker in b]
-    key = (Path(home["HOME"]) / ".cache" / "appliance" / "api-key").read_text().strip()
-    r = subprocess.run(
-        [sys.executable, "-c", f"KEY = {key!r}\n{code}"], env=home, capture_output=True, text=True, timeout=120
-    )
+    key = (Path(served.env["HOME"]) / ".cache" / "appliance" / "api-key").read_text().strip()
+    program = f"KEY = {key!r}\n{served.example(code)}"
+    r = subprocess.run([sys.executable, "-c", program], env=served.env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
