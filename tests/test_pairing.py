@@ -51,12 +51,7 @@ def _signed_by(ca: CertificateAuthority, cert_pem: bytes) -> bool:
     return True
 
 
-# -- the codes store, in-process ------------------------------------------------------------------
-@pytest.fixture()
-def ca(tmp_path) -> CertificateAuthority:
-    return CertificateAuthority(tmp_path / "pki")
-
-
+# -- the codes store, in-process (ca: the fixture in conftest) -------------------------------------
 def test_first_starts_and_code_requests_at_once_make_one_ca_and_lose_no_code(tmp_path):
     folder = tmp_path / "pki"
     with ThreadPoolExecutor(16) as pool:
