@@ -10,7 +10,7 @@ from typing import TypeVar
 from rich.console import Console
 
 from models.errors import ModelError
-from offload.client import WorkerRefused
+from offload.errors import WorkerRefused
 from offload.pki import PairingError
 
 F = TypeVar("F", bound=Callable)

@@ -66,7 +66,7 @@ def verify_model(name: NameArg = "smollm2-135m-instruct") -> None:
 @friendly_errors
 def pair(ttl: Annotated[int, typer.Option(help="Seconds the code stays valid (1 to 3600).")] = 300) -> None:
     """Print a one-time pairing code for a new worker."""
-    from appliance.startup import certificate_authority
+    from offload.pki import certificate_authority
 
     code = certificate_authority().new_code(ttl)
     print(code)
@@ -81,7 +81,7 @@ def pair(ttl: Annotated[int, typer.Option(help="Seconds the code stays valid (1 
 @friendly_errors
 def list_workers() -> None:
     """Paired devices, and whether their certificates are revoked."""
-    from appliance.startup import certificate_authority
+    from offload.pki import certificate_authority
 
     ca = certificate_authority()
     revoked = ca.revoked_serials()
@@ -99,7 +99,7 @@ def list_workers() -> None:
 @friendly_errors
 def revoke(name: Annotated[str, typer.Argument(help="The device's name, as `workers list` shows it.")]) -> None:
     """Revoke a device's certificates: the appliance no longer uses it (re-pair to use it again)."""
-    from appliance.startup import certificate_authority
+    from offload.pki import certificate_authority
 
     n = certificate_authority().revoke(name)
     print(f"revoked {n} certificate(s) of {name}")

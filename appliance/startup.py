@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.console import stderr
 from models.engine import Engine
 from models.llama import Llama
-from models.store import default_root
-from offload.client import WorkerRefused
-from offload.coordinator import Coordinator, OffloadError
-from offload.pki import CertificateAuthority
-from offload.planner import parse_size
-from offload.revocation import RevokedFile
+from offload.errors import WorkerRefused
 
-
-def pki_folder() -> Path:
-    return default_root().parent / "pki"
-
-
-def certificate_authority() -> CertificateAuthority:
-    return CertificateAuthority(pki_folder())
+if TYPE_CHECKING:
+    from offload.coordinator import Coordinator
 
 
 def coordinator_for(
@@ -38,6 +29,11 @@ def coordinator_for(
     With discover, it waits up to discover_wait seconds for enough workers to answer mDNS. Workers
     that do not answer now (or drop out later) are probed again in the background.
     """
+    from offload.coordinator import Coordinator, OffloadError  # grpc: loaded only when layers may go to workers
+    from offload.pki import certificate_authority
+    from offload.planner import parse_size
+    from offload.revocation import RevokedFile
+
     ca = certificate_authority()
     revoked = RevokedFile(ca.folder / "revoked.json")
     coordinator = Coordinator(model, parse_size(memory_budget), ca.identity(), revoked, wire_dtype, step_timeout)

@@ -22,13 +22,10 @@ from cryptography import x509
 from models.llama import Llama, layer_tensor_names
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
+from offload.errors import WorkerRefused
 from offload.pki import Identity, certificate_name
 from offload.protocol import CULPRIT_KEY, PROTOCOL, secure_channel
 from offload.wire import MalformedTensor, chunks, decode, encode, tensor_spec
-
-
-class WorkerRefused(Exception):
-    """This worker may not be used (not paired with us, revoked, wrong protocol); the message says why."""
 
 
 class ChainBroken(Exception):

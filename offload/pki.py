@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from models.store import default_root
+
 # Every worker certificate also carries this name, which clients verify: workers are reached by
 # whatever address the LAN gives them, so the CA (not the address) is what proves who they are.
 WORKER_SAN = "appliance-worker"
@@ -303,6 +305,11 @@ class CertificateAuthority:
 
     def _save_json(self, file: str, data: dict) -> None:
         write_atomic(self.folder / file, json.dumps(data, indent=1).encode())
+
+
+def certificate_authority() -> CertificateAuthority:
+    """This appliance's CA: APPLIANCE_HOME/pki (beside the model store), made on first use."""
+    return CertificateAuthority(default_root().parent / "pki")
 
 
 def certificate_name(cert: x509.Certificate) -> str:

@@ -10,10 +10,9 @@ import pytest
 # mDNS from tests (and the servers and workers they start) stays on loopback.
 os.environ["APPLIANCE_MDNS_INTERFACES"] = "127.0.0.1"
 
-from appliance.startup import certificate_authority
 from models.engine import Engine
 from models.store import ModelStore
-from offload.pki import CertificateAuthority
+from offload.pki import CertificateAuthority, certificate_authority
 
 
 def gpu_present() -> bool:

@@ -11,11 +11,11 @@ import pytest
 
 from appliance.bench.launch import free_port
 from appliance.bench.netsim import worker_process
-from appliance.startup import certificate_authority, load_engine
+from appliance.startup import load_engine
 from models.engine import Engine
 from models.llama import Llama, Session
 from offload.coordinator import OffloadError, layer_costs
-from offload.pki import issue_identity
+from offload.pki import certificate_authority, issue_identity
 from offload.planner import parse_size
 from offload.worker import WorkerService, start_worker
 

@@ -17,7 +17,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from appliance.startup import certificate_authority
 from offload import pki
 from offload.pairing import PAIR_PATH, pair_with_appliance
 from offload.pki import (
@@ -27,6 +26,7 @@ from offload.pki import (
     NameTaken,
     PairingError,
     PairingLocked,
+    certificate_authority,
     new_key,
     signing_request,
 )

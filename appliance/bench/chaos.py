@@ -21,12 +21,12 @@ from pathlib import Path
 
 from appliance.bench.launch import free_port
 from appliance.bench.netsim import Worker, worker_process
-from appliance.startup import certificate_authority, load_engine
+from appliance.startup import load_engine
 from models.engine import Engine
 from models.llama import Llama
 from models.store import ModelStore
 from offload.coordinator import Coordinator, layer_costs
-from offload.pki import issue_identity
+from offload.pki import certificate_authority, issue_identity
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 TOKENS = 24

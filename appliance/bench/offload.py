@@ -30,11 +30,11 @@ from appliance.bench.engine import FILLER, print_table
 from appliance.bench.launch import free_port
 from appliance.bench.netsim import relay_process, wait_listening, worker_process
 from appliance.bench.transport_floor import measure_floor
-from appliance.startup import certificate_authority, load_engine
+from appliance.startup import load_engine
 from models.engine import Engine
 from models.gguf_file import open_gguf
 from offload.client import WorkerClient
-from offload.pki import issue_identity
+from offload.pki import certificate_authority, issue_identity
 
 APPLIANCE_BUDGET = "190MB"
 PLACEMENTS = {1: ["420MB"], 2: ["210MB", "210MB"]}  # workers' budgets: the 2-worker case must split

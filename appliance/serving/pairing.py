@@ -7,9 +7,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from appliance.serving.openai_api import OpenAIError
-from appliance.startup import certificate_authority
 from offload.pairing import PAIR_PATH
-from offload.pki import PairingError, PairingLocked
+from offload.pki import PairingError, PairingLocked, certificate_authority
 
 router = APIRouter(include_in_schema=False)
 
