@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test run test lint bench bench-serve bench-offload proto clean
+.PHONY: install install-test run test lint bench bench-serve bench-offload soak proto clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,11 @@ bench-serve: $(VENV)/.installed-bench
 ## bench-offload: all-local vs split over 1 and 2 workers, loopback and delayed links, beside llama.cpp's RPC
 bench-offload: $(VENV)/.installed-test $(VENV)/llama-rpc/llama-bench
 	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/appliance bench-offload --llama-bin $(VENV)/llama-rpc
+
+## soak: 16 clients for 5 minutes mixing good, bad, cancelled and oversized requests over /v1, /v2 and gRPC
+soak: $(VENV)/.installed-test
+	$(BIN)/appliance-ctl models fetch
+	$(BIN)/python -m appliance.bench.soak --seconds $(or $(SOAK_SECONDS),300) --clients 16
 
 # llama.cpp's RPC server and llama-bench, built from the sources inside the llama-cpp-python sdist (never vendored)
 $(VENV)/llama-rpc/llama-bench: $(VENV)/.installed-test
