@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.serving import openai_api
+from appliance.serving.disconnect import ClientLeft
 from appliance.serving.errors import error_response
 from appliance.serving.kserve import http as kserve_http
 from appliance.serving.kserve.repository import KServeError, Repository
@@ -174,6 +175,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def bad_input(request: Request, e: ModelError):
         code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
         return _reply(request, 400, str(e), code)
+
+    @app.exception_handler(ClientLeft)
+    async def gone(request: Request, e: ClientLeft):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the metrics count it
 
     @app.exception_handler(GenerationError)
     async def failed(request: Request, e: GenerationError):
