@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test run test lint bench bench-serve bench-offload chaos proto fatbin gpu-carry gpu-check clean
+.PHONY: install install-test run test lint bench bench-serve bench-offload chaos soak proto fatbin gpu-carry gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench-offload: $(VENV)/.installed-test $(VENV)/llama-rpc/llama-bench
 ## chaos: 20 trials of a worker killed or frozen mid-generation under tight budgets; each text must be all-local's
 chaos: install-test
 	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m appliance.bench.chaos --trials 20
+
+## soak: 16 clients for 5 minutes mixing good, bad, cancelled and oversized requests over /v1, /v2 and gRPC
+soak: $(VENV)/.installed-test
+	$(BIN)/appliance-ctl models fetch
+	$(BIN)/python -m appliance.bench.soak --seconds $(or $(SOAK_SECONDS),300) --clients 16
 
 # llama.cpp's RPC server and llama-bench, built from the sources inside the llama-cpp-python sdist (never vendored)
 $(VENV)/llama-rpc/llama-bench: $(VENV)/.installed-test

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +18,8 @@ from appliance.console import friendly_errors, stderr
 from appliance.startup import load_engine
 from models.sampling import SamplingParams
 from models.store import ModelStore
+
+SHUTDOWN_GRACE_S = 3  # seconds running requests get to finish after SIGTERM, on HTTP and gRPC alike
 
 app = typer.Typer(
     help="The appliance: local LLM inference.",
@@ -112,6 +118,17 @@ def serve(
     from appliance.serving.scheduler import Scheduler
     from appliance.serving.state import ServerState
 
+    class _HttpServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """As uvicorn's, but without re-raising the signal at the end: gRPC and the scheduler stop after."""
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
     if no_auth:
         keys: frozenset[str] = frozenset()
         admin_keys: frozenset[str] = frozenset()
@@ -130,15 +147,27 @@ def serve(
     app = create_app(state)
 
     async def run() -> None:
+        http_socket = listen(host, http_port)  # both ports bound before "serving" is said
         grpc_server = await start_grpc(app.state.kserve, host, grpc_port)
         stderr.print(
             f"serving {engine.name} (backend: {engine.model.backend.name}): "
             f"HTTP on {host}:{http_port}, gRPC on {host}:{grpc_port}"
         )
+        # SIGTERM/SIGINT: uvicorn stops taking connections and gives running requests a few seconds;
+        # gRPC drains over the same seconds, side by side.
+        http = _HttpServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+
+        async def stop_grpc_on_exit() -> None:
+            while not http.should_exit:
+                await asyncio.sleep(0.1)
+            await grpc_server.stop(grace=SHUTDOWN_GRACE_S)
+
+        stopper = asyncio.ensure_future(stop_grpc_on_exit())
         try:
-            await uvicorn.Server(uvicorn.Config(app, host=host, port=http_port, log_level="warning")).serve()
+            await http.serve(sockets=[http_socket])
         finally:
-            await grpc_server.stop(grace=2)
+            http.should_exit = True
+            await stopper
 
     announced = None
     if advertise:
@@ -159,6 +188,15 @@ def serve(
         scheduler.stop()
         if announced is not None:
             announced.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket, or a ValueError (an `error:` line) when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise ValueError(f"cannot listen for HTTP on {host}:{port}: {e.strerror or e}") from e
 
 
 @app.command()

@@ -1,12 +1,20 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+
+Every finite parameter gives a valid token: the arithmetic is done in float64 after subtracting
+the maximum, so a temperature of 1e-300 (scaled logits that would overflow) is simply greedy-like,
+and a huge one is near uniform.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from models.errors import ModelError
+
+SEED_SPACE = 2**64  # seeds are folded into [0, 2**64): any integer, negative or huge, is a seed
 
 
 class InvalidParameterError(ModelError):
@@ -19,25 +27,34 @@ class SamplingParams:
     top_k: int = 0  # 0 keeps all
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # 1 is none
-    seed: int | None = None  # same seed, same text
+    seed: int | None = None  # same seed, same text; folded into [0, 2**64)
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise InvalidParameterError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidParameterError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidParameterError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidParameterError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:  # also refuses NaN
             raise InvalidParameterError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise InvalidParameterError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidParameterError(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
+            )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidParameterError(f"seed must be an integer, got {self.seed!r}")
 
 
 def penalize(logits: np.ndarray, history: list[int], penalty: float) -> np.ndarray:
-    """CTRL's repetition penalty: tokens already seen lose likelihood (divide if positive, else multiply)."""
-    logits = logits.astype(np.float64)
+    """CTRL's repetition penalty: tokens already seen lose likelihood (divide if positive, else multiply).
+
+    float64, NaN read as -inf and infinities clipped to the largest finite value, so the rest of
+    sampling only ever sees finite numbers or -inf."""
+    logits = np.nan_to_num(logits.astype(np.float64), nan=-np.inf, posinf=np.finfo(np.float64).max)
     if penalty != 1.0 and history:
         seen = np.unique(np.asarray(history))
-        logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+        with np.errstate(over="ignore", under="ignore"):
+            logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+        logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max)
     return logits
 
 
@@ -46,17 +63,24 @@ class Sampler:
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % SEED_SPACE)
 
     def probabilities(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """The distribution sampled from: penalty, then temperature, then top-k, then top-p."""
         p = self.params
-        logits = penalize(logits, history, p.repetition_penalty) / p.temperature
-        if 0 < p.top_k < logits.size:
-            kth = np.partition(logits, -p.top_k)[-p.top_k]
-            logits[logits < kth] = -np.inf
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
+        logits = penalize(logits, history, p.repetition_penalty)
+        top = logits.max()
+        if top == -np.inf:  # nothing is possible: fall back to uniform rather than fail
+            return np.full(logits.size, 1.0 / logits.size)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            scaled = (logits - top) / p.temperature  # <= 0, the best token exactly 0: exp never overflows
+        scaled = np.nan_to_num(scaled, nan=-np.inf)
+        if 0 < p.top_k < scaled.size:
+            kth = np.partition(scaled, -p.top_k)[-p.top_k]
+            scaled[scaled < kth] = -np.inf
+        with np.errstate(under="ignore"):
+            probs = np.exp(scaled)
+        probs /= probs.sum()  # >= 1: the best token contributes exp(0)
         if p.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
             before = np.cumsum(probs[order]) - probs[order]  # mass of strictly more likely tokens

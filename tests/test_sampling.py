@@ -65,8 +65,42 @@ def test_draws_follow_the_distribution():
         {"top_p": 1.5},
         {"repetition_penalty": 0},
         {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"top_p": float("nan")},
+        {"repetition_penalty": float("inf")},
+        {"top_k": 1.5},
+        {"seed": 1.5},
     ],
 )
 def test_bad_parameters_are_refused(kwargs):
     with pytest.raises(InvalidParameterError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30, 1e-8, 1e30, 1e300, 1.7e308])
+@pytest.mark.parametrize("penalty", [1e-300, 1.0, 1e300])
+def test_any_finite_parameters_give_a_valid_token(temperature, penalty):
+    """Scaled logits that overflow (a tiny temperature, a huge penalty) still give a distribution."""
+    logits = np.array([3e38, -3e38, 0.0, 1.0, -np.inf, np.nan], dtype=np.float32)
+    for top_k, top_p in ((0, 1.0), (2, 1e-9), (10**30, 0.5)):
+        s = Sampler(SamplingParams(temperature, top_k, top_p, penalty, seed=-(2**80)))
+        probs = s.probabilities(logits, [0, 3, 5])
+        assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+        assert 0 <= s(logits, [0, 3]) < logits.size
+
+
+def test_a_tiny_temperature_is_greedy():
+    assert {Sampler(SamplingParams(temperature=1e-300, seed=s))(LOGITS, []) for s in range(20)} == {0}
+
+
+def test_seeds_fold_into_range():
+    """Negative and huge seeds are accepted: a seed and the same seed mod 2**64 give the same draws."""
+    a = Sampler(SamplingParams(temperature=1.0, seed=-1))
+    b = Sampler(SamplingParams(temperature=1.0, seed=2**64 - 1))
+    assert [a(LOGITS, []) for _ in range(30)] == [b(LOGITS, []) for _ in range(30)]
+    c = Sampler(SamplingParams(temperature=1.0, seed=2**200))
+    assert 0 <= c(LOGITS, []) < 4
+
+
+def test_all_impossible_logits_still_give_a_token():
+    assert 0 <= Sampler(SamplingParams(temperature=1.0))(np.full(4, -np.inf), []) < 4

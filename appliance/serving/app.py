@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance import __version__
 from appliance.serving import openai_api, pairing
 from appliance.serving.auth import AuthError
+from appliance.serving.disconnect import ClientLeft
+from appliance.serving.errors import error_response
 from appliance.serving.kserve import http as kserve_http
 from appliance.serving.kserve.repository import KServeError, Repository
 from appliance.serving.openai_api import OpenAIError
-from appliance.serving.scheduler import QueueFullError
+from appliance.serving.scheduler import GenerationError, QueueFullError
 from appliance.serving.state import ServerState
 from models.errors import ContextLengthError, ModelError
 
+log = logging.getLogger("appliance")
+
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes with 413, whether or not they declare a length."""
+    """Refuse request bodies over `limit` bytes with 413, whether or not they declare a length.
+
+    A chunked body is counted as it is read; once over, whatever the app would answer (it sees a
+    broken body) is replaced by the 413 in the path's protocol shape."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
@@ -28,48 +38,43 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = error_response(scope["path"], 413, f"request body over the limit of {self.limit} bytes")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _too_large(self.limit, send)
-        seen = 0
+            return await too_large(scope, receive, send)
+        seen, over, answered = 0, False, False
 
-        async def counted() -> dict:
-            nonlocal seen
+        async def counted() -> Message:
+            nonlocal seen, over
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                over = True
                 raise _TooLarge
             return message
 
+        async def guarded(message: Message) -> None:
+            nonlocal answered
+            if over:  # the app's own answer to the cut-off body is dropped for the 413
+                if not answered:
+                    answered = True
+                    await too_large(scope, receive, send)
+                return
+            await send(message)
+
         try:
-            await self.app(scope, counted, send)
+            await self.app(scope, counted, guarded)
         except _TooLarge:
-            await _too_large(self.limit, send)
+            if not answered:
+                await too_large(scope, receive, send)
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _too_large(limit: int, send: Send) -> None:
-    await JSONResponse(
-        _error_body("/v1", f"request body over the limit of {limit} bytes", "request_too_large"), status_code=413
-    )({"type": "http"}, None, send)
-
-
-def _error_body(path: str, message: str, code: str | None = None) -> dict:
-    """OpenAI clients expect {"error": {...}}; KServe clients expect {"error": "..."}."""
-    if path.startswith("/v1"):
-        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    return {"error": message}
-
-
-def _reply_path(path: str, status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(path, message, code), status_code=status)
-
-
 def _reply(request: Request, status: int, message: str, code: str | None = None, headers=None) -> JSONResponse:
-    return JSONResponse(_error_body(request.url.path, message, code), status_code=status, headers=headers)
+    return error_response(request.url.path, status, message, code, headers)
 
 
 def _describe(errors: list[dict]) -> str:
@@ -83,7 +88,7 @@ def _describe(errors: list[dict]) -> str:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(
         title="appliance",
-        version="0.1.0",
+        version=__version__,
         description="OpenAI-compatible REST and KServe v2 (Triton) for the home's language models.",
     )
     app.state.appliance = state
@@ -100,7 +105,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def count(request: Request, call_next):
         path = request.url.path
         protocol = "openai" if path.startswith("/v1/") else "kserve" if path.startswith("/v2/") else None
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as e:  # a bug: still an answer in the protocol's shape, and the traceback in the log
+            log.exception("unhandled error on %s", path)
+            response = error_response(path, 500, f"internal error: {type(e).__name__}")
         if protocol:
             metrics.requests.labels(protocol).inc()
             if response.status_code >= 400:
@@ -112,13 +121,16 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        """200 while the engine can serve; 503 when it cannot (the scheduler stopped, or its steps keep failing)."""
+        ready = state.scheduler.ready
+        body = {
+            "status": "ok" if ready else "unavailable",
             "model": state.model_name,
             "active": len(state.scheduler.active),
             "waiting": len(state.scheduler.waiting),
         }
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, e: OpenAIError):
@@ -148,5 +160,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def bad_input(request: Request, e: ModelError):
         code = "context_length_exceeded" if isinstance(e, ContextLengthError) else None
         return _reply(request, 400, str(e), code)
+
+    @app.exception_handler(ClientLeft)
+    async def gone(request: Request, e: ClientLeft):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the metrics count it
+
+    @app.exception_handler(GenerationError)
+    async def failed(request: Request, e: GenerationError):
+        return _reply(request, 500, str(e), "generation_failed")
 
     return app

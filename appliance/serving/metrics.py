@@ -89,6 +89,10 @@ class Metrics:
         self.waiting = Gauge("appliance_waiting_requests", "Requests queued for the batch", registry=r)
         self.kv_bytes = Gauge("appliance_kv_cache_bytes", "KV-cache memory of the running batch", registry=r)
         self.finished = Counter("appliance_finished", "Generations ended", ["reason"], registry=r)
+        self.cancelled = Counter(
+            "appliance_generations_cancelled", "Generations stopped because their client left", registry=r
+        )
+        self.failed = Counter("appliance_generations_failed", "Generations ended by a server-side failure", registry=r)
         r.register(GpuCollector())
 
     def watch_offload(self, coordinator) -> None:

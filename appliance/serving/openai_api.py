@@ -12,12 +12,14 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from appliance.serving.auth import authorize
-from appliance.serving.scheduler import TokenStream
+from appliance.serving.disconnect import unless_client_leaves
+from appliance.serving.errors import openai_error_body
+from appliance.serving.scheduler import GenerationError, TokenStream
 from appliance.serving.state import ServerState, server_state
 from models.engine import Generation
 from models.sampling import SamplingParams
@@ -39,25 +41,41 @@ class OpenAIError(Exception):
         self.status, self.type, self.param, self.code, self.headers = status, type_, param, code, headers
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+        body = openai_error_body(str(self), self.type, self.param, self.code)
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _unicode(text: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is no text the tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from e
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class _Common(BaseModel):
+    """OpenAI's fields, each bounded here, at the edge (numbers must be finite)."""
+
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0 keeps all
+    repetition_penalty: float = Field(default=1.0, gt=0, le=100, allow_inf_nan=False)  # vLLM's extension
+    seed: int | None = None  # any integer: folded into [0, 2**64)
+    stop: Text | list[Text] | None = None
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stream_options: dict | None = None
@@ -69,7 +87,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str
+    prompt: Text
 
 
 def _new_id(prefix: str) -> str:
@@ -85,7 +103,11 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int]) -> li
         state.generation(
             prompt_ids,
             SamplingParams(
-                temperature=body.temperature, top_p=body.top_p, seed=None if body.seed is None else body.seed + i
+                temperature=body.temperature,
+                top_k=body.top_k,
+                top_p=body.top_p,
+                repetition_penalty=body.repetition_penalty,
+                seed=None if body.seed is None else body.seed + i,
             ),
             body.max_completion_tokens or body.max_tokens,
             stop,
@@ -128,17 +150,20 @@ async def _sse_chunks(
         return {**envelope, "choices": [choice]}
 
     try:
-        for i, (stream, g) in enumerate(zip(streams, gens, strict=True)):
-            if chat:
-                yield _sse(chunk(i, None, None, first=True))
-            async for piece in stream:
-                yield _sse(chunk(i, piece, None))
-            final = chunk(i, None, g.finish_reason)
-            if i == len(gens) - 1:
-                final["usage"] = _usage(gens)
-            yield _sse(final)
-        if include_usage:
-            yield _sse({**envelope, "choices": [], "usage": _usage(gens)})
+        try:
+            for i, (stream, g) in enumerate(zip(streams, gens, strict=True)):
+                if chat:
+                    yield _sse(chunk(i, None, None, first=True))
+                async for piece in stream:
+                    yield _sse(chunk(i, piece, None))
+                final = chunk(i, None, g.finish_reason)
+                if i == len(gens) - 1:
+                    final["usage"] = _usage(gens)
+                yield _sse(final)
+            if include_usage:
+                yield _sse({**envelope, "choices": [], "usage": _usage(gens)})
+        except GenerationError as e:  # the headers are gone: the failure travels as an error event
+            yield _sse(openai_error_body(str(e), "server_error", code="generation_failed"))
         yield _sse("[DONE]")
     finally:  # also when the client disconnects mid-stream
         for stream in streams:
@@ -164,16 +189,16 @@ def _check_model(state: ServerState, name: str) -> None:
         )
 
 
-async def _respond(state: ServerState, body: _Common, prompt_ids: list[int], chat: bool):
+async def _respond(request: Request, state: ServerState, body: _Common, prompt_ids: list[int], chat: bool):
     gens = _generations(state, body, prompt_ids)
-    streams = [state.scheduler.stream(g) for g in gens]  # admitted now: a full queue is a 429, not a broken stream
+    streams = state.scheduler.streams(gens)  # admitted now, all or none: a full queue is a 429, not a broken stream
     kind = "chat.completion" if chat else "text_completion"
     envelope = {"id": _new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": state.model_name}
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         chunks = _sse_chunks(streams, gens, {**envelope, "object": f"{kind}.chunk"}, chat, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream")
-    await _run_all(streams)
+    await unless_client_leaves(request, _run_all(streams))
     choices = [
         {
             "index": i,
@@ -187,13 +212,13 @@ async def _respond(state: ServerState, body: _Common, prompt_ids: list[int], cha
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatRequest, state: State):
+async def chat_completions(request: Request, body: ChatRequest, state: State):
     _check_model(state, body.model)
     ids = state.engine.chat_ids([m.model_dump() for m in body.messages])
-    return await _respond(state, body, ids, chat=True)
+    return await _respond(request, state, body, ids, chat=True)
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, state: State):
+async def completions(request: Request, body: CompletionRequest, state: State):
     _check_model(state, body.model)
-    return await _respond(state, body, state.engine.prompt_ids(body.prompt), chat=False)
+    return await _respond(request, state, body, state.engine.prompt_ids(body.prompt), chat=False)

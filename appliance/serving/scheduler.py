@@ -5,12 +5,20 @@ request waits for at most one step, not for others to finish. A step runs each a
 next input through the model in one batch: one token for a decoding request, a chunk of the prompt
 for one still prefilling, within a per-step token budget so a long prompt does not stall the
 tokens of the others.
+
+The thread never dies of a request: a step that raises fails only the requests in it (each gets an
+error event), and anything else that raises fails the active requests and the loop goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +26,9 @@ from dataclasses import dataclass, field
 
 from appliance.serving.metrics import Metrics
 from models.engine import Engine, Generation
+
+log = logging.getLogger("appliance")
+BROKEN_AFTER = 3  # failed steps in a row (and none served since) before the engine counts as unable to serve
 
 
 class QueueFullError(Exception):
@@ -28,6 +39,10 @@ class QueueFullError(Exception):
         self.retry_after = retry_after
 
 
+class GenerationError(Exception):
+    """A generation failed on the server's side (its step raised); the message says why."""
+
+
 @dataclass
 class Event:
     kind: str  # "text", "done" or "error"
@@ -36,20 +51,21 @@ class Event:
 
 @dataclass
 class Ticket:
-    """One request inside the scheduler; `cancel()` frees its slot and cache at the next step."""
+    """One request inside the scheduler; `cancel()` (its client left) frees its slot and cache at the next step."""
 
     generation: Generation
     deliver: Callable[[Event], None]
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    closed: bool = False  # finished or failed: the scheduler is done with it
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
 class TokenStream:
-    """The text pieces of one submitted generation, for asyncio servers."""
+    """The text pieces of one submitted generation, for asyncio servers; a failure raises GenerationError."""
 
     def __init__(self, ticket: Ticket, queue: asyncio.Queue[Event]):
         self.ticket, self.queue = ticket, queue
@@ -62,12 +78,25 @@ class TokenStream:
         if event.kind == "text":
             return event.text
         if event.kind == "error":
-            raise RuntimeError(event.text)
+            raise GenerationError(event.text)
         raise StopAsyncIteration
 
     def cancel(self) -> None:
         """Stop generating (a no-op once done): frees the batch slot and the KV cache at the next step."""
         self.ticket.cancel()
+
+
+def _release_memory() -> None:
+    """Give freed memory back to the system: cycles collected, then glibc's free lists trimmed."""
+    gc.collect()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+_libc_name = ctypes.util.find_library("c")
+_libc = ctypes.CDLL(_libc_name) if _libc_name else None
+if _libc is not None and not hasattr(_libc, "malloc_trim"):  # not glibc (musl, macOS)
+    _libc = None
 
 
 class Scheduler:
@@ -86,45 +115,81 @@ class Scheduler:
         self.max_batch, self.max_queue, self.step_tokens = max_batch, max_queue, step_tokens
         self.waiting: collections.deque[Ticket] = collections.deque()
         self.active: list[Ticket] = []
+        self.failed_steps = 0  # in a row
         self._wake = threading.Condition()
         self._stopped = False
+        self._busy_since_trim = False
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+
+    @property
+    def ready(self) -> bool:
+        """Whether requests can be served: the thread runs and the engine has not failed step after step."""
+        return self._thread.is_alive() and not self._stopped and self.failed_steps < BROKEN_AFTER
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5) -> None:
         with self._wake:
             self._stopped = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
 
     def submit(self, generation: Generation, deliver: Callable[[Event], None]) -> Ticket:
-        ticket = Ticket(generation, deliver)
+        return self.submit_all([(generation, deliver)])[0]
+
+    def submit_all(self, requests: list[tuple[Generation, Callable[[Event], None]]]) -> list[Ticket]:
+        """Queue several generations (one request's n choices) together, or none of them."""
+        tickets = [Ticket(g, deliver) for g, deliver in requests]
         with self._wake:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(tickets) > self.max_queue:
                 raise QueueFullError(len(self.waiting))
-            self.waiting.append(ticket)
+            self.waiting.extend(tickets)
             self._wake.notify()
-        return ticket
+        return tickets
+
+    def streams(self, generations: list[Generation]) -> list[TokenStream]:
+        """Submit now, all or none (QueueFullError before any reply is sent); iterate each for text pieces."""
+        loop = asyncio.get_running_loop()
+        queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in generations]
+
+        def deliverer(queue: asyncio.Queue[Event]) -> Callable[[Event], None]:
+            def deliver(event: Event) -> None:
+                with contextlib.suppress(RuntimeError):  # the event loop has closed: the server is going down
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+
+            return deliver
+
+        tickets = self.submit_all([(g, deliverer(q)) for g, q in zip(generations, queues, strict=True)])
+        return [TokenStream(t, q) for t, q in zip(tickets, queues, strict=True)]
 
     def stream(self, generation: Generation) -> TokenStream:
-        """Submit now (QueueFullError before any reply is sent); iterate the result for text pieces."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        return TokenStream(self.submit(generation, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e)), queue)
+        return self.streams([generation])[0]
 
     # --- the scheduling thread ---
+
+    def _leave(self, ticket: Ticket) -> None:
+        """A ticket leaves the batch: its caches go, here and on workers."""
+        if not ticket.generation.done:
+            self.engine.release(ticket.generation.session)
+        ticket.generation.session.caches.clear()
 
     def _admit(self) -> None:
         with self._wake:
             while not self._stopped and not self.active and not self.waiting:
+                if self._busy_since_trim:  # idle after work: return the burst's memory
+                    self._busy_since_trim = False
+                    _release_memory()
+                    continue
                 self._wake.wait()
-            for t in self.active:
-                if t.cancelled.is_set() and not t.generation.done:  # a client that left: free its workers' caches
-                    self.engine.release(t.generation.session)
-            self.active = [t for t in self.active if not t.cancelled.is_set()]
-            self.waiting = collections.deque(t for t in self.waiting if not t.cancelled.is_set())
+            self._busy_since_trim = True
+            for t in self.active + list(self.waiting):
+                if t.cancelled.is_set() and not t.closed:  # a client that left
+                    self.metrics.cancelled.inc()
+                    t.closed = True
+                    self._leave(t)
+            self.active = [t for t in self.active if not t.closed]
+            self.waiting = collections.deque(t for t in self.waiting if not t.closed)
             while self.waiting and len(self.active) < self.max_batch:
                 ticket = self.waiting.popleft()
                 self.metrics.queue_seconds.observe(time.monotonic() - ticket.submitted)
@@ -132,6 +197,16 @@ class Scheduler:
             self.metrics.active.set(len(self.active))
             self.metrics.kv_bytes.set(sum(t.generation.session.nbytes for t in self.active))
             self.metrics.waiting.set(len(self.waiting))
+
+    def _fail(self, tickets: list[Ticket], error: BaseException) -> None:
+        log.error("generation failed: %r", error, exc_info=error)
+        for t in tickets:
+            if t.closed:
+                continue
+            t.closed = True
+            self.metrics.failed.inc()
+            t.deliver(Event("error", f"generation failed: {error}"))
+            self._leave(t)
 
     def _plan_step(self) -> list[tuple[Ticket, list[int]]]:
         """Each decoding request gets its one token; prefilling ones share what is left of the budget."""
@@ -148,38 +223,52 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            self._admit()
-            if self._stopped:
-                return
-            step = self._plan_step()
-            if not step:
-                continue
-            started = time.monotonic()
             try:
-                logits = self.engine.next_logits_batch(
-                    [ids for _, ids in step], [t.generation.session for t, _ in step]
-                )
-            except Exception as e:  # a fault in one step must not take the server down
-                for t, _ in step:
-                    t.deliver(Event("error", f"generation failed: {e}"))
-                    t.cancel()
-                continue
-            now = time.monotonic()
-            m = self.metrics
-            m.step_seconds.observe(now - started)
-            m.batch_size.observe(len(step))
-            m.kv_bytes.set(sum(t.generation.session.nbytes for t in self.active))
-            for (t, ids), row in zip(step, logits, strict=True):
+                self._admit()
+                if self._stopped:
+                    break
+                self._step()
+            except Exception as e:  # a bug outside any one step: fail what is running, keep serving
+                try:
+                    self._fail(self.active, e)
+                except Exception:
+                    log.exception("failing the active requests failed too")
+                    self.active = []
+        self._fail(self.active + list(self.waiting), RuntimeError("the server is shutting down"))
+
+    def _step(self) -> None:
+        step = self._plan_step()
+        if not step:
+            return
+        started = time.monotonic()
+        try:
+            logits = self.engine.next_logits_batch([ids for _, ids in step], [t.generation.session for t, _ in step])
+        except Exception as e:  # the step's requests fail; the others, and later ones, go on
+            self.failed_steps += 1
+            self._fail([t for t, _ in step], e)
+            return
+        self.failed_steps = 0
+        now = time.monotonic()
+        m = self.metrics
+        m.step_seconds.observe(now - started)
+        m.batch_size.observe(len(step))
+        m.kv_bytes.set(sum(t.generation.session.nbytes for t in self.active))
+        for (t, ids), row in zip(step, logits, strict=True):
+            try:
                 had_tokens = t.generation.completion_tokens
                 piece = t.generation.advance(len(ids), row)
-                if t.generation.completion_tokens > had_tokens:
-                    m.tokens.inc()
-                    if t.first_token_at is None:
-                        t.first_token_at = now
-                        m.ttft_seconds.observe(now - t.submitted)
-                if piece:
-                    t.deliver(Event("text", piece))
-                if t.generation.done:
-                    m.finished.labels(t.generation.finish_reason).inc()
-                    t.deliver(Event("done", t.generation.finish_reason or "stop"))
-                    t.cancel()
+            except Exception as e:  # sampling or decoding this one request failed: only it ends
+                self._fail([t], e)
+                continue
+            if t.generation.completion_tokens > had_tokens:
+                m.tokens.inc()
+                if t.first_token_at is None:
+                    t.first_token_at = now
+                    m.ttft_seconds.observe(now - t.submitted)
+            if piece:
+                t.deliver(Event("text", piece))
+            if t.generation.done:
+                m.finished.labels(t.generation.finish_reason).inc()
+                t.closed = True
+                t.deliver(Event("done", t.generation.finish_reason or "stop"))
+                self._leave(t)

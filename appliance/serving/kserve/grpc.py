@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from appliance.serving.auth import AuthError, check_key
-from appliance.serving.kserve.repository import KServeError, Repository, datatype_of, tensor_bytes, tensor_from
-from appliance.serving.scheduler import QueueFullError
+from appliance.serving.kserve.repository import (
+    MODEL_VERSION,
+    KServeError,
+    Repository,
+    datatype_of,
+    tensor_bytes,
+    tensor_from,
+)
+from appliance.serving.scheduler import GenerationError, QueueFullError
 from models.errors import ModelError
 
+log = logging.getLogger("appliance")
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
 }
 _CONTENTS = (
     "bytes_contents",
@@ -33,14 +46,60 @@ _CONTENTS = (
 )
 
 
-def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
+def status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
+    """gRPC's error shape, the one place it is chosen: a status code and a message."""
     if isinstance(e, KServeError):
         return CODES.get(e.status, grpc.StatusCode.INTERNAL), str(e)
     if isinstance(e, AuthError):
         return grpc.StatusCode.UNAUTHENTICATED, str(e)
     if isinstance(e, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e} (retry after {e.retry_after} s)"
-    return grpc.StatusCode.INVALID_ARGUMENT, str(e)  # ModelError: the request's fault
+    if isinstance(e, ModelError | Malformed):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)  # the request's fault
+    if isinstance(e, GenerationError):
+        return grpc.StatusCode.INTERNAL, str(e)
+    log.error("unhandled error in a gRPC call", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}"
+
+
+class Malformed(Exception):
+    """Bytes that are not the request message (given to the handler in its place, to refuse with a status)."""
+
+
+def _parser(cls: type) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:  # grpc's own deserializer failure would be an UNKNOWN status
+            return Malformed(f"the request is not a valid {cls.DESCRIPTOR.name}: {e}")
+
+    return parse
+
+
+def _checked(behaviour: Callable) -> Callable:
+    async def handler(request, context):
+        if isinstance(request, Malformed):
+            await context.abort(*status_of(request))
+        return await behaviour(request, context)
+
+    return handler
+
+
+def add_servicer(servicer: KServeServicer, server: grpc.aio.Server) -> None:
+    """Register the Triton service with deserializers that turn garbage bytes into INVALID_ARGUMENT."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_cls, response_cls = (
+            getattr(service_pb2, method.input_type.name),
+            getattr(service_pb2, method.output_type.name),
+        )
+        behaviour = getattr(servicer, method.name)
+        kw = dict(request_deserializer=_parser(request_cls), response_serializer=response_cls.SerializeToString)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behaviour, **kw)
+        else:  # every other method of the service is unary
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_checked(behaviour), **kw)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
 
 
 def _inputs(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -56,7 +115,7 @@ def _response(
     request: service_pb2.ModelInferRequest, outputs: dict[str, np.ndarray], final: bool | None = None
 ) -> service_pb2.ModelInferResponse:
     wanted = [o.name for o in request.outputs] or list(outputs)
-    reply = service_pb2.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+    reply = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION, id=request.id)
     for name in wanted:
         if name not in outputs:
             raise KServeError(400, f"model '{request.model_name}' has no output '{name}'; it has {sorted(outputs)}")
@@ -68,7 +127,7 @@ def _response(
     return reply
 
 
-class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # what we do not serve: UNIMPLEMENTED
     def __init__(self, repo: Repository):
         self.repo = repo
 
@@ -81,8 +140,10 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             self._authorize(context, admin)
             result = fn()
             return await result if inspect.isawaitable(result) else result
-        except (KServeError, QueueFullError, ModelError, AuthError) as e:
-            await context.abort(*_status(e))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # every error, expected or not, becomes a status with its message
+            await context.abort(*status_of(e))
 
     # --- health and metadata ---
 
@@ -90,7 +151,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return service_pb2.ServerReadyResponse(ready=True)
+        return service_pb2.ServerReadyResponse(ready=self.repo.state.scheduler.ready)
 
     async def ModelReady(self, request, context):
         return await self._unary(
@@ -166,13 +227,17 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._unary(context, infer)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        """Decoupled: a response per text piece, the last one marked `triton_final_response`."""
+        """Decoupled: a response per text piece, the last one marked `triton_final_response`.
+
+        A request that fails gets one response with its `error_message`; the stream serves the next."""
         try:
             self._authorize(context)
         except AuthError as e:
-            await context.abort(*_status(e))
+            await context.abort(*status_of(e))
         async for request in request_iterator:
             try:
+                if isinstance(request, Malformed):
+                    raise request
                 responses = self.repo.infer(request.model_name, _inputs(request), request.model_version)
                 previous = None
                 async for r in responses:
@@ -180,14 +245,19 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                         yield service_pb2.ModelStreamInferResponse(infer_response=_response(request, previous, False))
                     previous = r
                 yield service_pb2.ModelStreamInferResponse(infer_response=_response(request, previous, True))
-            except (KServeError, QueueFullError, ModelError) as e:
-                yield service_pb2.ModelStreamInferResponse(error_message=_status(e)[1])
+            except Exception as e:
+                yield service_pb2.ModelStreamInferResponse(error_message=status_of(e)[1])
 
 
 async def start_grpc(repo: Repository, host: str, port: int) -> grpc.aio.Server:
-    server = grpc.aio.server()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(repo), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+    """The gRPC server, listening; a port already in use (even by another gRPC server) is a ValueError."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # gRPC's default shares a port silently
+    add_servicer(KServeServicer(repo), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:  # grpcio raises on a failed bind; older versions returned 0
+        raise ValueError(f"cannot listen for gRPC on {host}:{port}: the port is in use or the address is wrong") from e
+    if bound == 0:
+        raise ValueError(f"cannot listen for gRPC on {host}:{port}: the port is in use or the address is wrong")
     await server.start()
     return server

@@ -11,7 +11,17 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from appliance.serving.auth import authorize, authorize_admin
-from appliance.serving.kserve.repository import KServeError, Repository, datatype_of, tensor_bytes, tensor_from
+from appliance.serving.disconnect import unless_client_leaves
+from appliance.serving.errors import kserve_error_body
+from appliance.serving.kserve.repository import (
+    MODEL_VERSION,
+    KServeError,
+    Repository,
+    datatype_of,
+    tensor_bytes,
+    tensor_from,
+)
+from appliance.serving.scheduler import GenerationError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -29,22 +39,48 @@ admin = APIRouter(prefix="/v2/repository", dependencies=[Depends(authorize_admin
 # --- tensors in and out ---
 
 
-def _parse_infer(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray]]:
+def _json(data: bytes) -> object:
     try:
-        split = int(header_length) if header_length is not None else len(body)
-        header = json.loads(body[:split])
-    except (ValueError, UnicodeDecodeError) as e:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise KServeError(400, f"the request is not valid JSON: {e}") from e
+
+
+def _parameters(owner: dict, what: str) -> dict:
+    params = owner.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise KServeError(400, f"{what}: 'parameters' must be an object")
+    return params
+
+
+def _parse_infer(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray]]:
+    """The request's JSON header (every field the reply will use checked now) and its input tensors."""
+    split = len(body)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise KServeError(400, f"{HEADER_LENGTH} must be a byte count within the body, got {header_length!r}")
+        split = int(header_length)
+    header = _json(body[:split])
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise KServeError(400, "the request needs an 'inputs' list")
+    _parameters(header, "the request")
+    outputs = header.get("outputs")
+    if outputs is not None and not (
+        isinstance(outputs, list) and all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)
+    ):
+        raise KServeError(400, "'outputs' must be a list of objects with a string 'name'")
+    for o in outputs or []:
+        _parameters(o, f"output '{o['name']}'")
     blob, offset, inputs = body[split:], 0, {}
     for spec in header["inputs"]:
         if not isinstance(spec, dict):
             raise KServeError(400, "each input must be an object")
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        size = _parameters(spec, f"input '{spec.get('name')}'").get("binary_data_size")
         raw = None
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(blob):
                 raise KServeError(400, f"input '{spec.get('name')}': binary_data_size {size} overruns the body")
             raw, offset = blob[offset : offset + size], offset + size
         inputs[spec.get("name")] = tensor_from(
@@ -72,7 +108,7 @@ def _infer_response(model: str, header: dict, outputs: dict[str, np.ndarray]) ->
         else:
             out["data"] = value.reshape(-1).tolist()
         described.append(out)
-    reply = {"model_name": model, "model_version": "1", "outputs": described}
+    reply = {"model_name": model, "model_version": MODEL_VERSION, "outputs": described}
     if "id" in header:
         reply["id"] = header["id"]
     if not blobs:
@@ -92,8 +128,10 @@ async def live() -> dict:
 
 
 @health.get("/health/ready")
-async def ready() -> dict:
-    return {"ready": True}
+async def ready(repo: Repo) -> JSONResponse:
+    """Ready while the engine can serve (503 when its scheduler stopped or its steps keep failing)."""
+    ok = repo.state.scheduler.ready
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
 @router.get("")
@@ -133,31 +171,38 @@ async def infer(request: Request, repo: Repo, name: str, version: str = "") -> R
     header, inputs = _parse_infer(await request.body(), request.headers.get(HEADER_LENGTH))
     if "stream" in inputs and bool(inputs["stream"].reshape(-1)[0]):
         raise KServeError(400, "streaming is served by /generate_stream and gRPC ModelStreamInfer, not /infer")
-    responses = [r async for r in repo.infer(name, inputs, version)]
-    return _infer_response(name, header, responses[-1])
+    return _infer_response(name, header, await unless_client_leaves(request, _last(repo.infer(name, inputs, version))))
+
+
+async def _last(responses: AsyncIterator[dict]) -> dict:
+    last = None
+    async for last in responses:  # noqa: B007 (a non-streamed request's answer is its last response)
+        pass
+    return last
 
 
 async def _generate_inputs(request: Request, stream: bool) -> dict[str, np.ndarray]:
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise KServeError(400, f"the request is not valid JSON: {e}") from e
+    body = _json(await request.body())
     if not isinstance(body, dict):
         raise KServeError(400, "the request must be a JSON object")
-    fields = {**(body.pop("parameters", None) or {}), **body, "stream": stream}
+    fields = {**_parameters(body, "the request"), **body, "stream": stream}
+    fields.pop("parameters", None)
     inputs = {}
     for key, value in fields.items():
         if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            inputs[key] = np.array([v.encode() for v in np.atleast_1d(value)], dtype=np.object_)
+            try:
+                inputs[key] = np.array([v.encode() for v in ([value] if isinstance(value, str) else value)], np.object_)
+            except UnicodeEncodeError as e:
+                raise KServeError(400, f"field '{key}' is not valid Unicode text (a lone surrogate)") from e
         elif isinstance(value, bool | int | float):
-            inputs[key] = np.array([value])
+            inputs[key] = np.array([value], dtype=np.object_)  # Python's number as sent (any size)
         else:
             raise KServeError(400, f"field '{key}' must be a string, a list of strings, or a number")
     return inputs
 
 
 def _as_json(name: str, outputs: dict[str, np.ndarray]) -> dict:
-    reply: dict = {"model_name": name, "model_version": "1"}
+    reply: dict = {"model_name": name, "model_version": MODEL_VERSION}
     for key, value in outputs.items():
         item = value.reshape(-1)[0]
         reply[key] = item.decode("utf-8", "replace") if isinstance(item, bytes) else item.item()
@@ -168,8 +213,7 @@ def _as_json(name: str, outputs: dict[str, np.ndarray]) -> dict:
 @router.post("/models/{name}/versions/{version}/generate")
 async def generate(request: Request, repo: Repo, name: str, version: str = "") -> dict:
     inputs = await _generate_inputs(request, stream=False)
-    responses = [r async for r in repo.infer(name, inputs, version)]
-    return _as_json(name, responses[-1])
+    return _as_json(name, await unless_client_leaves(request, _last(repo.infer(name, inputs, version))))
 
 
 @router.post("/models/{name}/generate_stream")
@@ -184,6 +228,8 @@ async def generate_stream(request: Request, repo: Repo, name: str, version: str 
             yield f"data: {json.dumps(_as_json(name, first))}\n\n"
             async for r in responses:
                 yield f"data: {json.dumps(_as_json(name, r))}\n\n"
+        except GenerationError as e:  # the headers are gone: the failure is the last event
+            yield f"data: {json.dumps(kserve_error_body(str(e)))}\n\n"
         finally:
             await responses.aclose()
 

@@ -9,6 +9,7 @@ Each language model appears as two KServe models:
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -17,11 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, serialize_byte_tensor, triton_to_np_dtype
 
+from appliance import __version__
 from appliance.serving.state import ServerState
 from models.llama import Session
 from models.sampling import SamplingParams
 
-VERSION = "1"
+MODEL_VERSION = "1"  # each model has one version, this one
 EXTENSIONS = [
     "classification",
     "model_repository",
@@ -81,24 +83,40 @@ def tensor_from(
     """A request input as numpy: from its JSON-style `data` list, or from its raw (binary) bytes."""
     if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list | tuple):
         raise KServeError(400, "each input needs a string 'name', a string 'datatype' and a list 'shape'")
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise KServeError(400, f"input '{name}': shape must be non-negative integers, got {list(shape)}")
     dtype = triton_to_np_dtype(datatype)
     if dtype is None:
         raise KServeError(400, f"input '{name}': unknown datatype '{datatype}'")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python's integers: [2**62, 2**62] does not wrap around
     try:
         if raw is not None:
             flat = deserialize_bytes_tensor(raw) if datatype == "BYTES" else np.frombuffer(raw, dtype=dtype)
         elif datatype == "BYTES":
-            flat = np.array([v.encode() if isinstance(v, str) else bytes(v) for v in np.ravel(data)], dtype=np.object_)
+            flat = np.array([_utf8(v) for v in _flat_list(data)], dtype=np.object_)
         else:
             flat = np.asarray(data, dtype=dtype).reshape(-1)
-    except (ValueError, TypeError, AttributeError, struct.error) as e:
+    except (ValueError, TypeError, AttributeError, OverflowError, IndexError, RecursionError, struct.error) as e:
         raise KServeError(400, f"input '{name}': data does not match datatype {datatype}: {e}") from e
     if flat.size != count:
         raise KServeError(400, f"input '{name}': shape {list(shape)} needs {count} values, got {flat.size}")
     return flat.reshape(shape)
+
+
+def _flat_list(data: object) -> list:
+    """JSON tensor data, flattened (KServe allows nested lists in row-major order)."""
+    if not isinstance(data, list | tuple):
+        return [data]
+    return [v for d in data for v in _flat_list(d)]
+
+
+def _utf8(value: object) -> bytes:
+    """A BYTES element given as JSON: a string (bytes from gRPC's bytes_contents)."""
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"BYTES data must be strings, got {type(value).__name__}")
+    return value.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError
 
 
 def tensor_bytes(value: np.ndarray) -> bytes:
@@ -121,7 +139,7 @@ def _scalar(inputs: dict[str, np.ndarray], name: str, kind: type, default):
         if kind is bool:
             return bool(item)
         return kind(item.decode() if isinstance(item, bytes) else item)
-    except (TypeError, ValueError, UnicodeDecodeError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise KServeError(400, f"input '{name}' must be {kind.__name__}: {e}") from e
 
 
@@ -172,22 +190,22 @@ class Repository:
     def model(self, name: str, version: str = "", need_ready: bool = True) -> KServeModel:
         if name not in self.models:
             raise KServeError(404, f"unknown model '{name}'; available: {', '.join(self.models)}")
-        if version not in ("", VERSION):
-            raise KServeError(404, f"model '{name}' has no version '{version}'; it has version {VERSION}")
+        if version not in ("", MODEL_VERSION):
+            raise KServeError(404, f"model '{name}' has no version '{version}'; it has version {MODEL_VERSION}")
         m = self.models[name]
         if need_ready and not m.ready:
             raise KServeError(400, f"model '{name}' is not loaded (load it with the repository API)")
         return m
 
     def server_metadata(self) -> dict:
-        return {"name": "appliance", "version": "0.1.0", "extensions": EXTENSIONS}
+        return {"name": "appliance", "version": __version__, "extensions": EXTENSIONS}
 
     def metadata(self, name: str, version: str = "") -> dict:
         m = self.model(name, version, need_ready=False)
         spec = lambda t: {"name": t.name, "datatype": t.datatype, "shape": t.shape}  # noqa: E731
         return {
             "name": m.name,
-            "versions": [VERSION],
+            "versions": [MODEL_VERSION],
             "platform": "appliance",
             "inputs": [spec(t) for t in m.inputs],
             "outputs": [spec(t) for t in m.outputs],
@@ -214,7 +232,7 @@ class Repository:
         return [
             {
                 "name": m.name,
-                "version": VERSION,
+                "version": MODEL_VERSION,
                 "state": "READY" if m.ready else "UNAVAILABLE",
                 "reason": "" if m.ready else "unloaded",
             }
@@ -235,7 +253,7 @@ class Repository:
             out.append(
                 {
                     "name": m.name,
-                    "version": VERSION,
+                    "version": MODEL_VERSION,
                     "last_inference": s.last_inference_ms,
                     "inference_count": s.success,
                     "execution_count": s.success,

@@ -1,0 +1,38 @@
+"""Each protocol's error shape, written once: OpenAI's on /v1 (and outside /v2), KServe/Triton's on /v2.
+
+gRPC's statuses are mapped in kserve/grpc.py (`status_of`).
+"""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+KSERVE_PREFIX = "/v2"
+
+
+def printable(message: str) -> str:
+    """A message safe to encode as UTF-8 JSON (a lone surrogate from a request becomes an escape)."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def openai_error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
+    """OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": printable(message), "type": type_, "param": param, "code": code}}
+
+
+def kserve_error_body(message: str) -> dict:
+    """KServe v2 / Triton's shape: {"error": "..."}."""
+    return {"error": printable(message)}
+
+
+def error_response(
+    path: str, status: int, message: str, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    """An error for a request to `path`, in the shape its protocol's clients parse."""
+    if path == KSERVE_PREFIX or path.startswith(KSERVE_PREFIX + "/"):
+        body = kserve_error_body(message)
+    else:
+        body = openai_error_body(message, "server_error" if status >= 500 else "invalid_request_error", code=code)
+    return JSONResponse(body, status_code=status, headers=headers)
