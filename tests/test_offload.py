@@ -92,9 +92,11 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> 
 def test_fp16_on_the_wire_stays_close(model_path, engine, home, two_workers):
     half = load_engine(model_path, "numpy", "190MB", [w.address for w in two_workers], wire_dtype="float16")
     ids = engine.prompt_ids(PROMPTS[0])
-    assert_close(
-        half.hidden_states(ids, Session()), engine.hidden_states(ids, Session()), 3e-3
-    )  # fp16 rounding at 3 hops
+    # fp16 keeps 11 bits (2^-11 ~ 4.9e-4 of each value) at each of the 3 hops, and later layers amplify
+    # what a hop rounds off by an amount that depends on where the cut falls: from layer 15 on, this
+    # model's states hold values near 2500, where fp16 steps by 2. Rounding at cuts 3/k/30 gives, for
+    # k = 10..24: 3.5e-4, ..., 5.5e-4 (k=14), 1.3e-3 (k=15, 16), 2.1e-3 (k=17..20, this split), 2.6e-3 (k=24).
+    assert_close(half.hidden_states(ids, Session()), engine.hidden_states(ids, Session()), 3e-3)
 
 
 def test_no_placement_is_a_clear_error(model_path, home, tmp_path_factory):
