@@ -72,11 +72,11 @@ def test_a_worker_without_tls_is_refused(ca, tmp_path):
 def test_a_revoked_worker_is_refused(ca, tmp_path):
     issue_identity(ca, tmp_path / "w", "old-laptop")
     with worker_process(tmp_path / "w") as w:
-        assert WorkerClient(w.address, ca.identity(), ca.revoked_serials()).verify().name == "old-laptop"
+        assert WorkerClient(w.address, ca.identity(), ca.revoked_serials).verify().name == "old-laptop"
         revoked = cli("-m", "appliance.ctl", "workers", "revoke", "old-laptop")
         assert revoked.returncode == 0, revoked.stderr
         with pytest.raises(WorkerRefused, match=r"old-laptop\): its certificate was revoked"):
-            WorkerClient(w.address, ca.identity(), ca.revoked_serials()).verify()
+            WorkerClient(w.address, ca.identity(), ca.revoked_serials).verify()
     unknown = cli("-m", "appliance.ctl", "workers", "revoke", "nobody")
     assert unknown.returncode == 1 and "no paired device is named 'nobody'" in unknown.stderr
 
@@ -103,7 +103,7 @@ def test_a_revoked_device_cannot_reach_the_other_workers(ca, tmp_path):
         assert not_the_appliance.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "only the appliance" in not_the_appliance.value.details()
         assert call(old, w.address) is not None  # nothing revoked by that, and not yet told
-        WorkerClient(w.address, ca.identity(), ca.revoked_serials()).verify()  # the appliance tells it
+        WorkerClient(w.address, ca.identity(), ca.revoked_serials).verify()  # the appliance tells it
         with pytest.raises(grpc.RpcError) as refused:
             call(old, w.address)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
