@@ -211,9 +211,12 @@ class ChainSession:
         if len(chain) > 1:
             results = last.stub.Results(pb.ResultsRequest(session_id=session_id))
             self.calls.append(results)
-            self._read(results, last.address, deliver=True)
+            self._read(results, last.address, deliver=True, sender=chain[-2][0].address)
 
-    def _read(self, call, address: str, deliver: bool) -> None:
+    def _read(self, call, address: str, deliver: bool, sender: str | None = None) -> None:
+        """Pump a stream's replies (or its failure) into self.replies. sender: the worker whose outputs
+        this one takes; if this one refused its input (INVALID_ARGUMENT), that worker is at fault."""
+
         def pump():
             try:
                 for msg in call:
@@ -225,6 +228,8 @@ class ChainSession:
                 culprit = None
                 if e.code() == grpc.StatusCode.DATA_LOSS:  # a malformed tensor: the chain says whose
                     culprit = dict(e.trailing_metadata() or ()).get(CULPRIT_KEY) or address
+                elif e.code() == grpc.StatusCode.INVALID_ARGUMENT and sender:
+                    culprit = sender
                 broken = ChainBroken(f"worker {address}: {e.code().name}: {e.details()}", culprit)
                 self.replies.put((address, broken))
 

@@ -101,6 +101,26 @@ class WorkerSession:
     closed: bool = False  # released (or its range superseded) while its stream is still open
 
 
+@dataclass
+class StreamFailed:
+    """How a session's Forward stream failed. The Results stream the appliance reads from the chain's
+    last worker ends the same way: ending it cleanly would hide which worker was at fault."""
+
+    code: grpc.StatusCode
+    details: str
+    metadata: tuple = ()
+
+
+def _failure(context) -> StreamFailed | None:
+    """The error this RPC was aborted with, if it was."""
+    code = context.code()
+    if code is None or code == grpc.StatusCode.OK:
+        return None
+    details = context.details() or b""  # grpc keeps it encoded
+    details = details.decode(errors="replace") if isinstance(details, bytes) else details
+    return StreamFailed(code, details, tuple(context.trailing_metadata() or ()))
+
+
 class Downstream:
     """This worker's stream to the next worker of a chain, fed from a queue; its failure is reported."""
 
@@ -285,7 +305,7 @@ class WorkerService(rpc.OffloadServicer):
                     self._results(session_id).put(out)
         finally:  # the stream is over: so is the session, and its KV cache is freed
             if session is not None:
-                self._release(session_id)
+                self._release(session_id, _failure(context))
 
     def _output(self, hidden: np.ndarray, session_id: str, step: int, dtype: str) -> pb.Activation:
         return encode(hidden, session_id, step, dtype)
@@ -332,6 +352,9 @@ class WorkerService(rpc.OffloadServicer):
                 continue
             if item is None:
                 return
+            if isinstance(item, StreamFailed):  # end as the session's Forward stream ended
+                context.set_trailing_metadata(item.metadata)
+                context.abort(item.code, item.details)
             yield item
 
     def _results(self, session_id: str) -> queue.Queue:
@@ -341,7 +364,8 @@ class WorkerService(rpc.OffloadServicer):
     def Release(self, request, context):
         return pb.ReleaseReply(released=self._release(request.session_id))
 
-    def _release(self, session_id: str) -> bool:
+    def _release(self, session_id: str, failed: StreamFailed | None = None) -> bool:
+        """Free a session; its Results stream, if any, ends cleanly or, if its Forward stream failed, so."""
         with self.lock:
             session = self.sessions.pop(session_id, None)
             results = self.results.pop(session_id, None)
@@ -349,7 +373,7 @@ class WorkerService(rpc.OffloadServicer):
             if session is not None:
                 session.closed, session.downstream = True, None
         if results is not None:
-            results.put(None)
+            results.put(failed)
         if downstream is not None:
             downstream.close()
         return session is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from contextlib import ExitStack
@@ -91,9 +92,11 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> 
 def test_fp16_on_the_wire_stays_close(model_path, engine, home, two_workers):
     half = load_engine(model_path, "numpy", "190MB", [w.address for w in two_workers], wire_dtype="float16")
     ids = engine.prompt_ids(PROMPTS[0])
-    assert_close(
-        half.hidden_states(ids, Session()), engine.hidden_states(ids, Session()), 3e-3
-    )  # fp16 rounding at 3 hops
+    # fp16 keeps 11 bits (2^-11 ~ 4.9e-4 of each value) at each of the 3 hops, and later layers amplify
+    # what a hop rounds off by an amount that depends on where the cut falls: from layer 15 on, this
+    # model's states hold values near 2500, where fp16 steps by 2. Rounding at cuts 3/k/30 gives, for
+    # k = 10..24: 3.5e-4, ..., 5.5e-4 (k=14), 1.3e-3 (k=15, 16), 2.1e-3 (k=17..20, this split), 2.6e-3 (k=24).
+    assert_close(half.hidden_states(ids, Session()), engine.hidden_states(ids, Session()), 3e-3)
 
 
 def test_no_placement_is_a_clear_error(model_path, home, tmp_path_factory):
@@ -163,7 +166,7 @@ class CorruptingWorker(WorkerService):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.gflops = 1e6  # claims to be fast, so the planner puts it in the chain
+        self.gflops, self.measured_at = 1e6, math.inf  # claims to be fast (never re-measured): it is put in the chain
         self.sent = 0
 
     def _output(self, hidden, session_id, step, dtype):
@@ -195,15 +198,36 @@ def test_a_worker_sending_malformed_tensors_is_dropped(engine, model_path, home,
 
 
 class SlowingWorker(WorkerService):
-    """A real worker that, once told to, spends `delay_s` more on every message: a laptop throttling."""
+    """A real worker that, once told to, spends `delay_s` more on every message: a laptop throttling.
+
+    Its speed is a fixed claim, so two of them are costed alike: these tests are about the slowdown,
+    and on a busy shared machine two measurements moments apart can differ many times over."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.gflops, self.measured_at = 50.0, math.inf
         self.delay_s = 0.0
 
     def _output(self, hidden, session_id, step, dtype):
         time.sleep(self.delay_s)
         return super()._output(hidden, session_id, step, dtype)
+
+
+def run_slowing(split, gen, service: SlowingWorker, at: int = 8) -> list[str]:
+    """Generate to the end; from step `at` on, `service` takes ten times as long per token as the
+    fastest step so far took in all (a fixed delay would be lost in the noise of a busy machine, where
+    one token takes from 0.3 s to over 1 s). Returns the address of the chain's first worker after each step."""
+    firsts, fastest = [], float("inf")
+    while not gen.done:
+        if len(firsts) == at:
+            service.delay_s = 9 * fastest
+        ids = gen.next_input()
+        started = time.monotonic()
+        gen.advance(len(ids), split.next_logits(ids, gen.session))
+        if len(ids) == 1:
+            fastest = min(fastest, time.monotonic() - started)
+        firsts.append(split.offload.plan.chain[0].device.address)
+    return firsts
 
 
 def test_a_worker_that_slows_down_is_replaced_between_tokens(engine, model_path, home, tmp_path_factory):
@@ -220,19 +244,12 @@ def test_a_worker_that_slows_down_is_replaced_between_tokens(engine, model_path,
             )
             servers.append(server)
             services[f"127.0.0.1:{port}"] = service
-        split = load_engine(model_path, "numpy", "190MB", list(services), step_timeout=5.0)
+        split = load_engine(model_path, "numpy", "190MB", list(services), step_timeout=30.0)
         (used,) = [s.device.address for s in split.offload.make_plan().chain]  # one link beats two
         (other,) = set(services) - {used}
         gen = split.generate(engine.prompt_ids(PROMPTS[0]), max_tokens=TOKENS, ignore_eos=True)
-        step, moved_at = 0, None
-        while not gen.done:
-            if step == 8:
-                services[used].delay_s = 0.3
-            ids = gen.next_input()
-            gen.advance(len(ids), split.next_logits(ids, gen.session))
-            if moved_at is None and split.offload.plan.chain[0].device.address == other:
-                moved_at = step
-            step += 1
+        firsts = run_slowing(split, gen, services[used])
+        moved_at = firsts.index(other) if other in firsts else None
         assert gen.token_ids == expected
         assert moved_at is not None and moved_at <= 8 + 6, f"still on the slow worker after step {moved_at}"
         assert used in split.offload.workers  # slow, not gone: it stays a candidate
@@ -311,21 +328,13 @@ def test_a_slowdown_that_swaps_ranges_works_under_tight_budgets(engine, model_pa
             server, service, port = start_worker(identity, folder, "127.0.0.1", 0, budget, service_class=SlowingWorker)
             servers.append(server)
             services[f"127.0.0.1:{port}"] = service
-        split = load_engine(model_path, "numpy", "190MB", list(services), step_timeout=5.0)
+        split = load_engine(model_path, "numpy", "190MB", list(services), step_timeout=30.0)
         first = split.offload.make_plan().chain[0]
         assert first.stop - first.start == 14
         gen = split.generate(engine.prompt_ids(PROMPTS[0]), max_tokens=TOKENS, ignore_eos=True)
-        step, moved_at = 0, None
-        while not gen.done:
-            if step == 8:
-                services[first.device.address].delay_s = 0.3
-            ids = gen.next_input()
-            gen.advance(len(ids), split.next_logits(ids, gen.session))
-            if moved_at is None and split.offload.plan.chain[0].device.address != first.device.address:
-                moved_at = step
-            step += 1
+        firsts = run_slowing(split, gen, services[first.device.address])
         assert gen.token_ids == expected
-        assert moved_at is not None, "the slow worker kept the first range"
+        assert any(a != first.device.address for a in firsts), "the slow worker kept the first range"
         for address, service in services.items():  # each holds only its range of the current plan
             assert len(service.ranges) == 1 and service.used <= service.budget, address
         split.offload.close()
