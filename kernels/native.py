@@ -11,6 +11,8 @@ import os
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from kernels.dequant import dequantize
+
 try:
     from kernels import _cpu
 except ImportError as e:  # not built: the NumPy reference still runs
@@ -59,3 +61,33 @@ def matmul(raw: np.ndarray, qtype: Q, shape: tuple[int, int], x: np.ndarray) -> 
     out = np.empty((*x.shape[:-1], rows), dtype=np.float32)
     _cpu.matmul(raw, int(qtype), rows, cols, x, out)
     return out
+
+
+# The order prepare_range takes a layer's tensors in.
+LAYER_PARTS = ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+class NativeRange:
+    """A layer range prepared for the fused C forward pass: its weights read in place from the file.
+
+    dims: (D, H, G, E, F, eps). layers: per layer, LAYER_PARTS as (raw blocks, type, logical shape).
+    Holds every array the C side points into, so they live as long as it does.
+    """
+
+    def __init__(self, dims: tuple[int, int, int, int, int, float], layers: list[tuple]):
+        self._keep = []
+        spec = []
+        for parts in layers:
+            norms = [
+                np.ascontiguousarray(dequantize(raw, qtype, shape), dtype=np.float32) for raw, qtype, shape in parts[:2]
+            ]
+            weights = [(raw, int(qtype), shape[0]) for raw, qtype, shape in parts[2:]]
+            self._keep.append((norms, [w[0] for w in weights]))
+            spec.append((*norms, *weights))
+        self._handle = _cpu.prepare_range(dims, spec)
+
+    def forward(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, seqs: list[tuple]) -> np.ndarray:
+        """x [T, D] through the range; seqs: per sequence (rows, start, k cache, v cache, capacity) in row order."""
+        x = np.array(x, dtype=np.float32, order="C")
+        _cpu.range_forward(self._handle, x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), seqs)
+        return x

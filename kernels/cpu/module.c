@@ -2,6 +2,7 @@
  * protocol (numpy arrays, memmaps of the GGUF file), so nothing here needs numpy's headers. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__aarch64__) && defined(__linux__)
 #include <asm/hwcap.h>
@@ -9,6 +10,7 @@
 #endif
 
 #include "cpu.h"
+#include "layer.h"
 #include "matmul.h"
 
 /* Variants this CPU runs, best first. */
@@ -123,6 +125,136 @@ done:
     return result;
 }
 
+/* The address of an object's buffer. The caller keeps the object alive as long as the address is
+ * used (the Python side holds every array a prepared range points into). */
+static const void *address(PyObject *obj, Py_ssize_t want, int writable) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, writable ? (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) : PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    const void *p = view.buf;
+    Py_ssize_t len = view.len;
+    PyBuffer_Release(&view);
+    if (want >= 0 && len != want) {
+        PyErr_Format(PyExc_ValueError, "a buffer is %zd bytes, expected %zd", len, want);
+        return NULL;
+    }
+    return p;
+}
+
+static void free_range(PyObject *capsule) {
+    range_desc *r = PyCapsule_GetPointer(capsule, "appliance.range");
+    if (r) free(r->layers);
+    free(r);
+}
+
+static int parse_weight(PyObject *tuple, int cols, weight_desc *w) {
+    PyObject *buf;
+    if (!PyArg_ParseTuple(tuple, "Oii", &buf, &w->type, &w->rows)) return -1;
+    if (w->type < 0 || w->type >= T_COUNT || !cur_isa->dot[w->type] || cols % block_size(w->type) != 0) {
+        PyErr_Format(PyExc_ValueError, "weight type %d has no native kernel for %d columns", w->type, cols);
+        return -1;
+    }
+    w->data = address(buf, (Py_ssize_t)(row_bytes(w->type, cols) * (size_t)w->rows), 0);
+    return w->data ? 0 : -1;
+}
+
+/* prepare_range((dim, heads, kv_heads, head_dim, hidden, eps), layers): layers is a list of
+ * (attn_norm, ffn_norm, wq, wk, wv, wo, w_gate, w_up, w_down), norms float32 arrays, each weight
+ * (blocks, type, rows). Returns an opaque handle for range_forward. */
+static PyObject *py_prepare_range(PyObject *self, PyObject *args) {
+    range_desc spec = {0};
+    PyObject *layers;
+    if (!PyArg_ParseTuple(args, "(iiiiif)O!", &spec.dim, &spec.n_heads, &spec.n_kv_heads, &spec.head_dim,
+                          &spec.hidden_dim, &spec.eps, &PyList_Type, &layers))
+        return NULL;
+    if (spec.n_kv_heads < 1 || spec.n_heads % spec.n_kv_heads || spec.head_dim % 2 || spec.dim % QK ||
+        spec.hidden_dim % QK || (spec.n_heads * spec.head_dim) % QK) {
+        PyErr_SetString(PyExc_ValueError, "these model dimensions have no native kernel");
+        return NULL;
+    }
+    range_desc *r = malloc(sizeof *r);
+    *r = spec;
+    r->n_layers = (int)PyList_GET_SIZE(layers);
+    r->layers = calloc((size_t)r->n_layers, sizeof(layer_desc));
+    PyObject *capsule = PyCapsule_New(r, "appliance.range", free_range);
+    int HE = r->n_heads * r->head_dim, GE = r->n_kv_heads * r->head_dim;
+    for (int i = 0; i < r->n_layers; i++) {
+        layer_desc *L = &r->layers[i];
+        PyObject *an, *fn, *w[7];
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "OOOOOOOOO", &an, &fn, &w[0], &w[1], &w[2], &w[3], &w[4],
+                              &w[5], &w[6]))
+            goto fail;
+        if (!(L->attn_norm = address(an, (Py_ssize_t)r->dim * 4, 0))) goto fail;
+        if (!(L->ffn_norm = address(fn, (Py_ssize_t)r->dim * 4, 0))) goto fail;
+        weight_desc *ws[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        int cols[7] = {r->dim, r->dim, r->dim, HE, r->dim, r->dim, r->hidden_dim};
+        int rows[7] = {HE, GE, GE, r->dim, r->hidden_dim, r->hidden_dim, r->dim};
+        for (int j = 0; j < 7; j++) {
+            if (parse_weight(w[j], cols[j], ws[j]) < 0) goto fail;
+            if (ws[j]->rows != rows[j]) {
+                PyErr_Format(PyExc_ValueError, "layer %d: weight %d has %d rows, expected %d", i, j, ws[j]->rows,
+                             rows[j]);
+                goto fail;
+            }
+        }
+    }
+    return capsule;
+fail:
+    Py_DECREF(capsule);
+    return NULL;
+}
+
+/* range_forward(handle, x, cos, sin, seqs): x [T, D] float32 through the range, in place. seqs
+ * lists each sequence's (rows, start position, k cache, v cache, capacity), in x's row order. */
+static PyObject *py_range_forward(PyObject *self, PyObject *args) {
+    PyObject *capsule, *xo, *co, *so, *seqs;
+    if (!PyArg_ParseTuple(args, "OOOOO!", &capsule, &xo, &co, &so, &PyList_Type, &seqs)) return NULL;
+    range_desc *r = PyCapsule_GetPointer(capsule, "appliance.range");
+    if (!r) return NULL;
+    int n = (int)PyList_GET_SIZE(seqs), T = 0;
+    seq_desc *sq = calloc((size_t)n + 1, sizeof(seq_desc));
+    int *seq_of = NULL;
+    PyObject *result = NULL;
+    size_t GE = (size_t)r->n_kv_heads * r->head_dim;
+    for (int s = 0; s < n; s++) {
+        PyObject *k, *v;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(seqs, s), "iiOOi", &sq[s].n, &sq[s].start, &k, &v, &sq[s].capacity))
+            goto done;
+        if (sq[s].n < 1 || sq[s].start < 0 || sq[s].start + sq[s].n > sq[s].capacity) {
+            PyErr_SetString(PyExc_ValueError, "a sequence's positions do not fit its cache");
+            goto done;
+        }
+        Py_ssize_t cache_bytes = (Py_ssize_t)((size_t)r->n_layers * sq[s].capacity * GE * 4);
+        if (!(sq[s].k = (float *)address(k, cache_bytes, 1)) || !(sq[s].v = (float *)address(v, cache_bytes, 1)))
+            goto done;
+        sq[s].first = T;
+        T += sq[s].n;
+    }
+    float *x = (float *)address(xo, (Py_ssize_t)T * r->dim * 4, 1);
+    const float *cs = address(co, (Py_ssize_t)T * r->head_dim / 2 * 4, 0);
+    const float *sn = address(so, (Py_ssize_t)T * r->head_dim / 2 * 4, 0);
+    if (!x || !cs || !sn) goto done;
+    seq_of = malloc(sizeof(int) * (size_t)(T ? T : 1));
+    for (int s = 0; s < n; s++)
+        for (int t = 0; t < sq[s].n; t++) seq_of[sq[s].first + t] = s;
+    batch_desc b = {.T = T, .n_seqs = n, .seqs = sq, .seq_of = seq_of, .cos = cs, .sin = sn};
+    int rc = 0;
+    if (T > 0) {
+        Py_BEGIN_ALLOW_THREADS rc = range_forward(r, &b, x);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(sq);
+    free(seq_of);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"isas", py_isas, METH_NOARGS, "Instruction-set variants this CPU runs, best first."},
     {"isa", py_isa, METH_NOARGS, "The variant in use."},
@@ -131,6 +263,8 @@ static PyMethodDef methods[] = {
     {"set_threads", py_set_threads, METH_O, "Run the kernels on n threads."},
     {"row_bytes", py_row_bytes, METH_VARARGS, "Bytes of one row of n values of a GGML type (0: unsupported)."},
     {"matmul", py_matmul, METH_VARARGS, "matmul(w, type, rows, cols, x, out): out = x @ W^T from W's blocks."},
+    {"prepare_range", py_prepare_range, METH_VARARGS, "A layer range's weights as range_forward reads them."},
+    {"range_forward", py_range_forward, METH_VARARGS, "A batch of sequences through a prepared layer range."},
     {NULL, NULL, 0, NULL},
 };
 
