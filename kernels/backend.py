@@ -7,6 +7,7 @@ there; faster backends (C on the CPU, CUDA, TensorRT) implement the same names.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
@@ -60,15 +61,34 @@ def _cuda_backend() -> Backend:
     return CudaBackend()
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"numpy": NumpyBackend, "cuda": _cuda_backend}
+def _cpu_backend() -> Backend:
+    """The native C kernels (kernels/cpu_backend.py); an error naming the cause where they are not built."""
+    from kernels import native
+
+    if not native.available():
+        raise UnknownBackendError(f"backend 'cpu' is unavailable: {native.why_missing()}")
+    from kernels.cpu_backend import CpuBackend
+
+    return CpuBackend()
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"numpy": NumpyBackend, "cpu": _cpu_backend, "cuda": _cuda_backend}
+
+
+def describe(backend: Backend) -> str:
+    """The backend's name, with its instruction set and threads where it has them: for --stats and logs."""
+    return getattr(backend, "description", backend.name)
 
 
 def select_backend(name: str = "auto") -> Backend:
     """The named backend, or for "auto" the fastest one this machine can run."""
     if name == "auto":
+        from kernels import native
         from kernels.cuda_backend import available  # NVML and a package lookup: imports nothing of CUDA's
 
-        name = "cuda" if available() else "numpy"
+        name = "cuda" if available() else "cpu" if native.available() else "numpy"
+        if name == "numpy":
+            print(f"note: {native.why_missing()}; using the NumPy backend", file=sys.stderr)
     if name not in BACKENDS:
         raise UnknownBackendError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
     return BACKENDS[name]()

@@ -25,6 +25,11 @@ else:
 NATIVE_TYPES = frozenset({Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K})
 
 
+def block_size(qtype: Q) -> int:
+    """Values per block of a format: a matrix's row length must be a multiple of it."""
+    return 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0) else 1
+
+
 def available() -> bool:
     return _cpu is not None
 
