@@ -172,7 +172,7 @@ def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: boo
     cores = os.cpu_count() or 1
     if native.available() and peers:  # the C backend at 1 thread and all cores, the NumPy reference beside it
         rows += [_in_fresh_process(measure_appliance, str(path), "cpu", ids, n_decode, t) for t in sorted({1, cores})]
-        if backend != "numpy":
+        if backend not in ("numpy", "auto"):  # auto is NumPy here (no GPU): its row is the first
             rows.append(_in_fresh_process(measure_appliance, str(path), "numpy", ids, n_decode))
     if peers and LLAMA_BENCH.exists():
         rows += [llama_bench(LLAMA_BENCH, path, len(ids), n_decode, t) for t in sorted({1, cores})]
