@@ -54,10 +54,6 @@ extern const isa_ops isa_generic;
 extern const isa_ops isa_avx2;
 extern const isa_ops isa_avx512;
 #endif
-#if defined(__aarch64__)
-extern const isa_ops isa_neon;
-extern const isa_ops isa_neon_dotprod;
-#endif
 
 /* Bytes of one row of n values in format t; 0 for an unsupported format. */
 size_t row_bytes(int t, int n);

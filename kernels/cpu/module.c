@@ -4,10 +4,6 @@
 #include <Python.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__aarch64__) && defined(__linux__)
-#include <asm/hwcap.h>
-#include <sys/auxv.h>
-#endif
 
 #include "cpu.h"
 #include "layer.h"
@@ -26,11 +22,8 @@ static void detect(void) {
         available[n_available++] = &isa_avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         available[n_available++] = &isa_avx2;
-#elif defined(__aarch64__) && defined(__linux__)
-    unsigned long hw = getauxval(AT_HWCAP);
-    if (hw & HWCAP_ASIMDDP) available[n_available++] = &isa_neon_dotprod;
-    available[n_available++] = &isa_neon; /* Advanced SIMD is part of arm64 */
 #endif
+    /* arm64 (NEON, NEON + dotprod by getauxval(AT_HWCAP) & HWCAP_ASIMDDP) is to come: portable C there. */
     available[n_available++] = &isa_generic;
     cur_isa = available[0];
 }
