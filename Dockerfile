@@ -9,11 +9,11 @@ ARG BASE=nvcr.io/nvidia/cuda:12.6.3-runtime-ubuntu24.04
 FROM ${BASE}
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip gcc libc6-dev python3-dev \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/appliance
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY appliance appliance
 COPY kernels kernels
 COPY models models

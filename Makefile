@@ -16,7 +16,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# setup.py builds the native CPU kernels (kernels/cpu/*.c) into kernels._cpu: a C compiler is needed.
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(wildcard kernels/cpu/*.c kernels/cpu/*.h)
 	$(BIN)/pip install -q -e .
 	touch $@
 

@@ -16,6 +16,7 @@ import typer
 
 from appliance.console import friendly_errors, stderr
 from appliance.startup import load_engine
+from kernels.backend import describe
 from models.sampling import SamplingParams
 from models.store import ModelStore
 
@@ -31,7 +32,7 @@ app = typer.Typer(
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="GGUF path or known model name (default: SmolLM2-135M-Instruct).")
 ]
-BackendOpt = Annotated[str, typer.Option(help="Compute backend: auto, numpy.")]
+BackendOpt = Annotated[str, typer.Option(help="Compute backend: auto, cpu, cuda, numpy.")]
 BudgetOpt = Annotated[
     str | None,
     typer.Option(help="Memory for the model here, e.g. 190MB (weights as held, plus KV); the rest goes to workers."),
@@ -82,7 +83,7 @@ def generate(
         seconds = time.perf_counter() - start
         stderr.print(
             f"[dim]{gen.prompt_tokens} prompt + {gen.completion_tokens} generated tokens in "
-            f"{seconds:.2f} s, finish: {gen.finish_reason}[/]"
+            f"{seconds:.2f} s, finish: {gen.finish_reason}, backend: {describe(engine.model.backend)}[/]"
         )
 
 
@@ -150,7 +151,7 @@ def serve(
         http_socket = listen(host, http_port)  # both ports bound before "serving" is said
         grpc_server = await start_grpc(app.state.kserve, host, grpc_port)
         stderr.print(
-            f"serving {engine.name} (backend: {engine.model.backend.name}): "
+            f"serving {engine.name} (backend: {describe(engine.model.backend)}): "
             f"HTTP on {host}:{http_port}, gRPC on {host}:{grpc_port}"
         )
         # SIGTERM/SIGINT: uvicorn stops taking connections and gives running requests a few seconds;

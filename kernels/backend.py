@@ -60,7 +60,23 @@ def _cuda_backend() -> Backend:
     return CudaBackend()
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"numpy": NumpyBackend, "cuda": _cuda_backend}
+def _cpu_backend() -> Backend:
+    """The native C kernels (kernels/cpu_backend.py); an error naming the cause where they are not built."""
+    from kernels import native
+
+    if not native.available():
+        raise UnknownBackendError(f"backend 'cpu' is unavailable: {native.why_missing()}")
+    from kernels.cpu_backend import CpuBackend
+
+    return CpuBackend()
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"numpy": NumpyBackend, "cpu": _cpu_backend, "cuda": _cuda_backend}
+
+
+def describe(backend: Backend) -> str:
+    """The backend's name, with its instruction set and threads where it has them: for --stats and logs."""
+    return getattr(backend, "description", backend.name)
 
 
 def select_backend(name: str = "auto") -> Backend:
@@ -68,6 +84,8 @@ def select_backend(name: str = "auto") -> Backend:
     if name == "auto":
         from kernels.cuda_backend import available  # NVML and a package lookup: imports nothing of CUDA's
 
+        # Not cpu yet: its int8 activations move SmolLM2-135M's logits by 2-10%, enough to change a
+        # greedy chat answer (tests/test_cpu_backend.py); `--backend cpu` asks for it.
         name = "cuda" if available() else "numpy"
     if name not in BACKENDS:
         raise UnknownBackendError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")

@@ -180,12 +180,18 @@ class Session:
 
 
 class LayerRange:
-    """Layers [start, stop) of a model: their weights, and a forward pass over sessions' caches."""
+    """Layers [start, stop) of a model: their weights, and a forward pass over sessions' caches.
+
+    A backend with `fused_range` (the C backend) runs the whole range in one call per step; the
+    per-operation formulas below are the NumPy reference's, and any backend's fallback.
+    """
 
     def __init__(self, config: LlamaConfig, backend: Backend, start: int, layers: list[LayerWeights]):
         self.config, self.backend = config, backend
         self.start, self.stop = start, start + len(layers)
         self.layers = layers
+        fuse = getattr(backend, "fused_range", None)
+        self.fused = fuse(config, layers) if fuse else None
 
     def new_cache(self) -> KVCache:
         c = self.config
@@ -209,6 +215,12 @@ class LayerRange:
         positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, sizes, strict=True)])
         cos, sin = ops.rope_tables(positions, E, c.rope_theta)
         x = np.concatenate(xs)
+        if self.fused is not None:
+            seqs = [(n, s, cache.k, cache.v, cache.capacity) for n, s, cache in zip(sizes, starts, caches, strict=True)]
+            x = self.fused.forward(x, cos, sin, seqs)
+            for cache, n in zip(caches, sizes, strict=True):
+                cache.advance(n)
+            return [x[row] for row in rows]
         T = x.shape[0]
         for i, L in enumerate(self.layers):
             h = ops.rmsnorm(x, L.attn_norm, c.norm_eps)

@@ -29,7 +29,7 @@ import numpy as np
 import typer
 from gguf import GGMLQuantizationType
 
-from kernels.backend import Backend, select_backend
+from kernels.backend import Backend, describe, select_backend
 from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig, held_nbytes, layer_tensor_names
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
@@ -213,7 +213,7 @@ class WorkerService(rpc.OffloadServicer):
         return pb.Capabilities(
             protocol=PROTOCOL,
             name=self.name,
-            backend=self.backend.name,
+            backend=describe(self.backend),
             memory_budget_bytes=self.budget,
             memory_used_bytes=self.used,
             gflops=self.gflops,
@@ -456,6 +456,7 @@ def run(
     home: Annotated[Path | None, typer.Option(help="Certificates and tensor cache.")] = None,
     advertise: Annotated[bool, typer.Option(help="Announce this worker on the LAN by mDNS.")] = True,
     pair_only: Annotated[bool, typer.Option(help="Pair, then exit without serving.")] = False,
+    backend: Annotated[str, typer.Option(help="Compute backend: auto, cpu, cuda, numpy.")] = "auto",
 ) -> None:
     """Run layers for a paired appliance: `appliance-worker --port 50051 --pair CODE`."""
     from rich.console import Console
@@ -475,7 +476,7 @@ def run(
             raise PairingError(f"this worker is not paired ({home} has no certificate): run it with --pair CODE")
         if pair_only:
             return
-        server, service, bound = start_worker(identity, home, host, port, budget, idle_timeout)
+        server, service, bound = start_worker(identity, home, host, port, budget, idle_timeout, backend)
     except (PairingError, ValueError, OSError) as e:
         err.print(f"[bold red]error:[/] {e}")
         sys.exit(2)
@@ -485,7 +486,8 @@ def run(
 
         zc = advertise_worker(service.name, bound)
     err.print(
-        f"worker {service.name!r} serving on {host}:{bound} ({service.gflops:.1f} GFLOP/s, budget {memory_budget})"
+        f"worker {service.name!r} serving on {host}:{bound} ({service.gflops:.1f} GFLOP/s, budget {memory_budget}, "
+        f"backend {describe(service.backend)})"
     )
     try:
         server.wait_for_termination()

@@ -48,7 +48,9 @@ def ca(tmp_path, monkeypatch) -> CertificateAuthority:
 
 @pytest.fixture(scope="session")
 def engine(model_path: Path) -> Engine:
-    return Engine.load(model_path)
+    """The NumPy reference: the oracle the checks against transformers hold to (the C backend is
+    checked against it in test_cpu_backend.py)."""
+    return Engine.load(model_path, "numpy")
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ def test_generate_streams_the_answer(model_path):
 def test_generate_chat(model_path):
     r = run("appliance", "generate", "--chat", "What is the capital of France?", "--stats")
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout and "finish: stop" in r.stderr
+    assert "Paris" in r.stdout and "finish: stop" in r.stderr and "backend: " in r.stderr
 
 
 def test_generate_matches_the_library(engine):

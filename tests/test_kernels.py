@@ -84,5 +84,5 @@ def test_float32_stays_float32():
 
 
 def test_backend_selection():
-    with pytest.raises(UnknownBackendError, match="available: cuda, numpy"):
+    with pytest.raises(UnknownBackendError, match="available: cpu, cuda, numpy"):
         select_backend("tpu")

@@ -183,7 +183,7 @@ def test_a_worker_sending_malformed_tensors_is_dropped(engine, model_path, home,
     folder = tmp_path_factory.mktemp("liar")
     identity = issue_identity(home, folder, "liar")
     server, liar, port = start_worker(
-        identity, folder, "127.0.0.1", 0, parse_size(budget), service_class=CorruptingWorker
+        identity, folder, "127.0.0.1", 0, parse_size(budget), backend="numpy", service_class=CorruptingWorker
     )
     try:
         with new_worker(home, tmp_path_factory, "h1") as w1, new_worker(home, tmp_path_factory, "h2") as w2:
@@ -240,7 +240,7 @@ def test_a_worker_that_slows_down_is_replaced_between_tokens(engine, model_path,
             folder = tmp_path_factory.mktemp(name)
             identity = issue_identity(home, folder, name)
             server, service, port = start_worker(
-                identity, folder, "127.0.0.1", 0, parse_size("420MB"), service_class=SlowingWorker
+                identity, folder, "127.0.0.1", 0, parse_size("420MB"), backend="numpy", service_class=SlowingWorker
             )
             servers.append(server)
             services[f"127.0.0.1:{port}"] = service
@@ -325,7 +325,9 @@ def test_a_slowdown_that_swaps_ranges_works_under_tight_budgets(engine, model_pa
         for name, budget in zip(("tight1", "tight2"), tight_budgets(model_path, (14, 14)), strict=True):
             folder = tmp_path_factory.mktemp(name)
             identity = issue_identity(home, folder, name)
-            server, service, port = start_worker(identity, folder, "127.0.0.1", 0, budget, service_class=SlowingWorker)
+            server, service, port = start_worker(
+                identity, folder, "127.0.0.1", 0, budget, backend="numpy", service_class=SlowingWorker
+            )
             servers.append(server)
             services[f"127.0.0.1:{port}"] = service
         split = load_engine(model_path, "numpy", "190MB", list(services), step_timeout=30.0)

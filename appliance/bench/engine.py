@@ -7,8 +7,10 @@ keeps one subject's memory out of another's figure.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import subprocess
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -20,7 +22,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from kernels.backend import select_backend
+from kernels import native
+from kernels.backend import describe, select_backend
 from models.engine import Engine
 from models.llama import Session
 
@@ -60,15 +63,28 @@ def _timed_greedy(system: str, load, ids: list[int], n_decode: int) -> dict:
     }
 
 
-def measure_appliance(path: str, backend: str, ids: list[int], n_decode: int) -> dict:
+def measure_appliance(path: str, backend: str, ids: list[int], n_decode: int, threads: int | None = None) -> dict:
     def load():
         engine = Engine.load(path, backend)
+        if threads and backend == "cpu":
+            from kernels import native
+
+            native.set_threads(threads)
         engine.model.layer_range(0, engine.model.config.n_layers)  # prepare every layer's weights
         session = Session()
         greedy = lambda tokens: int(np.argmax(engine.next_logits(tokens, session)))  # noqa: E731
         return greedy, lambda token: greedy([token])
 
-    return _timed_greedy(f"appliance ({select_backend(backend).name} backend)", load, ids, n_decode)
+    name = describe(select_backend(backend)) if threads is None else f"cpu ({threads} threads)"
+    return _timed_greedy(f"appliance ({name} backend)", load, ids, n_decode)
+
+
+def llama_bench(binary: Path, path: Path, n_prompt: int, n_decode: int, threads: int) -> dict:
+    """llama.cpp's own llama-bench (pp n_prompt, tg n_decode) on the same file, 2 repetitions."""
+    cmd = [str(binary), "-m", str(path), "-p", str(n_prompt), "-n", str(n_decode), "-t", str(threads)]
+    out = subprocess.run([*cmd, "-r", "2", "-o", "json"], capture_output=True, text=True, check=True).stdout
+    rates = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in json.loads(out)}
+    return {"system": f"llama-bench ({threads} threads)", "prefill_tps": rates["pp"], "decode_tps": rates["tg"]}
 
 
 def measure_transformers(path: str, ids: list[int], n_decode: int) -> dict:
@@ -129,6 +145,13 @@ def _in_fresh_process(fn, *args) -> dict:
         return pool.submit(fn, *args).result()
 
 
+def _ratio(row: dict, rows: list[dict]) -> str:
+    """Decode speed over llama-bench's at the same thread count ("all cores" for the default rows)."""
+    threads = 1 if "(1 threads)" in row["system"] or "1 threads" in row["system"] else os.cpu_count()
+    peer = [r for r in rows if r["system"] == f"llama-bench ({threads} threads)"]
+    return f"{row['decode_tps'] / peer[0]['decode_tps']:.2f}x" if peer else "-"
+
+
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     """A benchmark's table: the first column names the system, the figures align right."""
     table = Table(title=title)
@@ -139,10 +162,22 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     Console(width=130).print(table)
 
 
+LLAMA_BENCH = Path(".venv/llama-rpc/llama-bench")  # make bench builds it from the llama-cpp-python sdist
+
+
 def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: bool) -> list[dict]:
-    tokenizer = Engine.load(path, backend).tokenizer
+    tokenizer = Engine.load(path, "numpy").tokenizer
     ids = tokenizer.encode(FILLER * (1 + n_prompt // 30))[:n_prompt]
     rows = [_in_fresh_process(measure_appliance, str(path), backend, ids, n_decode)]
+    cores = os.cpu_count() or 1
+    if native.available() and peers:  # the C backend at 1 thread and all cores, the NumPy reference beside it
+        rows += [_in_fresh_process(measure_appliance, str(path), "cpu", ids, n_decode, t) for t in sorted({1, cores})]
+        if backend not in ("numpy", "auto"):  # auto is NumPy here (no GPU): its row is the first
+            rows.append(_in_fresh_process(measure_appliance, str(path), "numpy", ids, n_decode))
+    if peers and LLAMA_BENCH.exists():
+        rows += [llama_bench(LLAMA_BENCH, path, len(ids), n_decode, t) for t in sorted({1, cores})]
+    elif peers:
+        Console(stderr=True).print(f"peer not measured: {LLAMA_BENCH} is not built (make bench builds it)")
     for measure, install in PEERS if peers else []:
         try:
             rows.append(_in_fresh_process(measure, str(path), ids, n_decode))
@@ -152,14 +187,15 @@ def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: boo
             Console(stderr=True).print(f"peer not measured: {measure.__name__} crashed (a build for another CPU?)")
     print_table(
         f"{path.name}: {len(ids)}-token prompt, {n_decode} decoded tokens, {os.cpu_count()} CPU threads",
-        ["system", "load s", "RSS MiB", "prefill tok/s", "decode tok/s"],
+        ["system", "load s", "RSS MiB", "prefill tok/s", "decode tok/s", "decode vs llama-bench"],
         [
             [
                 r["system"],
-                f"{r['load_s']:.2f}",
-                f"{r['rss_mib']:.0f}",
+                f"{r['load_s']:.2f}" if "load_s" in r else "-",
+                f"{r['rss_mib']:.0f}" if "rss_mib" in r else "-",
                 f"{r['prefill_tps']:.1f}",
                 f"{r['decode_tps']:.1f}",
+                _ratio(r, rows),
             ]
             for r in rows
         ],

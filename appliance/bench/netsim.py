@@ -238,7 +238,9 @@ def worker_process(
     port: int | None = None,
     netns: str | None = None,
     extra: tuple[str, ...] = (),
+    backend: str = "numpy",
 ) -> Iterator[Worker]:
+    """A worker process; NumPy by default, so its layers compute exactly as an all-local reference engine's."""
     port = port or free_port()
     cmd = [
         sys.executable,
@@ -253,6 +255,8 @@ def worker_process(
         "--memory-budget",
         budget,
         "--no-advertise",
+        "--backend",
+        backend,
         *extra,
     ]
     if netns:

@@ -1,0 +1,151 @@
+/* The x86 dot products, written once and compiled twice by x86.c: as AVX2 (+FMA, F16C) and as
+ * AVX-512 VNNI. The variants differ only in DOT_U8S8, the unsigned-by-signed int8 dot product of
+ * 32 bytes into 8 int32 lanes: maddubs + madd on AVX2, one vpdpbusd with VNNI. Needs: ISA (the
+ * target attribute), NAME(x) (a prefix for each function) and DOT_U8S8. */
+
+#define FN static inline __attribute__((target(ISA)))
+
+FN float NAME(hsum)(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 16 packed bytes -> 32 nibbles: low nibbles (values 0..15) then high (16..31). */
+FN __m256i NAME(nibbles)(const uint8_t *qs) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+FN __m256i NAME(bytes)(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* signed x signed: |w| x (x with w's sign), so the unsigned-by-signed instruction applies. */
+FN __m256i NAME(dot_s8s8)(__m256i w, __m256i x) {
+    return DOT_U8S8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+static __attribute__((target(ISA))) float NAME(dot_f32)(int n, const void *w, const void *x) {
+    const float *a = w, *b = x;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    float s = NAME(hsum)(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static __attribute__((target(ISA))) float NAME(dot_f16)(int n, const void *w, const void *x) {
+    const uint16_t *a = w;
+    const float *b = x;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i)));
+        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i + 8)));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    float s = NAME(hsum)(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) s += fp16_to_fp32(a[i]) * b[i];
+    return s;
+}
+
+static __attribute__((target(ISA))) float NAME(dot_q4_0)(int n, const void *w, const void *xv) {
+    const block_q4_0 *bw = w;
+    const block_q8 *x = xv;
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.0f; /* the -8 of every nibble: sum over blocks of d_w * x.s */
+    for (int b = 0; b < n / QK; b++) {
+        float d = _cvtsh_ss(bw[b].d);
+        __m256i p = DOT_U8S8(NAME(nibbles)(bw[b].qs), NAME(bytes)(x[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[b].d), acc);
+        offset += d * x[b].s;
+    }
+    return NAME(hsum)(acc) - 8.0f * offset;
+}
+
+static __attribute__((target(ISA))) float NAME(dot_q4_1)(int n, const void *w, const void *xv) {
+    const block_q4_1 *bw = w;
+    const block_q8 *x = xv;
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int b = 0; b < n / QK; b++) {
+        __m256i p = DOT_U8S8(NAME(nibbles)(bw[b].qs), NAME(bytes)(x[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(bw[b].d) * x[b].d), acc);
+        mins += _cvtsh_ss(bw[b].m) * x[b].s;
+    }
+    return NAME(hsum)(acc) + mins;
+}
+
+static __attribute__((target(ISA))) float NAME(dot_q8_0)(int n, const void *w, const void *xv) {
+    const block_q8_0 *bw = w;
+    const block_q8 *x = xv;
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < n / QK; b++) {
+        __m256i p = NAME(dot_s8s8)(NAME(bytes)(bw[b].qs), NAME(bytes)(x[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(bw[b].d) * x[b].d), acc);
+    }
+    return NAME(hsum)(acc);
+}
+
+static __attribute__((target(ISA))) float NAME(dot_q4_K)(int n, const void *w, const void *xv) {
+    const block_q4_K *bw = w;
+    const block_q8 *x = xv;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int b = 0; b < n / QK_K; b++) {
+        float d = _cvtsh_ss(bw[b].d), dmin = _cvtsh_ss(bw[b].dmin);
+        for (int i = 0; i < 4; i++, x += 2) { /* 32 bytes: sub-block 2i in the low nibbles, 2i+1 high */
+            __m256i raw = NAME(bytes)(bw[b].qs + 32 * i);
+            uint8_t sc0, m0, sc1, m1;
+            k4_scale_min(2 * i, bw[b].scales, &sc0, &m0);
+            k4_scale_min(2 * i + 1, bw[b].scales, &sc1, &m1);
+            __m256i p0 = DOT_U8S8(_mm256_and_si256(raw, low), NAME(bytes)(x[0].qs));
+            __m256i p1 = DOT_U8S8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), NAME(bytes)(x[1].qs));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc0 * x[0].d), acc);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc1 * x[1].d), acc);
+            mins += dmin * (m0 * x[0].s + m1 * x[1].s);
+        }
+    }
+    return NAME(hsum)(acc) - mins;
+}
+
+static __attribute__((target(ISA))) float NAME(dot_q6_K)(int n, const void *w, const void *xv) {
+    const block_q6_K *bw = w;
+    const block_q8 *x = xv;
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < n / QK_K; b++) {
+        float d = _cvtsh_ss(bw[b].d);
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = NAME(bytes)(bw[b].ql + 64 * h), l1 = NAME(bytes)(bw[b].ql + 64 * h + 32);
+            __m256i hi = NAME(bytes)(bw[b].qh + 32 * h);
+            __m256i q[4] = {
+                _mm256_and_si256(l0, low),
+                _mm256_and_si256(l1, low),
+                _mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                _mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+            };
+            for (int k = 0; k < 4; k++, x++) {
+                __m256i top = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * k), two);
+                __m256i v = _mm256_sub_epi8(_mm256_or_si256(q[k], _mm256_slli_epi16(top, 4)), bias);
+                /* int16 pairs, then each half of 16 values times its own scale */
+                __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(NAME(bytes)(x->qs), v));
+                int c = 4 * h + k;
+                __m256i scales = _mm256_set_m128i(_mm_set1_epi16(bw[b].scales[2 * c + 1]),
+                                                  _mm_set1_epi16(bw[b].scales[2 * c]));
+                __m256i p = _mm256_madd_epi16(pairs, scales);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->d), acc);
+            }
+        }
+    }
+    return NAME(hsum)(acc);
+}
+
+#undef FN

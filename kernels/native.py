@@ -1,0 +1,98 @@
+"""The native CPU kernels (kernels/cpu/*.c, built into kernels._cpu by setup.py) as NumPy calls.
+
+Weights are passed as the file stores them (the memory-mapped blocks of a GGUF tensor); the C side
+reads them in place. `available()` says whether the extension imported, and if not, why.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from kernels.dequant import dequantize
+
+try:
+    from kernels import _cpu
+except ImportError as e:  # not built: the NumPy reference still runs
+    _cpu, _missing = None, f"the native CPU kernels are not built ({e}); run `pip install -e .` where gcc is installed"
+else:
+    _missing = ""
+    _cpu.set_threads(os.cpu_count() or 1)
+
+# The formats the C kernels read straight from their blocks.
+NATIVE_TYPES = frozenset({Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K})
+
+
+def block_size(qtype: Q) -> int:
+    """Values per block of a format: a matrix's row length must be a multiple of it."""
+    return 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0) else 1
+
+
+def available() -> bool:
+    return _cpu is not None
+
+
+def why_missing() -> str:
+    return _missing
+
+
+def isas() -> tuple[str, ...]:
+    """Instruction-set variants this CPU runs, best first (the first is in use unless set_isa says otherwise)."""
+    return _cpu.isas()
+
+
+def isa() -> str:
+    return _cpu.isa()
+
+
+def set_isa(name: str) -> None:
+    _cpu.set_isa(name)
+
+
+def threads() -> int:
+    return _cpu.threads()
+
+
+def set_threads(n: int) -> None:
+    _cpu.set_threads(n)
+
+
+def matmul(raw: np.ndarray, qtype: Q, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
+    """x @ W^T for W [rows, cols] stored as raw blocks of qtype; x [n, cols] -> [n, rows], float32."""
+    rows, cols = shape
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((*x.shape[:-1], rows), dtype=np.float32)
+    _cpu.matmul(raw, int(qtype), rows, cols, x, out)
+    return out
+
+
+# The order prepare_range takes a layer's tensors in.
+LAYER_PARTS = ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+class NativeRange:
+    """A layer range prepared for the fused C forward pass: its weights read in place from the file.
+
+    dims: (D, H, G, E, F, eps). layers: per layer, LAYER_PARTS as (raw blocks, type, logical shape).
+    Holds every array the C side points into, so they live as long as it does.
+    """
+
+    def __init__(self, dims: tuple[int, int, int, int, int, float], layers: list[tuple]):
+        self._keep = []
+        spec = []
+        for parts in layers:
+            norms = [
+                np.ascontiguousarray(dequantize(raw, qtype, shape), dtype=np.float32) for raw, qtype, shape in parts[:2]
+            ]
+            weights = [(raw, int(qtype), shape[0]) for raw, qtype, shape in parts[2:]]
+            self._keep.append((norms, [w[0] for w in weights]))
+            spec.append((*norms, *weights))
+        self._handle = _cpu.prepare_range(dims, spec)
+
+    def forward(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, seqs: list[tuple]) -> np.ndarray:
+        """x [T, D] through the range; seqs: per sequence (rows, start, k cache, v cache, capacity) in row order."""
+        x = np.array(x, dtype=np.float32, order="C")
+        _cpu.range_forward(self._handle, x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), seqs)
+        return x

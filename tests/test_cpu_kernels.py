@@ -1,0 +1,106 @@
+"""The native CPU kernels against the NumPy reference: every format, every variant this CPU runs,
+odd sizes (rows not a multiple of the thread count, batches of 1 to 9)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from kernels import native
+from kernels.dequant import dequantize
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=native.why_missing())
+
+# Per format: values per block, bytes per block, and where its float16 scales sit in a block.
+LAYOUT = {
+    Q.Q4_0: (32, 18, [0]),
+    Q.Q4_1: (32, 20, [0, 2]),
+    Q.Q8_0: (32, 34, [0]),
+    Q.Q4_K: (256, 144, [0, 2]),
+    Q.Q6_K: (256, 210, [208]),
+}
+
+
+def random_weight(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of qtype, [rows, bytes per row] uint8, with scales of a realistic size."""
+    if qtype == Q.F32:
+        return rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8)
+    if qtype == Q.F16:
+        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+    per_block, nbytes, scales = LAYOUT[qtype]
+    blocks = rng.integers(0, 256, (rows, cols // per_block, nbytes), dtype=np.uint8)
+    for at in scales:
+        blocks[..., at : at + 2] = rng.uniform(0.001, 0.02, blocks.shape[:2] + (1,)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def reference(raw: np.ndarray, qtype: Q, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) @ dequantize(raw, qtype, (rows, cols)).T.astype(np.float64)
+
+
+FLOAT = (Q.F32, Q.F16)
+TYPES = [Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
+
+
+@pytest.fixture(params=native.isas() if native.available() else [])
+def isa(request):
+    before = native.isa()
+    native.set_isa(request.param)
+    yield request.param
+    native.set_isa(before)
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request):
+    before = native.threads()
+    native.set_threads(request.param)
+    yield request.param
+    native.set_threads(before)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul_matches_reference(qtype, isa, threads):
+    rng = np.random.default_rng(int(qtype))
+    per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+    for rows, cols, batch in [(37, 2 * per_block, 1), (5, 3 * per_block, 9), (131, per_block, 4)]:
+        raw = random_weight(qtype, rows, cols, rng)
+        x = rng.standard_normal((batch, cols)).astype(np.float32)
+        want = reference(raw, qtype, rows, cols, x)
+        got = native.matmul(raw, qtype, (rows, cols), x)
+        assert got.shape == (batch, rows)
+        # 8-bit activations round each value by up to 1/254 of its block's largest: about 0.3% of a dot
+        # product's typical size; float weights take float activations.
+        scale = np.abs(want).max()
+        tol = 1e-5 if qtype in FLOAT else 1e-2
+        err = np.abs(got - want).max() / scale
+        assert err < tol, f"{qtype.name} [{rows}x{cols}] batch {batch} on {isa}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_variants_agree_with_portable_c(qtype):
+    """Each variant sums the same integers as the portable C: only float rounding may differ."""
+    rng = np.random.default_rng(7)
+    per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+    raw = random_weight(qtype, 19, 4 * per_block, rng)
+    x = rng.standard_normal((3, 4 * per_block)).astype(np.float32)
+    before = native.isa()
+    try:
+        native.set_isa("generic")
+        portable = native.matmul(raw, qtype, (19, 4 * per_block), x)
+        for name in native.isas():
+            native.set_isa(name)
+            got = native.matmul(raw, qtype, (19, 4 * per_block), x)
+            np.testing.assert_allclose(got, portable, rtol=1e-4, atol=1e-4 * np.abs(portable).max(), err_msg=name)
+    finally:
+        native.set_isa(before)
+
+
+def test_bad_arguments_are_value_errors():
+    raw = random_weight(Q.Q4_0, 4, 64, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="bytes"):
+        native.matmul(raw[:3], Q.Q4_0, (4, 64), np.zeros((1, 64), np.float32))
+    with pytest.raises(ValueError, match="blocks"):
+        native.matmul(raw, Q.Q4_0, (4, 48), np.zeros((1, 48), np.float32))
+    with pytest.raises(ValueError, match="not available"):
+        native.set_isa("no-such-isa")
