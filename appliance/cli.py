@@ -113,6 +113,7 @@ def serve(
     import uvicorn
 
     from appliance.serving.app import create_app
+    from appliance.serving.client_keys import ClientKeys
     from appliance.serving.keys import key_file, server_keys
     from appliance.serving.kserve.grpc import start_grpc
     from appliance.serving.scheduler import Scheduler
@@ -143,7 +144,9 @@ def serve(
         ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout
     )
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
-    state = ServerState(engine, scheduler, engine.name, keys, admin_keys, max_tokens_limit=max_tokens_limit)
+    state = ServerState(
+        engine, scheduler, engine.name, keys, admin_keys, ClientKeys(), max_tokens_limit=max_tokens_limit
+    )
     app = create_app(state)
 
     async def run() -> None:

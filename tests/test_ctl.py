@@ -1,0 +1,176 @@
+"""`appliance-ctl` as the owner runs it: a subprocess against a real `appliance serve`, `--json` parsed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.serving import ADMIN_KEY, running_server
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, model_path):
+    """A fresh APPLIANCE_HOME for the server and the CLI, with the model store of the user's cache."""
+    home = tmp_path_factory.mktemp("ctl") / "appliance"
+    home.mkdir(mode=0o700)
+    (home / "models").symlink_to(model_path.parent)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APPLIANCE_HOME", str(home))
+        mp.delenv("APPLIANCE_SERVER", raising=False)
+        mp.delenv("APPLIANCE_ADMIN_KEY", raising=False)
+        yield home
+
+
+@pytest.fixture(scope="module")
+def server(home, model_path):
+    with running_server("--model", str(model_path), "--no-advertise") as s:
+        yield s
+
+
+def ctl(*args: str, server=None, key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "appliance.ctl"]
+    if server is not None:
+        cmd += ["--server", server.url if hasattr(server, "url") else server]
+    if key is not None:
+        cmd += ["--admin-key", key]
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, env=os.environ)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def ok_json(*args: str, server) -> object:
+    result = ctl(*args, "--json", server=server)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_status(server, model_path):
+    status = ok_json("status", server=server)
+    assert status["model"] == model_path.stem and status["backend"] == "numpy"
+    assert status["layers"] == 30 and status["uptime_s"] >= 0 and status["active"] == 0
+    assert isinstance(status["gpus"], list) and status["devices"] == []
+    people = ctl("status", server=server)
+    assert people.returncode == 0 and f"model {model_path.stem} (30 layers)" in people.stdout
+
+
+def test_bench(server):
+    result = ok_json("bench", "--max-tokens", "3", server=server)
+    assert result["completion_tokens"] == 3 and result["decode_tokens_per_s"] > 0 and result["ttft_ms"] > 0
+
+
+def test_plan_all_local(server):
+    plan = ok_json("plan", server=server)
+    assert plan["stages"] == [{"device": "appliance", "address": None, "layers": [0, 30]}]
+
+
+def test_models_list_load_unload(server, model_path):
+    listing = ok_json("models", "list", server=server)
+    assert listing["stored"][0]["state"] == "verified"
+    assert {m["name"]: m["state"] for m in listing["served"]} == {
+        model_path.stem: "READY",
+        f"{model_path.stem}-logits": "READY",
+    }
+    logits = f"{model_path.stem}-logits"
+    assert ok_json("models", "unload", logits, server=server) == {"name": logits, "state": "UNAVAILABLE"}
+    served = {m["name"]: m["state"] for m in ok_json("models", "list", server=server)["served"]}
+    assert served[logits] == "UNAVAILABLE"
+    assert ok_json("models", "load", logits, server=server)["state"] == "READY"
+    # the local commands still work without a server
+    assert ok_json("models", "verify", server="http://127.0.0.1:1")["name"] == "smollm2-135m-instruct"
+    assert ok_json("models", "fetch", server="http://127.0.0.1:1")["path"].endswith(model_path.name)
+    down = ctl("models", "list", "--json", server="http://127.0.0.1:1")
+    assert down.returncode == 0 and json.loads(down.stdout)["served"] is None
+
+
+def test_keys_made_used_and_revoked_without_a_restart(server, home):
+    made = ok_json("keys", "create", "laptop", server=server)
+    assert made["name"] == "laptop" and made["key"].startswith("sk-appliance-")
+    stored = (home / "keys.json").read_text()
+    assert made["key"] not in stored and oct((home / "keys.json").stat().st_mode & 0o777) == "0o600"
+    assert [k["name"] for k in ok_json("keys", "list", server=server)] == ["laptop"]
+
+    models = f"{server.url}/v1/models"
+    assert httpx.get(models, headers={"Authorization": f"Bearer {made['key']}"}).status_code == 200
+    taken = ctl("keys", "create", "laptop", server=server)
+    assert taken.returncode == 1 and "exists already" in taken.stderr
+
+    assert ok_json("keys", "revoke", "laptop", server=server) == {"name": "laptop", "revoked": True}
+    assert httpx.get(models, headers={"Authorization": f"Bearer {made['key']}"}).status_code == 401
+    assert ok_json("keys", "list", server=server) == []
+    # a client key is not an admin key
+    again = ok_json("keys", "create", "phone", server=server)
+    assert ctl("status", server=server, key=again["key"]).returncode == 4
+
+
+def test_devices_pair_list_and_unknown_names(server):
+    code = ok_json("devices", "pair", "--ttl", "60", server=server)
+    assert len(code["code"]) == 9 and code["ttl"] == 60
+    assert ok_json("devices", "list", server=server) == []
+    for verb in ("revoke", "drain"):
+        unknown = ctl("devices", verb, "no-such-laptop", server=server)
+        assert unknown.returncode == 5 and "no-such-laptop" in unknown.stderr
+    bad_ttl = ctl("devices", "pair", "--ttl", "0", server=server)
+    assert bad_ttl.returncode == 1 and "1 to 3600" in bad_ttl.stderr
+
+
+def test_sessions_list_and_cancel(server, model_path):
+    pieces: list[str] = []
+
+    def stream() -> None:
+        body = {"model": model_path.stem, "prompt": "Once upon a time", "max_tokens": 400, "stream": True}
+        headers = {"Authorization": "Bearer test-key"}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=300) as r:
+            lines = r.iter_lines()
+            pieces.extend(line for line in lines if line.startswith("data: {"))
+
+    client = threading.Thread(target=stream)
+    client.start()
+    deadline = time.monotonic() + 120
+    while True:
+        running = ok_json("sessions", server=server)
+        if running and running[0]["completion_tokens"] >= 2:
+            break
+        assert time.monotonic() < deadline, "the generation never showed up in `sessions`"
+        time.sleep(0.5)
+    session = running[0]
+    assert session["state"] == "active" and session["prompt_tokens"] > 0 and session["max_tokens"] == 400
+    assert session["layers"] == ["appliance [0, 30)"]
+    assert ok_json("sessions", "cancel", session["id"], server=server) == {"id": session["id"], "cancelled": True}
+    client.join(timeout=60)
+    assert not client.is_alive(), "the cancelled stream did not end"
+    assert 2 <= len(pieces) < 400
+    assert ok_json("sessions", server=server) == []
+    gone = ctl("sessions", "cancel", session["id"], server=server)
+    assert gone.returncode == 5 and "no running generation" in gone.stderr
+
+
+def test_failures_are_one_line_and_an_exit_code(server, home):
+    down = ctl("status", server="http://127.0.0.1:1")
+    assert down.returncode == 3 and down.stderr.startswith("error: cannot reach the appliance at http://127.0.0.1:1")
+    wrong = ctl("status", server=server, key="not-the-key")
+    assert wrong.returncode == 4 and "refused the admin key" in wrong.stderr
+    nokey = ctl("status", server=server, key=None)
+    assert nokey.returncode == 4 and "no admin key" in nokey.stderr
+    unknown_model = ctl("models", "unload", "no-such-model", server=server)
+    assert unknown_model.returncode == 5 and "unknown model 'no-such-model'" in unknown_model.stderr
+    unknown_key = ctl("keys", "revoke", "no-such-key", server=server)
+    assert unknown_key.returncode == 5 and "no key is named 'no-such-key'" in unknown_key.stderr
+    bad_name = ctl("keys", "create", "a b", server=server)
+    assert bad_name.returncode == 1 and "key name" in bad_name.stderr
+    usage = ctl("status", "--no-such-flag", server=server)
+    assert usage.returncode == 2
+    from_env = subprocess.run(
+        [sys.executable, "-m", "appliance.ctl", "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "APPLIANCE_SERVER": server.url, "APPLIANCE_ADMIN_KEY": ADMIN_KEY},
+    )
+    assert from_env.returncode == 0 and json.loads(from_env.stdout)["active"] == 0
