@@ -174,3 +174,73 @@ def test_failures_are_one_line_and_an_exit_code(server, home):
         env={**os.environ, "APPLIANCE_SERVER": server.url, "APPLIANCE_ADMIN_KEY": ADMIN_KEY},
     )
     assert from_env.returncode == 0 and json.loads(from_env.stdout)["active"] == 0
+
+
+def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_path, engine):
+    """Two real workers hold the layers beyond 40 MB; draining one and revoking the other move or lose
+    their layers, and requests keep their exact text while any worker is left."""
+    from appliance.bench.netsim import worker_process
+    from appliance.startup import certificate_authority
+    from offload.pki import issue_identity
+
+    ca = certificate_authority()
+    for name in ("w1", "w2"):
+        issue_identity(ca, tmp_path / name, name)
+    prompt = "The capital of France is"
+    expected = engine.generate(engine.prompt_ids(prompt), max_tokens=8).run()
+
+    def complete(s) -> str:
+        body = {"model": model_path.stem, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        r = httpx.post(f"{s.url}/v1/completions", json=body, headers={"Authorization": "Bearer test-key"}, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with (
+        worker_process(tmp_path / "w1", budget="120MB") as w1,  # each can hold every offloaded layer
+        worker_process(tmp_path / "w2", budget="120MB") as w2,
+        running_server(
+            "--model",
+            str(model_path),
+            "--memory-budget",
+            "40MB",
+            "--worker",
+            w1.address,
+            "--worker",
+            w2.address,
+            "--no-discover",
+            "--no-advertise",
+            log_path=tmp_path / "server.log",
+        ) as s,
+    ):
+        assert complete(s) == expected
+        devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
+        assert {d["state"] for d in devices.values()} == {"connected"}
+        assert {d["address"] for d in devices.values()} == {w1.address, w2.address}
+        holding = sorted((d for d in devices.values() if d["layers"]), key=lambda d: d["layers"])
+        spans = [d["layers"] for d in holding]
+        assert (
+            spans[0][0] == 3
+            and spans[-1][1] == 30
+            and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        )
+        holder = holding[0]["name"]  # the one with layer 3 (maybe every offloaded layer: each can hold them all)
+        other = ({"w1", "w2"} - {holder}).pop()
+        assert holding[0]["last_seen"] is not None and holding[0]["ms_per_layer"] > 0
+        assert holding[0]["measured_ms_per_token"] > 0
+
+        plan = ok_json("plan", server=s)
+        assert plan["stages"][0] == {**plan["stages"][0], "device": "appliance", "layers": [0, 3]}
+        assert plan["stages"][1]["device"] == holder and plan["stages"][-1]["layers"][1] == 30
+        assert plan["predicted_ms_per_token"] > 0 and plan["measured_ms_per_step"] > 0
+        assert {d["name"] for d in ok_json("status", server=s)["devices"]} == {"w1", "w2"}
+
+        assert ok_json("devices", "drain", holder, server=s)["drained"] == [devices[holder]["address"]]
+        assert complete(s) == expected  # the other worker now holds every offloaded layer
+        devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
+        assert devices[holder]["state"] == "paired" and devices[other]["layers"] == [3, 30]
+
+        assert ok_json("devices", "revoke", other, server=s)["revoked_certificates"] == 1
+        devices = {d["name"]: d["state"] for d in ok_json("devices", "list", server=s)}
+        assert devices == {holder: "paired", other: "revoked"}
+        nowhere = ctl("plan", server=s)
+        assert nowhere.returncode == 1 and "no placement can hold the model" in nowhere.stderr

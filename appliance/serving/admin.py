@@ -212,7 +212,9 @@ def plan(state: State) -> dict:
     if coordinator is None:
         stages = [{"device": "appliance", "address": None, "layers": [0, n]}]
         return {"layers": n, "stages": stages, "predicted_ms_per_token": None, "measured_ms_per_step": measured}
-    current = coordinator.plan or coordinator.make_plan()
+    with coordinator.lock:  # the plan in use, unless devices changed since: then the one the next token gets
+        fresh = coordinator.plan is not None and coordinator.plan_version == coordinator.version
+        current = coordinator.plan if fresh else coordinator.make_plan()
     measured_by = {d["address"]: d.get("measured_ms_per_token") for d in _devices(state) if d["address"]}
     stages = [
         {
