@@ -196,13 +196,13 @@ def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_pa
         return r.json()["choices"][0]["text"]
 
     with (
-        worker_process(tmp_path / "w1", budget="120MB") as w1,  # each can hold every offloaded layer
-        worker_process(tmp_path / "w2", budget="120MB") as w2,
+        worker_process(tmp_path / "w1", budget="420MB") as w1,  # each can hold every offloaded layer
+        worker_process(tmp_path / "w2", budget="420MB") as w2,
         running_server(
             "--model",
             str(model_path),
             "--memory-budget",
-            "40MB",
+            "190MB",
             "--worker",
             w1.address,
             "--worker",

@@ -16,17 +16,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from appliance.serving.auth import authorize, authorize_admin
+from appliance.serving.auth import authorize_admin
 from appliance.serving.client_keys import ClientKeys, KeyNameError
 from appliance.serving.kserve.repository import Repository
 from appliance.serving.scheduler import Event, Ticket
 from appliance.serving.state import ServerState, server_state
 from models.sampling import SamplingParams
+from offload.coordinator import Coordinator, OffloadError
 from offload.pki import PairingError, certificate_authority
+from offload.planner import Plan
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(authorize_admin)])
-# What the dashboard shows: read-only, and an API key suffices (the page is for the home, not the owner).
-summary_router = APIRouter(prefix="/ui", dependencies=[Depends(authorize)])
 State = Annotated[ServerState, Depends(server_state)]
 
 
@@ -71,7 +71,7 @@ def _tokens_per_s(tickets: list[Ticket]) -> float:
 
 
 def summary(state: ServerState, repo: Repository) -> dict:
-    """What the dashboard and `appliance-ctl status` show."""
+    """What the dashboard (with an API key: nothing here is secret) and `appliance-ctl status` show."""
     scheduler, engine = state.scheduler, state.engine
     active, waiting = list(scheduler.active), list(scheduler.waiting)
     return {
@@ -86,6 +86,7 @@ def summary(state: ServerState, repo: Repository) -> dict:
         "tokens_per_s": round(_tokens_per_s(active), 2),
         "tokens_total": int(_sample(state, "appliance_tokens_generated_total")),
         "layers": engine.model.config.n_layers,
+        "local_layers": [0, engine.offload.first_remote_layer if engine.offload else engine.model.config.n_layers],
         "devices": _devices(state),
         "gpus": scheduler.metrics.gpu.read(),
     }
@@ -93,11 +94,6 @@ def summary(state: ServerState, repo: Repository) -> dict:
 
 @router.get("/status")
 def status(state: State, repo: Repo) -> dict:
-    return summary(state, repo)
-
-
-@summary_router.get("/summary")
-def dashboard_summary(state: State, repo: Repo) -> dict:
     return summary(state, repo)
 
 
@@ -132,7 +128,10 @@ def _devices(state: ServerState) -> list[dict]:
     coordinator = state.engine.offload
     if coordinator is None:
         return list(devices.values())
-    plan = coordinator.plan
+    try:
+        plan = _placement(coordinator)
+    except OffloadError:  # no placement holds the model now: no device holds layers
+        plan = None
     layers = {s.device.address: [s.start, s.stop] for s in (plan.chain if plan else [])}
     hidden = coordinator.hidden_bytes
     for address, (_, device) in list(coordinator.workers.items()):
@@ -191,17 +190,28 @@ def revoke(state: State, name: str) -> dict:
 
 @router.post("/devices/{name}/drain")
 def drain(state: State, name: str) -> dict:
-    """Stop using a connected device (it stays paired): its layers move to the others at the next token."""
+    """Stop using a connected device (it stays paired): its layers move to the others at the next token.
+    Until the server restarts, or mDNS (or `--worker` at the next start) brings the device back."""
     addresses = _addresses(state, name)
     if not addresses:
         connected = [d["name"] for d in _devices(state) if d["state"] == "connected"]
         raise HTTPException(404, f"no connected device is named {name!r}; connected: {', '.join(connected) or 'none'}")
+    coordinator = state.engine.offload
     for address in addresses:
-        state.engine.offload.drop_worker(address)
+        with coordinator.lock:
+            coordinator.known.discard(address)  # else the upkeep probe takes it back within seconds
+        coordinator.drop_worker(address)
     return {"name": name, "drained": addresses}
 
 
 # -- placement ---------------------------------------------------------------------------------
+def _placement(coordinator: Coordinator) -> Plan:
+    """The plan in use, unless devices changed since (or none ran yet): then the one the next token gets."""
+    with coordinator.lock:
+        fresh = coordinator.plan is not None and coordinator.planned_generation == coordinator.generation
+        return coordinator.plan if fresh else coordinator.make_plan()
+
+
 @router.get("/plan")
 def plan(state: State) -> dict:
     """Where each layer runs, the planner's predicted ms per token, and the mean measured step time."""
@@ -212,9 +222,7 @@ def plan(state: State) -> dict:
     if coordinator is None:
         stages = [{"device": "appliance", "address": None, "layers": [0, n]}]
         return {"layers": n, "stages": stages, "predicted_ms_per_token": None, "measured_ms_per_step": measured}
-    with coordinator.lock:  # the plan in use, unless devices changed since: then the one the next token gets
-        fresh = coordinator.plan is not None and coordinator.plan_version == coordinator.version
-        current = coordinator.plan if fresh else coordinator.make_plan()
+    current = _placement(coordinator)
     measured_by = {d["address"]: d.get("measured_ms_per_token") for d in _devices(state) if d["address"]}
     stages = [
         {
