@@ -234,9 +234,11 @@ class CertificateAuthority:
                     f"a paired device is already named {name!r}: give this one another name, "
                     f"or revoke the old one first (appliance-ctl workers revoke {name})"
                 )
-            cert = self._sign_device(csr, name, 365)
+            # The code is spent on disk before the device is recorded: a crash between the two leaves a
+            # spent code and no device (the owner makes a new code), never one code good for two devices.
             entry["used"] = True
             self._save_json("codes.json", state)
+            cert = self._sign_device(csr, name, 365)
         return {"certificate": cert.decode(), "ca": self.ca_pem.decode(), "mac": pairing_mac(code, cert, self.ca_pem)}
 
     def _live_code(self, state: dict, code: str) -> dict:
