@@ -108,8 +108,7 @@ def test_the_worker_takes_its_port_from_the_file(home, tmp_path):
         WORKER, capture_output=True, text=True, timeout=60, env={**os.environ, "APPLIANCE_WORKER_IDLE_TIMEOUT": "x"}
     )
     assert bad.returncode == 1 and "APPLIANCE_WORKER_IDLE_TIMEOUT" in bad.stderr and "Traceback" not in bad.stderr
-    from appliance.startup import certificate_authority
-    from offload.pki import issue_identity
+    from offload.pki import certificate_authority, issue_identity
 
     issue_identity(certificate_authority(), tmp_path / "w", "w")
     proc = subprocess.Popen([*WORKER, "--home", str(tmp_path / "w")], stderr=subprocess.PIPE, text=True)

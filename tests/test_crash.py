@@ -18,15 +18,15 @@ import time
 import pytest
 
 from appliance.serving.client_keys import ClientKeys
-from appliance.startup import certificate_authority, pki_folder
 from models.store import DEFAULT_MODEL, ModelStore, verify
+from offload.pki import certificate_authority
 
 TRIALS = 8  # per kind: 24 in all
 rng = random.Random(int(os.environ.get("CRASH_SEED", time.time())))
 
 PAIRING_LOOP = """
 import sys
-from appliance.startup import certificate_authority
+from offload.pki import certificate_authority
 from offload.pki import new_key, signing_request
 ca = certificate_authority()
 for i in range(1000):
@@ -92,13 +92,13 @@ def test_kill_during_pairing(home):
         ca = certificate_authority()  # loads: the CA key and certificate are whole
         issued = ca.workers()
         assert set(confirmed) <= set(issued), "a confirmed pairing was lost"
-        codes = json.loads((pki_folder() / "codes.json").read_text())["codes"]
+        codes = json.loads((certificate_authority().folder / "codes.json").read_text())["codes"]
         spent = sum(1 for c in codes.values() if c["used"])
         assert spent >= len(issued), "a device was recorded without its code being spent"
     assert len(confirmed) > 0, "no pairing finished in any trial: the kills came too early to test anything"
-    assert mode(pki_folder()) == 0o700 and mode(pki_folder() / "ca.key") == 0o600
+    assert mode(certificate_authority().folder) == 0o700 and mode(certificate_authority().folder / "ca.key") == 0o600
     for file in ("issued.json", "codes.json"):
-        assert mode(pki_folder() / file) == 0o600
+        assert mode(certificate_authority().folder / file) == 0o600
     ca = certificate_authority()
     ca.pair(ca.new_code(60), _csr("after-the-crashes"))  # and it still works
     assert "after-the-crashes" in ca.workers()

@@ -180,8 +180,7 @@ def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_pa
     """Two real workers hold the layers beyond 40 MB; draining one and revoking the other move or lose
     their layers, and requests keep their exact text while any worker is left."""
     from appliance.bench.netsim import worker_process
-    from appliance.startup import certificate_authority
-    from offload.pki import issue_identity
+    from offload.pki import certificate_authority, issue_identity
 
     ca = certificate_authority()
     for name in ("w1", "w2"):

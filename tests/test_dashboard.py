@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from appliance.bench.netsim import worker_process
-from appliance.startup import certificate_authority
-from offload.pki import issue_identity
+from offload.pki import certificate_authority, issue_identity
 from tests.serving import running_server
 
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -24,4 +24,4 @@ def test_perf_analyzer_reports_a_throughput(server, model_path, protocol):
 
 def test_perf_analyzer_without_the_key_is_refused(server, model_path):
     with pytest.raises(RuntimeError, match="perf_analyzer exited"):
-        perf_analyzer.run(model_path.stem, server.url.removeprefix("http://"), "http", key="wrong", window_ms=1000)
+        perf_analyzer.run(model_path.stem, server.url.removeprefix("http://"), "http", key="wrong")

@@ -46,15 +46,17 @@ def run(
     key: str | None = None,
     concurrency: int = 1,
     max_tokens: int = 1,
-    window_ms: int = 5000,
+    requests: int = 4,
 ) -> dict:
     """One perf_analyzer run; its requests/s and mean latency, or RuntimeError with its output.
-    Windows count as stable within 999 %: on a busy CPU box the default 10 % is rarely met, and the
-    figure is the tool's own mean over its last windows either way."""
+    A window is `requests` completed requests (count_windows: a slow CPU box never ends up with an
+    empty time window), and windows count as stable within 999 %: on a busy box the default 10 % is
+    rarely met; the figure is the tool's own mean over its last windows either way."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"data": [{"text_input": ["The capital of France is"], "max_tokens": [max_tokens]}]}, f)
     cmd = [str(binary()), "-m", model, "-u", url, "-i", protocol, "--input-data", f.name]
-    cmd += ["--concurrency-range", str(concurrency), "-p", str(window_ms), "--stability-percentage", "999", "-r", "10"]
+    cmd += ["--concurrency-range", str(concurrency), "--measurement-mode", "count_windows"]
+    cmd += ["--measurement-request-count", str(requests), "--stability-percentage", "999", "-r", "10"]
     if protocol == "grpc":
         cmd.append("--streaming")  # the text model is decoupled: one response per piece, then a final one
     if key:
@@ -87,7 +89,7 @@ def main() -> None:
     with running(cmd, f"http://127.0.0.1:{http}/health"):
         for protocol, url in (("http", f"127.0.0.1:{http}"), ("grpc", f"127.0.0.1:{grpc}")):
             for concurrency in (1, 4):
-                rows.append(run(path.stem, url, protocol, concurrency=concurrency, max_tokens=16, window_ms=10000))
+                rows.append(run(path.stem, url, protocol, concurrency=concurrency, max_tokens=16, requests=20))
     print_table(
         f"{path.name}: Triton perf_analyzer, requests of 16 tokens (gRPC: --streaming), {os.cpu_count()} CPU threads",
         ["protocol", "concurrency", "requests/s", "tokens/s", "mean latency ms"],
