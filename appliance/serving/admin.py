@@ -280,7 +280,7 @@ def cancel(state: State, session_id: str) -> dict:
     """End a generation now: its client gets what was generated so far, its slot and caches are freed."""
     scheduler = state.scheduler
     found = next((t for t in [*scheduler.active, *scheduler.waiting] if t.id == session_id), None)
-    if found is None or found.cancelled.is_set():
+    if found is None or found.cancelled.is_set() or found.closed:
         raise HTTPException(404, f"no running generation has the id {session_id!r}: see `appliance-ctl sessions`")
     found.cancel()
     found.deliver(Event("done", "cancelled"))  # the scheduler drops it silently: end its stream here
