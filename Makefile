@@ -50,9 +50,11 @@ lint: install-test
 bench: $(VENV)/.installed-bench
 	$(BIN)/appliance bench
 
-## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server
+## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server;
+##   then Triton's perf_analyzer over HTTP and gRPC streaming
 bench-serve: $(VENV)/.installed-bench
 	$(BIN)/appliance bench-serve
+	$(BIN)/python -m appliance.bench.perf_analyzer
 
 ## bench-offload: all-local vs split over 1 and 2 workers, loopback and delayed links, beside llama.cpp's RPC
 bench-offload: $(VENV)/.installed-test $(VENV)/llama-rpc/llama-bench

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
+from appliance.config import ConfigError, default_map
+from appliance.config import app as config_app
 from appliance.console import friendly_errors, stderr
 from appliance.startup import load_engine
 from kernels.backend import describe
@@ -28,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(config_app, name="config")
 
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="GGUF path or known model name (default: SmolLM2-135M-Instruct).")
@@ -41,6 +45,17 @@ WorkerOpt = Annotated[list[str] | None, typer.Option("--worker", help="A paired 
 DiscoverOpt = Annotated[bool, typer.Option(help="Also use paired workers found on the LAN by mDNS.")]
 WireOpt = Annotated[str, typer.Option(help="Hidden states on the wire: float32 or float16.")]
 StepTimeoutOpt = Annotated[float, typer.Option(help="Seconds a worker may take per step before it is dropped.")]
+
+
+@app.callback()
+def _configuration(ctx: typer.Context) -> None:
+    """`serve` takes its defaults from $APPLIANCE_HOME/config.toml and APPLIANCE_* (appliance/config.py)."""
+    if ctx.invoked_subcommand == "serve":
+        try:
+            ctx.default_map = {"serve": default_map("serve", ctx.command.commands["serve"])}
+        except ConfigError as e:
+            stderr.print(f"[bold red]error:[/] {escape(str(e))}")
+            raise typer.Exit(1) from e
 
 
 @app.command()
@@ -114,6 +129,7 @@ def serve(
     import uvicorn
 
     from appliance.serving.app import create_app
+    from appliance.serving.client_keys import ClientKeys
     from appliance.serving.keys import key_file, server_keys
     from appliance.serving.kserve.grpc import start_grpc
     from appliance.serving.scheduler import Scheduler
@@ -144,7 +160,9 @@ def serve(
         ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout
     )
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
-    state = ServerState(engine, scheduler, engine.name, keys, admin_keys, max_tokens_limit=max_tokens_limit)
+    state = ServerState(
+        engine, scheduler, engine.name, keys, admin_keys, ClientKeys(), max_tokens_limit=max_tokens_limit
+    )
     app = create_app(state)
 
     async def run() -> None:

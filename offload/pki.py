@@ -13,15 +13,12 @@ replaced atomically, so concurrent pairings never lose or double-spend a code.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import hmac
 import json
 import math
-import os
 import re
 import secrets
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from models.files import file_lock, write_atomic
 from models.store import default_root
 
 # Every worker certificate also carries this name, which clients verify: workers are reached by
@@ -94,10 +92,10 @@ class Identity:
         return cls(*(p.read_bytes() for p in paths))
 
     def save(self, folder: Path, name: str) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{name}.key", self.key_pem)
-        (folder / f"{name}.pem").write_bytes(self.cert_pem)
-        (folder / "ca.pem").write_bytes(self.ca_pem)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(folder / "ca.pem", self.ca_pem, mode=0o644)
+        write_atomic(folder / f"{name}.pem", self.cert_pem, mode=0o644)
+        write_atomic(folder / f"{name}.key", self.key_pem)  # last: `load` takes all three or none
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -236,9 +234,11 @@ class CertificateAuthority:
                     f"a paired device is already named {name!r}: give this one another name, "
                     f"or revoke the old one first (appliance-ctl workers revoke {name})"
                 )
-            cert = self._sign_device(csr, name, 365)
+            # The code is spent on disk before the device is recorded: a crash between the two leaves a
+            # spent code and no device (the owner makes a new code), never one code good for two devices.
             entry["used"] = True
             self._save_json("codes.json", state)
+            cert = self._sign_device(csr, name, 365)
         return {"certificate": cert.decode(), "ca": self.ca_pem.decode(), "mac": pairing_mac(code, cert, self.ca_pem)}
 
     def _live_code(self, state: dict, code: str) -> dict:
@@ -292,12 +292,8 @@ class CertificateAuthority:
     def _locked(self) -> Iterator[None]:
         """Held around every read-modify-write of the state files, against this and every other process.
         Not reentrant: methods that need it take it once, and call helpers that assume it."""
-        fd = os.open(self.folder / "pki.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with file_lock(self.folder / "pki.lock"):
             yield
-        finally:
-            os.close(fd)  # and with it the lock
 
     def _json(self, file: str) -> dict:
         path = self.folder / file
@@ -353,27 +349,3 @@ def _read_request(csr_pem: bytes, device: bool) -> tuple[x509.CertificateSigning
     if device and name == APPLIANCE_NAME:  # workers take the appliance's word on revocations
         raise InvalidSigningRequest(f"{APPLIANCE_NAME!r} is the appliance's own name; give the device another")
     return csr, name
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600, replace: bool = True) -> None:
-    """Write `path` so that a reader sees the old file or the new one, never half of one, and never a
-    moment with looser permissions than `mode`. replace=False: an existing file wins (FileExistsError)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)

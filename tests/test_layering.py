@@ -16,7 +16,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("appliance", "offload", "models", "kernels")
-ENTRY_POINTS = ("appliance.cli", "appliance.ctl", "appliance.console", "appliance.startup", "appliance")
+ENTRY_POINTS = (
+    "appliance.cli",
+    "appliance.ctl",
+    "appliance.admin_client",
+    "appliance.config",
+    "appliance.console",
+    "appliance.startup",
+    "appliance",
+)
 HARNESS = "appliance.bench"
 RANKS = {"kernels": 0, "models": 1, "offload": 2, "serving": 3, "entry points": 4}
 

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
-from appliance.serving import openai_api, pairing
+from appliance.serving import admin, dashboard, openai_api, pairing
 from appliance.serving.auth import AuthError
 from appliance.serving.disconnect import ClientLeft
 from appliance.serving.errors import error_response
@@ -96,6 +96,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.kserve = Repository(state)
     app.include_router(openai_api.router)
     app.include_router(pairing.router)
+    app.include_router(admin.router)
+    app.include_router(dashboard.router)
     for router in (kserve_http.health, kserve_http.router, kserve_http.admin):
         app.include_router(router)
 

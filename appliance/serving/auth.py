@@ -21,6 +21,8 @@ def check_key(state: ServerState, authorization: str, admin: bool = False) -> No
     keys = state.admin_keys if admin else state.api_keys | state.admin_keys
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
+    if scheme.lower() == "bearer" and not admin and state.client_keys is not None and state.client_keys.match(token):
+        return  # a named key the owner made with `appliance-ctl keys create`, not revoked since
     if scheme.lower() != "bearer" or not token or not any(k and hmac.compare_digest(token, k) for k in keys):
         raise AuthError(f"a valid {'admin' if admin else 'API'} key is required: send 'Authorization: Bearer <key>'")
 

@@ -7,8 +7,8 @@ import stat
 from contextlib import suppress
 from pathlib import Path
 
+from models.files import write_atomic
 from models.store import default_root
-from offload.pki import write_atomic
 
 
 class KeyFileError(ValueError):

@@ -30,25 +30,61 @@ class GpuCollector:
         if self.nvml is None and not self.jetson:
             log.warning("no GPU found (no NVML device, no Jetson GPU): running on the CPU; GPU metrics are absent")
 
+    def read(self) -> list[dict]:
+        """Each GPU now: name, utilisation %, memory used and total bytes; temperature (C) and power (W)
+        where the driver gives them (None where not: Jetson's sysfs, NVML's partial answers)."""
+        if self.nvml is not None:
+            nvml, gpus = self.nvml, []
+            for h in self.handles:
+                mem = nvml.nvmlDeviceGetMemoryInfo(h)
+                gpus.append(
+                    {
+                        "name": _maybe(lambda h=h: nvml.nvmlDeviceGetName(h)),
+                        "utilization_percent": nvml.nvmlDeviceGetUtilizationRates(h).gpu,
+                        "memory_used_bytes": mem.used,
+                        "memory_total_bytes": mem.total,
+                        "temperature_c": _maybe(
+                            lambda h=h: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)
+                        ),
+                        "power_w": _maybe(lambda h=h: nvml.nvmlDeviceGetPowerUsage(h) / 1000),
+                    }
+                )
+            return gpus
+        if self.jetson:  # unified memory: the GPU's memory is the system's
+            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            kib = lambda key: int(info[key].split()[0]) * 1024  # noqa: E731
+            return [
+                {
+                    "name": "Jetson GPU",
+                    "utilization_percent": int(JETSON_GPU_LOAD.read_text()) / 10,
+                    "memory_used_bytes": kib("MemTotal") - kib("MemAvailable"),
+                    "memory_total_bytes": kib("MemTotal"),
+                    "temperature_c": None,
+                    "power_w": None,
+                }
+            ]
+        return []
+
     def collect(self):
         util = GaugeMetricFamily("appliance_gpu_utilization_percent", "GPU busy time", labels=["gpu"])
         used = GaugeMetricFamily("appliance_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
         total = GaugeMetricFamily("appliance_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
-        if self.nvml is not None:
-            for i, h in enumerate(self.handles):
-                mem = self.nvml.nvmlDeviceGetMemoryInfo(h)
-                util.add_metric([str(i)], self.nvml.nvmlDeviceGetUtilizationRates(h).gpu)
-                used.add_metric([str(i)], mem.used)
-                total.add_metric([str(i)], mem.total)
-        elif self.jetson:  # unified memory: the GPU's memory is the system's
-            util.add_metric(["0"], int(JETSON_GPU_LOAD.read_text()) / 10)
-            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-            kib = lambda key: int(info[key].split()[0]) * 1024  # noqa: E731
-            used.add_metric(["0"], kib("MemTotal") - kib("MemAvailable"))
-            total.add_metric(["0"], kib("MemTotal"))
-        else:
+        gpus = self.read()
+        if not gpus:
             return
+        for i, gpu in enumerate(gpus):
+            util.add_metric([str(i)], gpu["utilization_percent"])
+            used.add_metric([str(i)], gpu["memory_used_bytes"])
+            total.add_metric([str(i)], gpu["memory_total_bytes"])
         yield from (util, used, total)
+
+
+def _maybe(read):
+    """A reading NVML may not support on this device: None then."""
+    try:
+        return read()
+    except Exception:
+        return None
 
 
 class OffloadCollector:
@@ -93,7 +129,8 @@ class Metrics:
             "appliance_generations_cancelled", "Generations stopped because their client left", registry=r
         )
         self.failed = Counter("appliance_generations_failed", "Generations ended by a server-side failure", registry=r)
-        r.register(GpuCollector())
+        self.gpu = GpuCollector()
+        r.register(self.gpu)
 
     def watch_offload(self, coordinator) -> None:
         self.registry.register(OffloadCollector(coordinator))

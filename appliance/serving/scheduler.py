@@ -21,6 +21,7 @@ import gc
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class Ticket:
     first_token_at: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     closed: bool = False  # finished or failed: the scheduler is done with it
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # for `appliance-ctl sessions`
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from appliance.serving.client_keys import ClientKeys
 from appliance.serving.scheduler import Scheduler
 from models.engine import Engine, Generation
 from models.sampling import InvalidParameterError, SamplingParams
@@ -19,6 +20,7 @@ class ServerState:
     model_name: str
     api_keys: frozenset[str] = frozenset()  # empty: no authentication (--no-auth)
     admin_keys: frozenset[str] = frozenset()  # load/unload and device management
+    client_keys: ClientKeys | None = None  # named keys made and revoked while running (appliance-ctl keys)
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20

@@ -1,0 +1,245 @@
+"""`appliance-ctl` as the owner runs it: a subprocess against a real `appliance serve`, `--json` parsed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.serving import ADMIN_KEY, running_server
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, model_path):
+    """A fresh APPLIANCE_HOME for the server and the CLI, with the model store of the user's cache."""
+    home = tmp_path_factory.mktemp("ctl") / "appliance"
+    home.mkdir(mode=0o700)
+    (home / "models").symlink_to(model_path.parent)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APPLIANCE_HOME", str(home))
+        mp.delenv("APPLIANCE_SERVER", raising=False)
+        mp.delenv("APPLIANCE_ADMIN_KEY", raising=False)
+        yield home
+
+
+@pytest.fixture(scope="module")
+def server(home, model_path):
+    with running_server("--model", str(model_path), "--no-advertise") as s:
+        yield s
+
+
+def ctl(*args: str, server=None, key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "appliance.ctl"]
+    if server is not None:
+        cmd += ["--server", server.url if hasattr(server, "url") else server]
+    if key is not None:
+        cmd += ["--admin-key", key]
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, env=os.environ)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def ok_json(*args: str, server) -> object:
+    result = ctl(*args, "--json", server=server)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_status(server, model_path):
+    status = ok_json("status", server=server)
+    assert status["model"] == model_path.stem and status["backend"] == "numpy"
+    assert status["layers"] == 30 and status["uptime_s"] >= 0 and status["active"] == 0
+    assert isinstance(status["gpus"], list) and status["devices"] == []
+    people = ctl("status", server=server)
+    assert people.returncode == 0 and f"model {model_path.stem} (30 layers)" in people.stdout
+
+
+def test_bench(server):
+    result = ok_json("bench", "--max-tokens", "3", server=server)
+    assert result["completion_tokens"] == 3 and result["decode_tokens_per_s"] > 0 and result["ttft_ms"] > 0
+
+
+def test_plan_all_local(server):
+    plan = ok_json("plan", server=server)
+    assert plan["stages"] == [{"device": "appliance", "address": None, "layers": [0, 30]}]
+
+
+def test_models_list_load_unload(server, model_path):
+    listing = ok_json("models", "list", server=server)
+    assert listing["stored"][0]["state"] == "verified"
+    assert {m["name"]: m["state"] for m in listing["served"]} == {
+        model_path.stem: "READY",
+        f"{model_path.stem}-logits": "READY",
+    }
+    logits = f"{model_path.stem}-logits"
+    assert ok_json("models", "unload", logits, server=server) == {"name": logits, "state": "UNAVAILABLE"}
+    served = {m["name"]: m["state"] for m in ok_json("models", "list", server=server)["served"]}
+    assert served[logits] == "UNAVAILABLE"
+    assert ok_json("models", "load", logits, server=server)["state"] == "READY"
+    # the local commands still work without a server
+    assert ok_json("models", "verify", server="http://127.0.0.1:1")["name"] == "smollm2-135m-instruct"
+    assert ok_json("models", "fetch", server="http://127.0.0.1:1")["path"].endswith(model_path.name)
+    down = ctl("models", "list", "--json", server="http://127.0.0.1:1")
+    assert down.returncode == 0 and json.loads(down.stdout)["served"] is None
+
+
+def test_keys_made_used_and_revoked_without_a_restart(server, home):
+    made = ok_json("keys", "create", "laptop", server=server)
+    assert made["name"] == "laptop" and made["key"].startswith("sk-appliance-")
+    stored = (home / "keys.json").read_text()
+    assert made["key"] not in stored and oct((home / "keys.json").stat().st_mode & 0o777) == "0o600"
+    assert [k["name"] for k in ok_json("keys", "list", server=server)] == ["laptop"]
+
+    models = f"{server.url}/v1/models"
+    assert httpx.get(models, headers={"Authorization": f"Bearer {made['key']}"}).status_code == 200
+    taken = ctl("keys", "create", "laptop", server=server)
+    assert taken.returncode == 1 and "exists already" in taken.stderr
+
+    assert ok_json("keys", "revoke", "laptop", server=server) == {"name": "laptop", "revoked": True}
+    assert httpx.get(models, headers={"Authorization": f"Bearer {made['key']}"}).status_code == 401
+    assert ok_json("keys", "list", server=server) == []
+    # a client key is not an admin key
+    again = ok_json("keys", "create", "phone", server=server)
+    assert ctl("status", server=server, key=again["key"]).returncode == 4
+
+
+def test_devices_pair_list_and_unknown_names(server):
+    code = ok_json("devices", "pair", "--ttl", "60", server=server)
+    assert len(code["code"]) == 9 and code["ttl"] == 60
+    assert ok_json("devices", "list", server=server) == []
+    for verb in ("revoke", "drain"):
+        unknown = ctl("devices", verb, "no-such-laptop", server=server)
+        assert unknown.returncode == 5 and "no-such-laptop" in unknown.stderr
+    bad_ttl = ctl("devices", "pair", "--ttl", "0", server=server)
+    assert bad_ttl.returncode == 1 and "1 to 3600" in bad_ttl.stderr
+
+
+def test_sessions_list_and_cancel(server, model_path):
+    pieces: list[str] = []
+
+    def stream() -> None:
+        body = {"model": model_path.stem, "prompt": "Once upon a time", "max_tokens": 400, "stream": True}
+        headers = {"Authorization": "Bearer test-key"}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=300) as r:
+            lines = r.iter_lines()
+            pieces.extend(line for line in lines if line.startswith("data: {"))
+
+    client = threading.Thread(target=stream)
+    client.start()
+    deadline = time.monotonic() + 120
+    while True:
+        running = ok_json("sessions", server=server)
+        if running and running[0]["completion_tokens"] >= 2:
+            break
+        assert time.monotonic() < deadline, "the generation never showed up in `sessions`"
+        time.sleep(0.5)
+    session = running[0]
+    assert session["state"] == "active" and session["prompt_tokens"] > 0 and session["max_tokens"] == 400
+    assert session["layers"] == ["appliance [0, 30)"]
+    assert ok_json("sessions", "cancel", session["id"], server=server) == {"id": session["id"], "cancelled": True}
+    client.join(timeout=60)
+    assert not client.is_alive(), "the cancelled stream did not end"
+    assert 2 <= len(pieces) < 400
+    assert ok_json("sessions", server=server) == []
+    gone = ctl("sessions", "cancel", session["id"], server=server)
+    assert gone.returncode == 5 and "no running generation" in gone.stderr
+
+
+def test_failures_are_one_line_and_an_exit_code(server, home):
+    down = ctl("status", server="http://127.0.0.1:1")
+    assert down.returncode == 3 and down.stderr.startswith("error: cannot reach the appliance at http://127.0.0.1:1")
+    wrong = ctl("status", server=server, key="not-the-key")
+    assert wrong.returncode == 4 and "refused the admin key" in wrong.stderr
+    nokey = ctl("status", server=server, key=None)
+    assert nokey.returncode == 4 and "no admin key" in nokey.stderr
+    unknown_model = ctl("models", "unload", "no-such-model", server=server)
+    assert unknown_model.returncode == 5 and "unknown model 'no-such-model'" in unknown_model.stderr
+    unknown_key = ctl("keys", "revoke", "no-such-key", server=server)
+    assert unknown_key.returncode == 5 and "no key is named 'no-such-key'" in unknown_key.stderr
+    bad_name = ctl("keys", "create", "a b", server=server)
+    assert bad_name.returncode == 1 and "key name" in bad_name.stderr
+    usage = ctl("status", "--no-such-flag", server=server)
+    assert usage.returncode == 2
+    from_env = subprocess.run(
+        [sys.executable, "-m", "appliance.ctl", "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "APPLIANCE_SERVER": server.url, "APPLIANCE_ADMIN_KEY": ADMIN_KEY},
+    )
+    assert from_env.returncode == 0 and json.loads(from_env.stdout)["active"] == 0
+
+
+def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_path, engine):
+    """Two real workers hold the layers beyond 40 MB; draining one and revoking the other move or lose
+    their layers, and requests keep their exact text while any worker is left."""
+    from appliance.bench.netsim import worker_process
+    from offload.pki import certificate_authority, issue_identity
+
+    ca = certificate_authority()
+    for name in ("w1", "w2"):
+        issue_identity(ca, tmp_path / name, name)
+    prompt = "The capital of France is"
+    expected = engine.generate(engine.prompt_ids(prompt), max_tokens=8).run()
+
+    def complete(s) -> str:
+        body = {"model": model_path.stem, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        r = httpx.post(f"{s.url}/v1/completions", json=body, headers={"Authorization": "Bearer test-key"}, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with (
+        worker_process(tmp_path / "w1", budget="420MB") as w1,  # each can hold every offloaded layer
+        worker_process(tmp_path / "w2", budget="420MB") as w2,
+        running_server(
+            "--model",
+            str(model_path),
+            "--memory-budget",
+            "190MB",
+            "--worker",
+            w1.address,
+            "--worker",
+            w2.address,
+            "--no-discover",
+            "--no-advertise",
+            log_path=tmp_path / "server.log",
+        ) as s,
+    ):
+        assert complete(s) == expected
+        devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
+        assert {d["state"] for d in devices.values()} == {"connected"}
+        assert {d["address"] for d in devices.values()} == {w1.address, w2.address}
+        holding = sorted((d for d in devices.values() if d["layers"]), key=lambda d: d["layers"])
+        spans = [d["layers"] for d in holding]
+        assert (
+            spans[0][0] == 3
+            and spans[-1][1] == 30
+            and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        )
+        holder = holding[0]["name"]  # the one with layer 3 (maybe every offloaded layer: each can hold them all)
+        other = ({"w1", "w2"} - {holder}).pop()
+        assert holding[0]["last_seen"] is not None and holding[0]["ms_per_layer"] > 0
+        assert holding[0]["measured_ms_per_token"] > 0
+
+        plan = ok_json("plan", server=s)
+        assert plan["stages"][0] == {**plan["stages"][0], "device": "appliance", "layers": [0, 3]}
+        assert plan["stages"][1]["device"] == holder and plan["stages"][-1]["layers"][1] == 30
+        assert plan["predicted_ms_per_token"] > 0 and plan["measured_ms_per_step"] > 0
+        assert {d["name"] for d in ok_json("status", server=s)["devices"]} == {"w1", "w2"}
+
+        assert ok_json("devices", "drain", holder, server=s)["drained"] == [devices[holder]["address"]]
+        assert complete(s) == expected  # the other worker now holds every offloaded layer
+        devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
+        assert devices[holder]["state"] == "paired" and devices[other]["layers"] == [3, 30]
+
+        assert ok_json("devices", "revoke", other, server=s)["revoked_certificates"] == 1
+        devices = {d["name"]: d["state"] for d in ok_json("devices", "list", server=s)}
+        assert devices == {holder: "paired", other: "revoked"}
+        nowhere = ctl("plan", server=s)
+        assert nowhere.returncode == 1 and "no placement can hold the model" in nowhere.stderr
