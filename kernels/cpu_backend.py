@@ -13,6 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from kernels import native, reference
+from kernels.backend import OwnMatmulBackend
 from kernels.dequant import dequantize
 
 
@@ -29,7 +30,7 @@ class NativeWeight:
         return self.raw.nbytes
 
 
-class CpuBackend:
+class CpuBackend(OwnMatmulBackend):
     name = "cpu"
 
     def __init__(self, threads: int | None = None):
@@ -52,14 +53,6 @@ class CpuBackend:
         if isinstance(w, NativeWeight):
             return native.matmul(w.raw, w.qtype, w.shape, x)
         return reference.linear(x, w)
-
-    def swiglu(self, x, w_gate, w_up, w_down):
-        return self.linear(reference.silu(self.linear(x, w_gate)) * self.linear(x, w_up), w_down)
-
-    rmsnorm = staticmethod(reference.rmsnorm)
-    rope_tables = staticmethod(reference.rope_tables)
-    rope = staticmethod(reference.rope)
-    attention = staticmethod(reference.attention)
 
     def fused_range(self, config, layers: list) -> native.NativeRange | None:
         """The layers as one C pass, or None when a weight is not in a form the kernels read."""

@@ -24,6 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from kernels import reference
+from kernels.backend import OwnMatmulBackend
 from kernels.dequant import dequantize
 
 FATBIN = Path(__file__).resolve().parent / "cuda" / "appliance_kernels.fatbin"
@@ -401,7 +402,7 @@ class GpuModel:
         return out
 
 
-class CudaBackend:
+class CudaBackend(OwnMatmulBackend):
     """The per-operation Backend protocol on the GPU (linear and SwiGLU there, the rest by the NumPy
     formulas): `--backend cuda` with today's engine. GpuModel is the fast path."""
 
@@ -443,11 +444,3 @@ class CudaBackend:
             return reference.linear(x, w)
         y = self._linear_dev(x, w, "y")
         return self.dev.to_host(y, (x.shape[0], w.shape[0]))
-
-    def swiglu(self, x, w_gate, w_up, w_down):
-        return self.linear(reference.silu(self.linear(x, w_gate)) * self.linear(x, w_up), w_down)
-
-    rmsnorm = staticmethod(reference.rmsnorm)
-    rope_tables = staticmethod(reference.rope_tables)
-    rope = staticmethod(reference.rope)
-    attention = staticmethod(reference.attention)

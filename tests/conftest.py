@@ -10,19 +10,10 @@ import pytest
 # mDNS from tests (and the servers and workers they start) stays on loopback.
 os.environ["APPLIANCE_MDNS_INTERFACES"] = "127.0.0.1"
 
+from kernels.cuda_backend import gpu_present  # NVML only: imports nothing of CUDA's
 from models.engine import Engine
 from models.store import ModelStore
 from offload.pki import CertificateAuthority, certificate_authority
-
-
-def gpu_present() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetCount() > 0
-    except Exception:
-        return False
 
 
 def pytest_collection_modifyitems(config, items):

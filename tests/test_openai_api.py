@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
+from kernels.cuda_backend import gpu_present
 from models.sampling import SamplingParams
-from tests.conftest import gpu_present
 from tests.serving import running_server
 
 KEY = "test-key"
