@@ -53,7 +53,7 @@ def test_generate_with_another_model_file(tmp_path, engine):
     [
         (["--model", "/nonexistent.gguf"], "no model file at"),
         (["-n", "0"], "max_tokens must be a positive integer"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--temperature", "-1"], "temperature must be a finite number >= 0"),
         (["--top-p", "2"], "top_p must be in (0, 1]"),
         (["--backend", "tpu"], "unknown backend 'tpu'"),
     ],
