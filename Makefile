@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test run test lint bench bench-serve bench-offload chaos soak proto fatbin gpu-carry gpu-check clean
+.PHONY: install install-test system-test-deps run test lint bench bench-serve bench-offload chaos soak proto fatbin gpu-carry gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(wildcard kernels/cpu/*.c kernels/cpu/*.h)
 	$(BIN)/pip install -q -e .
 	touch $@
+
+# Debian packages the tests need: a headless browser for the dashboard's test, libb64 for Triton's
+# perf_analyzer (inside tritonclient). Installed with apt-get only where one is missing.
+system-test-deps:
+	@(command -v chromium && command -v chromedriver && ldconfig -p | grep -q libb64.so.0d) >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver libb64-0d)
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
@@ -38,7 +44,7 @@ run: install
 	$(BIN)/appliance generate "$(PROMPT)"
 
 ## test: lint, then the whole test suite (fetches the default model once)
-test: install-test lint
+test: install-test system-test-deps lint
 	$(BIN)/appliance-ctl models fetch
 	$(BIN)/python -m pytest -q
 
