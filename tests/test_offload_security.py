@@ -71,7 +71,7 @@ def test_a_revoked_worker_is_refused(ca, tmp_path):
         with pytest.raises(WorkerRefused, match=r"old-laptop\): its certificate was revoked"):
             WorkerClient(w.address, ca.identity(), ca.revoked_serials).verify()
     unknown = cli("-m", "appliance.ctl", "workers", "revoke", "nobody")
-    assert unknown.returncode == 1 and "no paired device is named 'nobody'" in unknown.stderr
+    assert unknown.returncode == 5 and "no paired device is named 'nobody'" in unknown.stderr
 
 
 def test_a_revoked_device_cannot_reach_the_other_workers(ca, tmp_path):
