@@ -325,14 +325,14 @@ def test_n_choices_refused_by_a_full_queue_leave_nothing_running(engine):
 def test_failures_reach_clients_in_their_shape_and_health_turns_not_ready(engine, model_path, tmp_path_factory):
     """The model split with one worker; kill -9 of the worker leaves no placement: every generation
     fails from then on, each client is told in its protocol's shape, and readiness turns to 503."""
-    from appliance.startup import certificate_authority
+    from offload.pki import certificate_authority
     from tests.test_offload import new_worker
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("APPLIANCE_HOME", str(tmp_path_factory.mktemp("robust-home")))
         ca = certificate_authority()
-        with new_worker(ca, tmp_path_factory, "only", budget="200MB") as worker:
-            args = ("--memory-budget", "40MB", "--worker", worker.address, "--no-discover", "--no-advertise")
+        with new_worker(ca, tmp_path_factory, "only", budget="420MB") as worker:
+            args = ("--memory-budget", "190MB", "--worker", worker.address, "--no-discover", "--no-advertise")
             with running_server(*args, key=KEY) as s, httpx.Client(base_url=s.url, headers=AUTH, timeout=120) as http:
                 body = {"model": engine.name, **LONG, "max_tokens": 200, "stream": True}
                 with http.stream("POST", "/v1/completions", json=body) as r:
