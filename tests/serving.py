@@ -20,27 +20,20 @@ class Server:
     pid: int
 
 
+def serve_command(http_port: int, grpc_port: int, key: str, admin_key: str, *args: str) -> list[str]:
+    """`appliance serve` on loopback at these ports with these keys (a fresh process: `python -m`)."""
+    return [
+        *(sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1"),
+        *("--http-port", str(http_port), "--grpc-port", str(grpc_port), "--api-key", key, "--admin-key", admin_key),
+        *args,
+    ]
+
+
 @contextmanager
 def running_server(*args: str, key: str = "test-key", log_path: Path | None = None) -> Iterator[Server]:
     """`log_path`: where the server's stderr goes, to read it afterwards."""
     port, grpc_port = free_port(), free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "appliance.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        str(port),
-        "--grpc-port",
-        str(grpc_port),
-        "--api-key",
-        key,
-        "--admin-key",
-        ADMIN_KEY,
-        *args,
-    ]
+    cmd = serve_command(port, grpc_port, key, ADMIN_KEY, *args)
     url = f"http://127.0.0.1:{port}"
     with running(cmd, f"{url}/health", log_path=log_path) as pid:
         yield Server(url, f"127.0.0.1:{grpc_port}", pid)

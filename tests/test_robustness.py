@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,7 +21,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from appliance.bench.launch import free_port
 from appliance.serving.scheduler import BROKEN_AFTER, Event, Scheduler
-from tests.serving import running_server
+from tests.serving import running_server, serve_command
 
 KEY = "robust-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -362,24 +361,7 @@ def test_failures_reach_clients_in_their_shape_and_health_turns_not_ready(engine
 
 
 def _serve_cmd(http_port: int, grpc_port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "appliance.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-        "--api-key",
-        KEY,
-        "--admin-key",
-        "admin",
-        "--no-advertise",
-        "--no-discover",
-    ]
+    return serve_command(http_port, grpc_port, KEY, "admin", "--no-advertise", "--no-discover")
 
 
 def test_a_port_in_use_is_refused(server):
