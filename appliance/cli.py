@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -256,15 +257,28 @@ def plan(
 @friendly_errors
 def bench(
     model: ModelOpt = None,
-    backend: BackendOpt = "auto",
-    prompt_tokens: int = 128,
-    decode_tokens: int = 64,
+    backend: Annotated[
+        str, typer.Option(help="Our backend to measure; auto: every one this machine runs (C, NumPy, CUDA).")
+    ] = "auto",
+    threads: Annotated[
+        list[int] | None, typer.Option(help="Thread counts; may be repeated (default: 1 and all cores).")
+    ] = None,
+    prompt_tokens: int = 512,
+    decode_tokens: int = 128,
     peers: Annotated[bool, typer.Option(help="Measure the peers (llama.cpp, transformers) in the same run.")] = True,
 ) -> None:
-    """Load time, resident memory, prefill and decode tokens/s, beside the peers on the same file."""
+    """Prefill (pp, TTFT) and decode (tg) tokens/s and peak memory at 1 thread and all cores, beside llama.cpp."""
     from appliance.bench.engine import run_bench
+    from kernels import cuda_backend, native
 
-    run_bench(ModelStore().resolve(model), backend, prompt_tokens, decode_tokens, peers)
+    if backend == "auto":
+        backends = (["cuda"] if cuda_backend.available() else []) + (["cpu"] if native.available() else []) + ["numpy"]
+    else:
+        backends = [backend]
+    counts = sorted(set(threads or [1, os.cpu_count() or 1]))
+    if counts[0] < 1:
+        raise typer.BadParameter("thread counts must be at least 1", param_hint="--threads")
+    run_bench(ModelStore().resolve(model), backends, counts, prompt_tokens, decode_tokens, peers)
 
 
 @app.command("bench-serve")
