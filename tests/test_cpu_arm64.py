@@ -32,6 +32,8 @@ CPUS = {"cortex-a53": "neon", "cortex-a76": "neon-dotprod"}
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
     missing = [tool for tool in (CC, QEMU) if shutil.which(tool) is None]
+    if not Path(SYSROOT, "include/stdio.h").exists():
+        missing.append(f"{SYSROOT}/include")
     if missing:
         why = f"{' and '.join(missing)} not found: `make system-test-deps` installs Debian's {PACKAGES}"
         if os.environ.get("CI"):  # CI must run these, not skip them
