@@ -22,10 +22,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(wildcard kernels/cpu
 	touch $@
 
 # Debian packages the tests need: a headless browser for the dashboard's test, libb64 for Triton's
-# perf_analyzer (inside tritonclient). Installed with apt-get only where one is missing.
+# perf_analyzer (inside tritonclient), an arm64 cross compiler and qemu-aarch64 for the arm64
+# kernels' test (tests/test_cpu_arm64.py). Installed with apt-get only where one is missing.
 system-test-deps:
-	@(command -v chromium && command -v chromedriver && ldconfig -p | grep -q libb64.so.0d) >/dev/null || \
-		(apt-get update -q && apt-get install -y -q chromium chromium-driver libb64-0d)
+	@(command -v chromium && command -v chromedriver && ldconfig -p | grep -q libb64.so.0d && \
+		command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64 && test -e /usr/aarch64-linux-gnu/include/stdio.h) >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver libb64-0d \
+			gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'

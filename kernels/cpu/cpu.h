@@ -53,7 +53,14 @@ extern const isa_ops isa_generic;
 #if defined(__x86_64__)
 extern const isa_ops isa_avx2;
 extern const isa_ops isa_avx512;
+#elif defined(__aarch64__)
+extern const isa_ops isa_neon;
+extern const isa_ops isa_neon_dotprod;
 #endif
+
+#define MAX_ISAS 4
+/* The variants this CPU runs, best first, into out; returns how many (isa.c). */
+int detect_isas(const isa_ops *out[MAX_ISAS]);
 
 /* Bytes of one row of n values in format t; 0 for an unsupported format. */
 size_t row_bytes(int t, int n);

@@ -10,21 +10,11 @@
 #include "matmul.h"
 
 /* Variants this CPU runs, best first. */
-static const isa_ops *available[4];
+static const isa_ops *available[MAX_ISAS];
 static int n_available;
 
 static void detect(void) {
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
-        available[n_available++] = &isa_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        available[n_available++] = &isa_avx2;
-#endif
-    /* arm64 (NEON, NEON + dotprod by getauxval(AT_HWCAP) & HWCAP_ASIMDDP) is to come: portable C there. */
-    available[n_available++] = &isa_generic;
+    n_available = detect_isas(available);
     cur_isa = available[0];
 }
 
