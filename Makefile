@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test system-test-deps run test lint bench bench-serve bench-offload chaos soak proto fatbin gpu-carry gpu-check clean
+.PHONY: install install-test system-test-deps run test test-full lint bench bench-serve bench-offload chaos soak proto fatbin gpu-carry gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,11 @@ run: install
 test: install-test system-test-deps lint
 	$(BIN)/appliance-ctl models fetch
 	$(BIN)/python -m pytest -q
+
+## test-full: the same suite with its heavy tests at full size (every CUDA target, every trial and client count)
+test-full: install-test system-test-deps lint
+	$(BIN)/appliance-ctl models fetch
+	APPLIANCE_TESTS=full $(BIN)/python -m pytest -q
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -87,6 +87,18 @@ def test_ctl_verify_fails_on_an_empty_store(tmp_path):
 
 def test_bench_prints_its_table(model_path):
     """The figures themselves belong to `make bench`; here only that the command works end to end."""
-    r = run("appliance", "bench", "--no-peers", "--prompt-tokens", "16", "--decode-tokens", "4")
+    r = run(
+        "appliance",
+        "bench",
+        "--backend",
+        "numpy",
+        "--threads",
+        "1",
+        "--no-peers",
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "4",
+    )
     assert r.returncode == 0, r.stderr
-    assert "appliance (numpy backend)" in r.stdout and "decode tok/s" in r.stdout
+    assert "appliance, numpy" in r.stdout and "decode tok/s" in r.stdout and "decode bound" in r.stdout

@@ -13,11 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from tests.scale import full_or
 from tests.serving import running_server
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=full_or(100, 20), deadline=None, suppress_health_check=list(HealthCheck))
 
 text = st.text(max_size=8) | st.sampled_from(["\ud800", "\x00", "", "NaN"])
 numbers = st.integers() | st.floats() | st.sampled_from([2**63, -(2**63) - 1, 10**30, 1e-300, 3e38])

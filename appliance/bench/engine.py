@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
 from rich.console import Console
 from rich.table import Table
 
@@ -216,20 +215,20 @@ def _vs_llama_bench(row: dict, rows: list[dict], key: str) -> str:
     return f"{row[key] / peer[0][key]:.2f}x" if peer else "-"
 
 
-def _sizes(path: Path, n_tokens: int) -> tuple[int, dict[str, int]]:
+def _sizes(model, n_tokens: int) -> tuple[int, dict[str, int]]:
     """Bytes read per decoded token (every tensor once: the tied head reads the whole embedding table)
     and the KV cache of n_tokens as each system holds it (ours float32, llama.cpp's default float16)."""
-    weights = sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
-    c = Engine.load(path, "numpy").model.config
+    c = model.config
     per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim
-    return weights, {"ours (float32)": per_token * 4 * n_tokens, "llama.cpp (float16)": per_token * 2 * n_tokens}
+    kv = {"ours (float32)": per_token * 4 * n_tokens, "llama.cpp (float16)": per_token * 2 * n_tokens}
+    return model.file.quantized_bytes, kv
 
 
 def run_bench(
     path: Path, backends: list[str], threads: list[int], n_prompt: int, n_decode: int, peers: bool
 ) -> list[dict]:
-    tokenizer = Engine.load(path, "numpy").tokenizer
-    ids = tokenizer.encode(FILLER * (1 + n_prompt // 30))[:n_prompt]
+    reference = Engine.load(path, "numpy")  # its tokenizer, config and file: nothing is dequantized until used
+    ids = reference.tokenizer.encode(FILLER * (1 + n_prompt // 30))[:n_prompt]
     err = Console(stderr=True)
     rows = []
     for t in threads:
@@ -281,7 +280,7 @@ def run_bench(
             for r in rows
         ],
     )
-    weights, kv = _sizes(path, len(ids) + n_decode)
+    weights, kv = _sizes(reference.model, len(ids) + n_decode)
     mib = 2**20
     print(
         f"file {path.stat().st_size / mib:.1f} MiB; weights read per decoded token {weights / mib:.1f} MiB; "
