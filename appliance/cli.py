@@ -226,8 +226,9 @@ def plan(
     memory_budget: Annotated[str, typer.Option(help="Memory for the model here, e.g. 190MB.")] = "190MB",
     worker: WorkerOpt = None,
     wire_dtype: WireOpt = "float32",
+    backend: BackendOpt = "auto",
 ) -> None:
-    """Where each layer would run: devices, layer ranges, bytes, and the predicted ms per token."""
+    """Where each layer would run: devices, layer ranges, bytes (as the backend holds them), ms per token."""
     from rich.console import Console
     from rich.table import Table
 
@@ -235,7 +236,7 @@ def plan(
     from models.llama import Llama
     from offload.planner import describe
 
-    llama = Llama.load(str(ModelStore().resolve(model)), "numpy")
+    llama = Llama.load(str(ModelStore().resolve(model)), backend)
     coordinator = coordinator_for(llama, memory_budget, worker or [], wire_dtype=wire_dtype)
     chosen = coordinator.make_plan()
     table = Table(title=f"{llama.file.path.name}: {llama.config.n_layers} layers, budget {memory_budget} here")

@@ -7,6 +7,7 @@ there; faster backends (C on the CPU, CUDA, TensorRT) implement the same names.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
@@ -93,13 +94,28 @@ def describe(backend: Backend) -> str:
 
 
 def select_backend(name: str = "auto") -> Backend:
-    """The named backend, or for "auto" the fastest one this machine can run."""
+    """The named backend, or for "auto" the fastest one this machine can run: CUDA where there is a
+    GPU and pycuda, else the native C kernels, else (with one line on stderr saying why) NumPy."""
     if name == "auto":
+        from kernels import native
         from kernels.cuda_backend import available  # NVML and a package lookup: imports nothing of CUDA's
 
-        # Not cpu yet: its int8 activations move SmolLM2-135M's logits by 2-10%, enough to change a
-        # greedy chat answer (tests/test_cpu_backend.py); `--backend cpu` asks for it.
-        name = "cuda" if available() else "numpy"
+        if available():
+            name = "cuda"
+        elif native.available():
+            name = "cpu"
+        else:
+            _say_once(f"backend auto: NumPy, the slow reference, because {native.why_missing()}")
+            name = "numpy"
     if name not in BACKENDS:
         raise UnknownBackendError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
     return BACKENDS[name]()
+
+
+_said: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr)

@@ -45,6 +45,13 @@ def engine(model_path: Path) -> Engine:
 
 
 @pytest.fixture(scope="session")
+def served(model_path: Path) -> Engine:
+    """The engine a test server runs by default (`--backend auto`: the C kernels where they are built):
+    what a served greedy text must equal."""
+    return Engine.load(model_path, "auto")
+
+
+@pytest.fixture(scope="session")
 def hf_model(model_path: Path):
     """transformers' own GGUF loader and Llama implementation: the independent reference."""
     import torch

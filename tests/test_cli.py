@@ -26,16 +26,16 @@ def test_generate_streams_the_answer(model_path):
 
 
 def test_generate_chat(model_path):
-    r = run("appliance", "generate", "--chat", "What is the capital of France?", "--stats")
+    r = run("appliance", "generate", "--chat", "Name the capital of France.", "--stats")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout and "finish: stop" in r.stderr and "backend: " in r.stderr
 
 
-def test_generate_matches_the_library(engine):
+def test_generate_matches_the_library(served):
     r = run("appliance", "generate", "Once upon a time", "-n", "16", "-t", "0.8", "--seed", "5")
     from models.sampling import SamplingParams
 
-    expected = engine.generate(engine.prompt_ids("Once upon a time"), SamplingParams(temperature=0.8, seed=5), 16).run()
+    expected = served.generate(served.prompt_ids("Once upon a time"), SamplingParams(temperature=0.8, seed=5), 16).run()
     assert r.stdout == expected + "\n"
 
 

@@ -201,7 +201,9 @@ def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_pa
             "--model",
             str(model_path),
             "--memory-budget",
-            "190MB",
+            "190MB",  # float32 sizes: 3 layers of the NumPy reference
+            "--backend",
+            "numpy",
             "--worker",
             w1.address,
             "--worker",

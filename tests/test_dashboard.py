@@ -60,7 +60,9 @@ def test_dashboard_shows_devices_and_streams_a_chat_reply(tmp_path, monkeypatch,
             "--model",
             str(model_path),
             "--memory-budget",
-            "190MB",
+            "190MB",  # float32 sizes: 3 layers of the NumPy reference
+            "--backend",
+            "numpy",
             "--worker",
             laptop.address,
             "--no-discover",
@@ -91,7 +93,7 @@ def test_dashboard_shows_devices_and_streams_a_chat_reply(tmp_path, monkeypatch,
         assert rows[0].startswith("appliance here [0, 3)")
         assert rows[1].startswith("laptop connected [3, 30)") and laptop.address in rows[1]
 
-        find(By.ID, "chat-input").send_keys("What is the capital of France?")
+        find(By.ID, "chat-input").send_keys("Name the capital of France.")
         find(By.ID, "send").click()
         reply = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"), 30, "a reply bubble")[0]
         seen: set[str] = set()

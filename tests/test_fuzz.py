@@ -54,8 +54,8 @@ def with_field(base: dict, fields: list[str]):
     return st.tuples(st.sampled_from(fields) | text, json_values).map(lambda kv: {**base, kv[0]: kv[1]})
 
 
-def still_serving(http: httpx.Client, engine) -> None:
-    r = http.post("/v1/completions", json={"model": engine.name, "prompt": "Hi", "max_tokens": 2})
+def still_serving(http: httpx.Client, served) -> None:
+    r = http.post("/v1/completions", json={"model": served.name, "prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
 
 
@@ -63,8 +63,8 @@ COMMON = ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
 COMMON += ["repetition_penalty", "ignore_eos", "max_completion_tokens"]
 
 
-def test_chat_completions_take_any_json(http, engine):
-    base = {"model": engine.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+def test_chat_completions_take_any_json(http, served):
+    base = {"model": served.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
     @FUZZ
     @given(with_field(base, [*COMMON, "messages"]) | json_values)
@@ -72,11 +72,11 @@ def test_chat_completions_take_any_json(http, engine):
         send(http, "/v1/chat/completions", body)
 
     check()
-    still_serving(http, engine)
+    still_serving(http, served)
 
 
-def test_completions_take_any_json(http, engine):
-    base = {"model": engine.name, "prompt": "Hi", "max_tokens": 2}
+def test_completions_take_any_json(http, served):
+    base = {"model": served.name, "prompt": "Hi", "max_tokens": 2}
 
     @FUZZ
     @given(with_field(base, [*COMMON, "prompt"]))
@@ -84,23 +84,23 @@ def test_completions_take_any_json(http, engine):
         send(http, "/v1/completions", body)
 
     check()
-    still_serving(http, engine)
+    still_serving(http, served)
 
 
-def test_kserve_generate_takes_any_json(http, engine):
+def test_kserve_generate_takes_any_json(http, served):
     base = {"text_input": "Hi", "max_tokens": 2}
     fields = ["text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_words", "parameters"]
 
     @FUZZ
     @given(with_field(base, fields), st.booleans())
     def check(body, stream):
-        send(http, f"/v2/models/{engine.name}/generate{'_stream' if stream else ''}", body)
+        send(http, f"/v2/models/{served.name}/generate{'_stream' if stream else ''}", body)
 
     check()
-    still_serving(http, engine)
+    still_serving(http, served)
 
 
-def test_kserve_infer_takes_any_json(http, engine):
+def test_kserve_infer_takes_any_json(http, served):
     tensor = {"name": "max_tokens", "datatype": "INT32", "shape": [1], "data": [2]}
     text_in = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["Hi"]}
     tensors = with_field(tensor, ["name", "datatype", "shape", "data", "parameters"])
@@ -110,12 +110,12 @@ def test_kserve_infer_takes_any_json(http, engine):
     bodies |= with_field({"inputs": [text_in, tensor]}, ["inputs", "outputs", "parameters", "id"])
 
     @FUZZ
-    @given(bodies, st.sampled_from([engine.name, f"{engine.name}-logits"]))
+    @given(bodies, st.sampled_from([served.name, f"{served.name}-logits"]))
     def check(body, model):
         send(http, f"/v2/models/{model}/infer", body)
 
     check()
-    still_serving(http, engine)
+    still_serving(http, served)
 
 
 DATATYPES = ["BYTES", "INT32", "INT64", "UINT64", "FP32", "FP64", "BOOL", "FP16", "BF16", "INT8"]
@@ -140,13 +140,13 @@ tensors = st.builds(
 )
 
 
-def test_grpc_model_infer_takes_any_fields(server, engine):
+def test_grpc_model_infer_takes_any_fields(server, served):
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc))
     raw = grpc.insecure_channel(server.grpc).unary_unary("/inference.GRPCInferenceService/ModelInfer")
     metadata = [("authorization", f"Bearer {KEY}")]
     requests = st.builds(
         service_pb2.ModelInferRequest,
-        model_name=st.sampled_from([engine.name, f"{engine.name}-logits"]) | st.text(max_size=5),
+        model_name=st.sampled_from([served.name, f"{served.name}-logits"]) | st.text(max_size=5),
         model_version=st.sampled_from(["", "1"]) | st.text(max_size=3),
         id=st.text(max_size=5),
         inputs=st.lists(tensors, max_size=3),
@@ -166,6 +166,6 @@ def test_grpc_model_infer_takes_any_fields(server, engine):
             assert e.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (request, e.details())
 
     check()
-    ok = service_pb2.ModelInferRequest(model_name=engine.name)
+    ok = service_pb2.ModelInferRequest(model_name=served.name)
     ok.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Hi")
     assert stub.ModelInfer(ok, metadata=metadata, timeout=60).outputs

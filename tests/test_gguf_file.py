@@ -56,7 +56,7 @@ MIXED_FORMATS = {
 
 def test_another_llama_file_in_every_format_matches_transformers(tmp_path, smol_meta):
     path = write_tiny_llama(tmp_path / "tiny.gguf", smol_meta, weight_type=Q.Q4_0, tensor_types=MIXED_FORMATS)
-    engine = Engine.load(path)
+    engine = Engine.load(path, "numpy")  # the file read right: the exact reference against transformers
     assert {t.qtype for t in engine.model.file.tensors.values()} >= set(MIXED_FORMATS.values())
     ids = engine.tokenizer.encode("A tiny random Llama, in every format we read.")
     ours = engine.forward(ids, Session())
@@ -83,7 +83,7 @@ K_MIXED = {
 def test_k_quant_llama_file_matches_transformers(tmp_path, smol_meta):
     """Q4_K_M-style files: K formats in the layers (width 256, one super-block per row)."""
     path = write_tiny_llama(tmp_path / "k.gguf", smol_meta, weight_type=Q.Q8_0, tensor_types=K_MIXED, dim=256)
-    engine = Engine.load(path)
+    engine = Engine.load(path, "numpy")  # the file read right: the exact reference against transformers
     ids = engine.tokenizer.encode("K formats, as most downloaded files use.")
     ours = engine.forward(ids, Session())
     from transformers import AutoModelForCausalLM

@@ -18,6 +18,9 @@ from offload.pki import issue_identity
 from tests.serving import running_server
 from tests.test_offload import PROMPTS
 
+# The budgets here (190MB holds 3 layers) are the NumPy reference's float32 sizes: the appliance runs it too.
+NUMPY = ("--backend", "numpy")
+
 
 def appliance(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -28,16 +31,16 @@ def appliance(*args: str) -> subprocess.CompletedProcess:
 def test_generate_split_over_named_workers_prints_the_local_text(ca, tmp_path, engine):
     for name in ("w1", "w2"):
         issue_identity(ca, tmp_path / name, name)
-    local = appliance("generate", PROMPTS[0], "-n", "24")
+    local = appliance("generate", PROMPTS[0], "-n", "24", *NUMPY)
     assert local.returncode == 0, local.stderr
     with worker_process(tmp_path / "w1") as w1, worker_process(tmp_path / "w2") as w2:
         workers = ["--worker", w1.address, "--worker", w2.address]
-        split = appliance("generate", PROMPTS[0], "-n", "24", "--memory-budget", "190MB", *workers)
+        split = appliance("generate", PROMPTS[0], "-n", "24", "--memory-budget", "190MB", *NUMPY, *workers)
         assert split.returncode == 0, split.stderr
         assert split.stdout == local.stdout
         assert f"layers [0, 3) here, [3, {engine.model.config.n_layers}) on workers" in split.stderr
 
-        plan = appliance("plan", "--memory-budget", "190MB", *workers)
+        plan = appliance("plan", "--memory-budget", "190MB", *NUMPY, *workers)
         assert plan.returncode == 0, plan.stderr
         assert "(this appliance)" in plan.stdout and "[0, 3)" in plan.stdout
         assert w1.address in plan.stdout and w2.address in plan.stdout
@@ -45,7 +48,7 @@ def test_generate_split_over_named_workers_prints_the_local_text(ca, tmp_path, e
 
 
 def test_generate_without_enough_workers_is_a_clear_error(ca):
-    result = appliance("generate", "hi", "--memory-budget", "190MB")
+    result = appliance("generate", "hi", "--memory-budget", "190MB", *NUMPY)
     assert result.returncode == 1
     assert "no placement can hold the model" in result.stderr and "Traceback" not in result.stderr
 
@@ -58,7 +61,7 @@ def test_serve_with_workers_found_by_mdns(ca, tmp_path, engine):
     with (
         worker_process(tmp_path / "m1", extra=advertise) as m1,
         worker_process(tmp_path / "m2", extra=advertise) as m2,
-        running_server("--memory-budget", "190MB", "--no-advertise") as server,
+        running_server("--memory-budget", "190MB", *NUMPY, "--no-advertise") as server,
     ):
         client = OpenAI(base_url=f"{server.url}/v1", api_key="test-key")
         reply = client.completions.create(model=engine.name, prompt=PROMPTS[1], max_tokens=24, temperature=0)

@@ -14,7 +14,7 @@ from models.sampling import SamplingParams
 from tests.serving import running_server
 
 KEY = "test-key"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "Name the capital of France."}]
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,13 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def test_models(client, engine):
-    assert [m.id for m in client.models.list()] == [engine.name]
+def test_models(client, served):
+    assert [m.id for m in client.models.list()] == [served.name]
 
 
-def test_chat_equals_the_engine(client, engine):
-    r = client.chat.completions.create(model=engine.name, messages=QUESTION, temperature=0, max_tokens=40)
-    expected = engine.generate(engine.chat_ids(QUESTION), SamplingParams(), 40)
+def test_chat_equals_the_engine(client, served):
+    r = client.chat.completions.create(model=served.name, messages=QUESTION, temperature=0, max_tokens=40)
+    expected = served.generate(served.chat_ids(QUESTION), SamplingParams(), 40)
     assert r.choices[0].message.content == expected.run()
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == expected.finish_reason == "stop"
@@ -42,11 +42,11 @@ def test_chat_equals_the_engine(client, engine):
     assert r.usage.completion_tokens == expected.completion_tokens
 
 
-def test_chat_streaming_equals_plain(client, engine):
-    plain = client.chat.completions.create(model=engine.name, messages=QUESTION, temperature=0, max_tokens=40)
+def test_chat_streaming_equals_plain(client, served):
+    plain = client.chat.completions.create(model=served.name, messages=QUESTION, temperature=0, max_tokens=40)
     chunks = list(
         client.chat.completions.create(
-            model=engine.name,
+            model=served.name,
             messages=QUESTION,
             temperature=0,
             max_tokens=40,
@@ -61,22 +61,22 @@ def test_chat_streaming_equals_plain(client, engine):
     assert chunks[-1].usage.total_tokens == plain.usage.total_tokens
 
 
-def test_completions_with_stop_and_length(client, engine):
-    r = client.completions.create(model=engine.name, prompt="The capital of France is", max_tokens=12, temperature=0)
-    expected = engine.generate(engine.prompt_ids("The capital of France is"), SamplingParams(), 12).run()
+def test_completions_with_stop_and_length(client, served):
+    r = client.completions.create(model=served.name, prompt="The capital of France is", max_tokens=12, temperature=0)
+    expected = served.generate(served.prompt_ids("The capital of France is"), SamplingParams(), 12).run()
     assert r.choices[0].text == expected and r.choices[0].finish_reason == "length"
     cut = client.completions.create(
-        model=engine.name, prompt="The capital of France is", max_tokens=12, temperature=0, stop=["."]
+        model=served.name, prompt="The capital of France is", max_tokens=12, temperature=0, stop=["."]
     )
     assert cut.choices[0].text == expected[: expected.index(".")] and cut.choices[0].finish_reason == "stop"
     streamed = client.completions.create(
-        model=engine.name, prompt="The capital of France is", max_tokens=12, temperature=0, stream=True
+        model=served.name, prompt="The capital of France is", max_tokens=12, temperature=0, stream=True
     )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
 
 
-def test_seed_repeats_and_n_choices_differ(client, engine):
-    ask = dict(model=engine.name, prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=11)
+def test_seed_repeats_and_n_choices_differ(client, served):
+    ask = dict(model=served.name, prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=11)
     a, b = client.completions.create(**ask), client.completions.create(**ask)
     assert a.choices[0].text == b.choices[0].text
     many = client.completions.create(**ask, n=3)
@@ -85,13 +85,13 @@ def test_seed_repeats_and_n_choices_differ(client, engine):
     assert len({c.text for c in many.choices}) > 1
 
 
-def test_concurrent_streams_are_not_mixed(client, engine, url):
+def test_concurrent_streams_are_not_mixed(client, served, url):
     """Eight clients at once, each a different prompt: each gets exactly its own greedy text."""
     prompts = [f"Write the number {i} in words:" for i in range(8)]
-    expected = {p: engine.generate(engine.prompt_ids(p), SamplingParams(), 16).run() for p in prompts}
+    expected = {p: served.generate(served.prompt_ids(p), SamplingParams(), 16).run() for p in prompts}
 
     def stream(prompt: str) -> str:
-        chunks = client.completions.create(model=engine.name, prompt=prompt, max_tokens=16, temperature=0, stream=True)
+        chunks = client.completions.create(model=served.name, prompt=prompt, max_tokens=16, temperature=0, stream=True)
         return "".join(c.choices[0].text for c in chunks if c.choices)
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -100,8 +100,8 @@ def test_concurrent_streams_are_not_mixed(client, engine, url):
     assert httpx.get(f"{url}/health").json()["active"] == 0
 
 
-def test_a_client_that_leaves_is_cancelled(url, engine):
-    body = {"model": engine.name, "prompt": "Tell me a very long story.", "max_tokens": 2000, "stream": True}
+def test_a_client_that_leaves_is_cancelled(url, served):
+    body = {"model": served.name, "prompt": "Tell me a very long story.", "max_tokens": 2000, "stream": True}
     with httpx.stream(
         "POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
     ) as r:
@@ -127,8 +127,8 @@ def test_a_client_that_leaves_is_cancelled(url, engine):
         ({"model": "{name}", "messages": []}, 400, "messages"),
     ],
 )
-def test_bad_requests(url, engine, body, status, fragment):
-    body = {k: (v.format(name=engine.name) if isinstance(v, str) and k == "model" else v) for k, v in body.items()}
+def test_bad_requests(url, served, body, status, fragment):
+    body = {k: (v.format(name=served.name) if isinstance(v, str) and k == "model" else v) for k, v in body.items()}
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     r = httpx.post(f"{url}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == status, r.text
@@ -149,7 +149,7 @@ def test_malformed_bodies(url, content, status):
     assert r.status_code == status and "error" in r.json()
 
 
-def test_keys(url, engine):
+def test_keys(url, served):
     bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
@@ -157,17 +157,17 @@ def test_keys(url, engine):
     assert httpx.get(f"{url}/health").status_code == 200  # liveness needs no key
 
 
-def test_still_serving_after_all_that(client, engine):
-    r = client.completions.create(model=engine.name, prompt="The capital of France is", max_tokens=4, temperature=0)
+def test_still_serving_after_all_that(client, served):
+    r = client.completions.create(model=served.name, prompt="The capital of France is", max_tokens=4, temperature=0)
     assert r.choices[0].text
 
 
-def test_full_queue_is_a_429_with_a_retry_hint(engine):
+def test_full_queue_is_a_429_with_a_retry_hint(served):
     """One slot in the batch, one in the queue: a third concurrent request is turned away at once."""
     with running_server("--max-batch", "1", "--max-queue", "1", key=KEY) as server:
         u = server.url
         body = {
-            "model": engine.name,
+            "model": served.name,
             "prompt": "Tell me a long story.",
             "max_tokens": 300,
             "stream": True,
@@ -197,8 +197,8 @@ def test_full_queue_is_a_429_with_a_retry_hint(engine):
             assert r.status_code == 200
 
 
-def test_metrics(url, client, engine):
-    client.completions.create(model=engine.name, prompt="Hello", max_tokens=3, temperature=0)
+def test_metrics(url, client, served):
+    client.completions.create(model=served.name, prompt="Hello", max_tokens=3, temperature=0)
     assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401  # counted
     text = httpx.get(f"{url}/metrics").text
     for name in (

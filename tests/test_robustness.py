@@ -71,28 +71,28 @@ def kserve_message(r: httpx.Response) -> str:
 # --- the scheduler never dies of a request ---
 
 
-def test_a_step_that_raises_fails_only_its_requests(engine):
+def test_a_step_that_raises_fails_only_its_requests(served):
     """A generation whose step raises (an id beyond the vocabulary) gets an error event; the next is served,
     and only steps failing again and again make the scheduler say it cannot serve."""
-    scheduler = Scheduler(engine)
+    scheduler = Scheduler(served)
     scheduler.start()
     try:
 
         def run(ids: list[int]) -> list[Event]:
             events: queue.Queue[Event] = queue.Queue()
-            scheduler.submit(engine.generate(ids, max_tokens=3), events.put)
+            scheduler.submit(served.generate(ids, max_tokens=3), events.put)
             got = [events.get(timeout=60)]
             while got[-1].kind == "text":
                 got.append(events.get(timeout=60))
             return got
 
-        bad = [engine.model.config.vocab_size + 7]
+        bad = [served.model.config.vocab_size + 7]
         assert run(bad)[-1].kind == "error" and scheduler.ready
-        assert run(engine.prompt_ids("Hello"))[-1].kind == "done"
+        assert run(served.prompt_ids("Hello"))[-1].kind == "done"
         for _ in range(BROKEN_AFTER):
             assert run(bad)[-1].kind == "error"
-        assert not scheduler.ready  # the engine cannot serve: health says so
-        assert run(engine.prompt_ids("Hello"))[-1].kind == "done" and scheduler.ready
+        assert not scheduler.ready  # the served cannot serve: health says so
+        assert run(served.prompt_ids("Hello"))[-1].kind == "done" and scheduler.ready
         assert scheduler.metrics.failed._value.get() == BROKEN_AFTER + 1
     finally:
         scheduler.stop()
@@ -111,16 +111,16 @@ def test_a_step_that_raises_fails_only_its_requests(engine):
         {"temperature": 1, "seed": 2**70},
     ],
 )
-def test_sampling_at_the_edges_of_the_float_range_is_served(server, engine, fields):
-    r = post(server, "/v1/completions", {"model": engine.name, "prompt": "Hi", "max_tokens": 3, **fields})
+def test_sampling_at_the_edges_of_the_float_range_is_served(server, served, fields):
+    r = post(server, "/v1/completions", {"model": served.name, "prompt": "Hi", "max_tokens": 3, **fields})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
     assert health(server)["status"] == "ok"
 
 
-def test_kserve_sampling_at_the_edges_is_served(server, engine):
+def test_kserve_sampling_at_the_edges_is_served(server, served):
     for fields in ({"temperature": 3e38}, {"temperature": 1e-300, "top_k": 2**31 - 1}, {"seed": -5}):
-        r = post(server, f"/v2/models/{engine.name}/generate", {"text_input": "Hi", "max_tokens": 3, **fields})
+        r = post(server, f"/v2/models/{served.name}/generate", {"text_input": "Hi", "max_tokens": 3, **fields})
         assert r.status_code == 200, r.text
 
 
@@ -145,15 +145,15 @@ def test_kserve_sampling_at_the_edges_is_served(server, engine):
         ('"prompt": "\\ud800\\udfff\\ud800"', "prompt"),
     ],
 )
-def test_bad_openai_fields_are_400(server, engine, fragment, field):
-    body = f'{{"model": "{engine.name}", "prompt": "Hi", {fragment}}}'.encode()
+def test_bad_openai_fields_are_400(server, served, fragment, field):
+    body = f'{{"model": "{served.name}", "prompt": "Hi", {fragment}}}'.encode()
     r = post(server, "/v1/completions", content=body)
     assert r.status_code == 400, r.text
     assert field in openai_message(r)
 
 
-def test_a_lone_surrogate_in_a_chat_message_is_400(server, engine):
-    body = f'{{"model": "{engine.name}", "messages": [{{"role": "user", "content": "hi \\ud800"}}]}}'.encode()
+def test_a_lone_surrogate_in_a_chat_message_is_400(server, served):
+    body = f'{{"model": "{served.name}", "messages": [{{"role": "user", "content": "hi \\ud800"}}]}}'.encode()
     r = post(server, "/v1/chat/completions", content=body)
     assert r.status_code == 400 and "surrogate" in openai_message(r)
 
@@ -171,8 +171,8 @@ def test_a_lone_surrogate_in_a_chat_message_is_400(server, engine):
         ("[" * 5000 + "]" * 5000, "JSON"),
     ],
 )
-def test_bad_kserve_generate_is_400(server, engine, raw, fragment):
-    r = post(server, f"/v2/models/{engine.name}/generate", content=raw.encode())
+def test_bad_kserve_generate_is_400(server, served, raw, fragment):
+    r = post(server, f"/v2/models/{served.name}/generate", content=raw.encode())
     assert r.status_code == 400, r.text
     assert fragment in kserve_message(r)
 
@@ -197,18 +197,18 @@ def _infer_body(**tensor) -> dict:
         ({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["\ud800"]}]}, "BYTES"),
     ],
 )
-def test_bad_kserve_infer_is_400(server, engine, body, fragment):
-    r = post(server, f"/v2/models/{engine.name}/infer", content=json.dumps(body).encode())
+def test_bad_kserve_infer_is_400(server, served, body, fragment):
+    r = post(server, f"/v2/models/{served.name}/infer", content=json.dumps(body).encode())
     assert r.status_code == 400, r.text
     assert fragment in kserve_message(r)
 
 
-def test_a_bad_binary_header_length_is_400(server, engine):
+def test_a_bad_binary_header_length_is_400(server, served):
     body = json.dumps(_infer_body()).encode()
     for length in ("-3", "x", str(len(body) + 10)):
         r = post(
             server,
-            f"/v2/models/{engine.name}/infer",
+            f"/v2/models/{served.name}/infer",
             content=body,
             headers={**AUTH, "Inference-Header-Content-Length": length},
         )
@@ -217,8 +217,8 @@ def test_a_bad_binary_header_length_is_400(server, engine):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v2/models/{name}/generate"])
 @pytest.mark.parametrize("chunked", [True, False])
-def test_oversized_bodies_are_413_in_the_protocols_shape(server, engine, path, chunked):
-    path = path.format(name=engine.name)
+def test_oversized_bodies_are_413_in_the_protocols_shape(server, served, path, chunked):
+    path = path.format(name=served.name)
     content = b"x" * (2 << 20)
 
     def chunks():
@@ -235,8 +235,8 @@ def _stub(server):
     return service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc))
 
 
-def _grpc_request(engine, **max_tokens) -> service_pb2.ModelInferRequest:
-    request = service_pb2.ModelInferRequest(model_name=engine.name)
+def _grpc_request(served, **max_tokens) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name=served.name)
     request.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Hi")
     request.inputs.add(name="max_tokens", datatype="INT32", shape=[1]).contents.int_contents.append(2)
     for key, value in max_tokens.items():
@@ -244,7 +244,7 @@ def _grpc_request(engine, **max_tokens) -> service_pb2.ModelInferRequest:
     return request
 
 
-def test_garbage_and_bad_grpc_requests_are_invalid_argument(server, engine):
+def test_garbage_and_bad_grpc_requests_are_invalid_argument(server, served):
     channel = grpc.insecure_channel(server.grpc)
     raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
     for garbage in (b"\xff\xff\xff", b"\x0a\x02\xed\xa0", b"\x0a\x05hi"):
@@ -252,23 +252,23 @@ def test_garbage_and_bad_grpc_requests_are_invalid_argument(server, engine):
             raw(garbage, metadata=GRPC_AUTH, timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (garbage, e.value.details())
     stub = _stub(server)
-    for bad in (_grpc_request(engine, datatype="FP8"), _grpc_request(engine, datatype="BYTES")):
+    for bad in (_grpc_request(served, datatype="FP8"), _grpc_request(served, datatype="BYTES")):
         with pytest.raises(grpc.RpcError) as e:
             stub.ModelInfer(bad, metadata=GRPC_AUTH, timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    request = _grpc_request(engine)
+    request = _grpc_request(served)
     request.inputs[1].shape[:] = [2**62, 2**62]
     with pytest.raises(grpc.RpcError) as e:
         stub.ModelInfer(request, metadata=GRPC_AUTH, timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert stub.ModelInfer(_grpc_request(engine), metadata=GRPC_AUTH, timeout=60).outputs
+    assert stub.ModelInfer(_grpc_request(served), metadata=GRPC_AUTH, timeout=60).outputs
 
 
-def test_a_bad_request_in_a_stream_is_one_error_and_the_stream_goes_on(server, engine):
+def test_a_bad_request_in_a_stream_is_one_error_and_the_stream_goes_on(server, served):
     channel = grpc.insecure_channel(server.grpc)
     stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
-    requests = [b"\xff\xff\xff", _grpc_request(engine, datatype="FP8").SerializeToString()]
-    requests.append(_grpc_request(engine).SerializeToString())
+    requests = [b"\xff\xff\xff", _grpc_request(served, datatype="FP8").SerializeToString()]
+    requests.append(_grpc_request(served).SerializeToString())
     replies = [
         service_pb2.ModelStreamInferResponse.FromString(r)
         for r in stream(iter(requests), metadata=GRPC_AUTH, timeout=120)
@@ -281,12 +281,12 @@ def test_a_bad_request_in_a_stream_is_one_error_and_the_stream_goes_on(server, e
 # --- clients that leave are cancelled ---
 
 
-def test_a_plain_http_client_that_leaves_is_cancelled(server, engine):
-    post(server, "/v1/completions", {"model": engine.name, "prompt": "Hi", "max_tokens": 2})  # warm
+def test_a_plain_http_client_that_leaves_is_cancelled(server, served):
+    post(server, "/v1/completions", {"model": served.name, "prompt": "Hi", "max_tokens": 2})  # warm
     before = metric(server, "appliance_generations_cancelled_total")
     for path, body in (
-        ("/v1/completions", {"model": engine.name, **LONG}),
-        (f"/v2/models/{engine.name}/generate", {"text_input": COUNTING, "max_tokens": 2000}),
+        ("/v1/completions", {"model": served.name, **LONG}),
+        (f"/v2/models/{served.name}/generate", {"text_input": COUNTING, "max_tokens": 2000}),
     ):
         with pytest.raises(httpx.ReadTimeout):
             r = httpx.post(f"{server.url}{path}", json=body, headers=AUTH, timeout=httpx.Timeout(60, read=2))
@@ -295,9 +295,9 @@ def test_a_plain_http_client_that_leaves_is_cancelled(server, engine):
     assert metric(server, "appliance_generations_cancelled_total") >= before + 2
 
 
-def test_a_grpc_client_that_leaves_is_cancelled(server, engine):
+def test_a_grpc_client_that_leaves_is_cancelled(server, served):
     before = metric(server, "appliance_generations_cancelled_total")
-    request = _grpc_request(engine)
+    request = _grpc_request(served)
     request.inputs[1].contents.int_contents[:] = [2000]
     with pytest.raises(grpc.RpcError) as e:
         _stub(server).ModelInfer(request, metadata=GRPC_AUTH, timeout=2)
@@ -306,13 +306,13 @@ def test_a_grpc_client_that_leaves_is_cancelled(server, engine):
     assert metric(server, "appliance_generations_cancelled_total") >= before + 1
 
 
-def test_n_choices_refused_by_a_full_queue_leave_nothing_running(engine):
+def test_n_choices_refused_by_a_full_queue_leave_nothing_running(served):
     args = ("--max-batch", "1", "--max-queue", "2", "--no-advertise", "--no-discover")
     with running_server(*args, key=KEY) as s, httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as http:
-        with http.stream("POST", "/v1/completions", json={"model": engine.name, **LONG, "stream": True}) as first:
+        with http.stream("POST", "/v1/completions", json={"model": served.name, **LONG, "stream": True}) as first:
             lines = first.iter_lines()
             next(lines)
-            r = http.post("/v1/completions", json={"model": engine.name, **LONG, "n": 3})
+            r = http.post("/v1/completions", json={"model": served.name, **LONG, "n": 3})
             assert r.status_code == 429
             assert (health(s)["active"], health(s)["waiting"]) == (1, 0)  # none of the three was queued
         wait_idle(s, 60)
@@ -321,7 +321,7 @@ def test_n_choices_refused_by_a_full_queue_leave_nothing_running(engine):
 # --- a failing generation reaches its client, and health tells the truth ---
 
 
-def test_failures_reach_clients_in_their_shape_and_health_turns_not_ready(engine, model_path, tmp_path_factory):
+def test_failures_reach_clients_in_their_shape_and_health_turns_not_ready(served, model_path, tmp_path_factory):
     """The model split with one worker; kill -9 of the worker leaves no placement: every generation
     fails from then on, each client is told in its protocol's shape, and readiness turns to 503."""
     from offload.pki import certificate_authority
@@ -331,9 +331,18 @@ def test_failures_reach_clients_in_their_shape_and_health_turns_not_ready(engine
         mp.setenv("APPLIANCE_HOME", str(tmp_path_factory.mktemp("robust-home")))
         ca = certificate_authority()
         with new_worker(ca, tmp_path_factory, "only", budget="420MB") as worker:
-            args = ("--memory-budget", "190MB", "--worker", worker.address, "--no-discover", "--no-advertise")
+            args = (
+                "--memory-budget",
+                "190MB",
+                "--backend",
+                "numpy",
+                "--worker",
+                worker.address,
+                "--no-discover",
+                "--no-advertise",
+            )
             with running_server(*args, key=KEY) as s, httpx.Client(base_url=s.url, headers=AUTH, timeout=120) as http:
-                body = {"model": engine.name, **LONG, "max_tokens": 200, "stream": True}
+                body = {"model": served.name, **LONG, "max_tokens": 200, "stream": True}
                 with http.stream("POST", "/v1/completions", json=body) as r:
                     lines = r.iter_lines()
                     assert next(line for line in lines if line).startswith("data: {")
@@ -343,12 +352,12 @@ def test_failures_reach_clients_in_their_shape_and_health_turns_not_ready(engine
                 error = json.loads(rest[-2].removeprefix("data: "))["error"]
                 assert "generation failed" in error["message"] and error["type"] == "server_error"
 
-                plain = http.post("/v1/completions", json={"model": engine.name, "prompt": "Hi", "max_tokens": 2})
+                plain = http.post("/v1/completions", json={"model": served.name, "prompt": "Hi", "max_tokens": 2})
                 assert plain.status_code == 500 and "generation failed" in openai_message(plain)
-                kserve = http.post(f"/v2/models/{engine.name}/generate", json={"text_input": "Hi"})
+                kserve = http.post(f"/v2/models/{served.name}/generate", json={"text_input": "Hi"})
                 assert kserve.status_code == 500 and "generation failed" in kserve_message(kserve)
                 with pytest.raises(grpc.RpcError) as e:
-                    _stub(s).ModelInfer(_grpc_request(engine), metadata=GRPC_AUTH, timeout=60)
+                    _stub(s).ModelInfer(_grpc_request(served), metadata=GRPC_AUTH, timeout=60)
                 assert e.value.code() == grpc.StatusCode.INTERNAL and "generation failed" in e.value.details()
 
                 assert http.get("/health").status_code == 503
@@ -378,7 +387,7 @@ def test_a_port_in_use_is_refused(server):
     assert health(server)["status"] == "ok"
 
 
-def test_sigterm_stops_http_and_grpc_within_seconds(engine, tmp_path):
+def test_sigterm_stops_http_and_grpc_within_seconds(served, tmp_path):
     http_port, grpc_port = free_port(), free_port()
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(_serve_cmd(http_port, grpc_port), stdout=subprocess.DEVNULL, stderr=log)
@@ -395,7 +404,7 @@ def test_sigterm_stops_http_and_grpc_within_seconds(engine, tmp_path):
         seen: queue.Queue = queue.Queue()
 
         def long_stream() -> None:  # a client mid-stream when the signal comes
-            body = {"model": engine.name, **LONG, "stream": True}
+            body = {"model": served.name, **LONG, "stream": True}
             try:
                 with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
                     for line in r.iter_lines():

@@ -33,16 +33,16 @@ def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def test_32_concurrent_streams(engine, model_path):
+def test_32_concurrent_streams(served, model_path):
     """32 streaming clients (8 prompts x 4) through a 16-wide batch and a queue, within a time bound:
     every request completes, each with exactly its prompt's text; memory returns to its idle level."""
-    expected = {p: engine.generate(engine.prompt_ids(p), SamplingParams(), 24).run() for p in PROMPTS}
+    expected = {p: served.generate(served.prompt_ids(p), SamplingParams(), 24).run() for p in PROMPTS}
     with running_server("--max-batch", "16", "--max-queue", "32", key=KEY) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
 
         def stream(prompt: str) -> str:
             chunks = client.completions.create(
-                model=engine.name, prompt=prompt, max_tokens=24, temperature=0, stream=True
+                model=served.name, prompt=prompt, max_tokens=24, temperature=0, stream=True
             )
             return "".join(c.choices[0].text for c in chunks if c.choices)
 
@@ -60,14 +60,14 @@ def test_32_concurrent_streams(engine, model_path):
 
 
 @pytest.fixture(scope="module")
-def served(model_path):
+def server(model_path):
     with running_server("--max-tokens-limit", "4", key=KEY) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def api_schema(served):
-    return schemathesis.openapi.from_url(f"{served.url}/openapi.json")
+def api_schema(server):
+    return schemathesis.openapi.from_url(f"{server.url}/openapi.json")
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
@@ -81,9 +81,9 @@ def test_openapi_document_fuzzed(case):
 
 
 @pytest.fixture(scope="module")
-def negative_schema(served):
+def negative_schema(server):
     """The same document, with data that does not fit it (schemathesis' negative mode)."""
-    schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     schema.config.generation.update(modes=[GenerationMode.NEGATIVE])
     return schema
 

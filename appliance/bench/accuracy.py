@@ -34,17 +34,25 @@ def final_hidden_and_logits(engine: Engine, ids: list[int]) -> tuple[np.ndarray,
 
 
 def llama_cpp_hidden_and_logits(path: Path, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The same two arrays from llama.cpp on the same ids: logits of every position, and its output
-    embeddings (the final norm's output, pooling off)."""
+    """The same two arrays from llama.cpp on the same ids, in one pass: every position's logits and
+    output embeddings (the final norm's output: pooling off)."""
     import llama_cpp
 
-    common = {"model_path": str(path), "n_ctx": 512, "n_batch": 512, "verbose": False}
-    llm = llama_cpp.Llama(**common, logits_all=True)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=512,
+        n_batch=512,
+        logits_all=True,
+        embedding=True,
+        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
+        verbose=False,
+    )
     llm.eval(ids)
-    logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    emb = llama_cpp.Llama(**common, embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
-    hidden = np.array(emb.embed(emb.detokenize(ids).decode(errors="replace"), normalize=False), dtype=np.float32)
-    return hidden, logits
+    n = llm.n_embd()
+    hidden = [
+        np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(llm.ctx, i), shape=(n,)) for i in range(len(ids))
+    ]
+    return np.array(hidden, dtype=np.float32), np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
 def greedy_agreement(ours: Engine, ref: Engine, ids: list[int], steps: int = GREEDY_STEPS) -> tuple[int, str]:
@@ -62,23 +70,26 @@ def greedy_agreement(ours: Engine, ref: Engine, ids: list[int], steps: int = GRE
 
 
 def measure(path: Path, backend: str = "cpu", peer: bool = True) -> list[dict]:
+    """One row per prompt, then one over all three prompts' positions together."""
     ref, ours = Engine.load(path, "numpy"), Engine.load(path, backend)
-    rows = []
+    rows, arrays = [], {"ref": [], "ours": [], "llama_cpp": []}  # per prompt: (hidden, logits)
     for prompt in PROMPTS:
         ids = ref.tokenizer.encode(prompt)
-        h_ref, l_ref = final_hidden_and_logits(ref, ids)
-        h, lg = final_hidden_and_logits(ours, ids)
-        equal, where = greedy_agreement(ours, ref, ids)
-        row = {"prompt": prompt, "hidden": relative_error(h, h_ref), "logits": relative_error(lg, l_ref)}
-        row |= {"greedy_equal": equal, "first_difference": where}
+        arrays["ref"].append(final_hidden_and_logits(ref, ids))
+        arrays["ours"].append(final_hidden_and_logits(ours, ids))
         if peer:
             try:
-                h_cpp, l_cpp = llama_cpp_hidden_and_logits(path, ids)
+                arrays["llama_cpp"].append(llama_cpp_hidden_and_logits(path, ids))
             except ImportError:
                 peer = False
-            else:
-                if h_cpp.shape == h_ref.shape:  # its own tokenization of the detokenized text may differ
-                    row["llama_cpp_hidden"] = relative_error(h_cpp, h_ref)
-                row["llama_cpp_logits"] = relative_error(l_cpp, l_ref)
-        rows.append(row)
+        equal, where = greedy_agreement(ours, ref, ids)
+        rows.append({"prompt": repr(prompt), "greedy_equal": equal, "first_difference": where})
+    rows.append({"prompt": "all three"})
+    for i, row in enumerate(rows):
+        pick = slice(None) if i == len(PROMPTS) else slice(i, i + 1)  # the last row: every prompt at once
+        ref_h, ref_l = (np.concatenate(a) for a in zip(*arrays["ref"][pick], strict=True))
+        for name in ("ours", "llama_cpp") if peer else ("ours",):
+            h, lg = (np.concatenate(a) for a in zip(*arrays[name][pick], strict=True))
+            prefix = "" if name == "ours" else "llama_cpp_"
+            row[prefix + "hidden"], row[prefix + "logits"] = relative_error(h, ref_h), relative_error(lg, ref_l)
     return rows

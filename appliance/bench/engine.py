@@ -311,13 +311,13 @@ def print_accuracy(path: Path, backend: str, peers: bool) -> None:
         ],
         [
             [
-                repr(r["prompt"]),
+                r["prompt"],
                 fmt(r, "hidden"),
                 fmt(r, "llama_cpp_hidden"),
                 fmt(r, "logits"),
                 fmt(r, "llama_cpp_logits"),
-                str(r["greedy_equal"]),
-                r["first_difference"] or "-",
+                str(r.get("greedy_equal", "-")),
+                r.get("first_difference") or "-",
             ]
             for r in rows
         ],

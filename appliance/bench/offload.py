@@ -95,7 +95,7 @@ def llama_bench(
 def run_bench_offload(path: Path, n_prompt: int, n_decode: int, delays: list[float], llama_bin: Path | None) -> None:
     os.environ["APPLIANCE_HOME"] = tempfile.mkdtemp(prefix="bench-offload-")
     ca = certificate_authority()
-    local = Engine.load(path)
+    local = Engine.load(path, "numpy")  # the split runs the NumPy reference: its budgets are float32 sizes
     ids = local.tokenizer.encode(FILLER * (1 + n_prompt // 30))[:n_prompt]
     n_layers = local.model.config.n_layers
     rows = [Row("appliance", 0, 0.0, *measure(local, ids, n_decode))]
