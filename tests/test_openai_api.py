@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from kernels.backend import describe
 from kernels.cuda_backend import gpu_present
 from models.sampling import SamplingParams
 from tests.serving import running_server
@@ -211,6 +212,8 @@ def test_metrics(url, client, served):
         'appliance_errors_total{protocol="openai",status="401"}',
     ):
         assert name in text, name
+    (backend,) = [line for line in text.splitlines() if line.startswith("appliance_backend_info{")]
+    assert f'description="{describe(served.model.backend)}"' in backend  # e.g. cpu (avx2, 2 threads)
     generated = [line for line in text.splitlines() if line.startswith("appliance_tokens_generated_total")]
     assert float(generated[0].split()[-1]) >= 3
     if not gpu_present():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("appliance")
@@ -129,6 +129,7 @@ class Metrics:
             "appliance_generations_cancelled", "Generations stopped because their client left", registry=r
         )
         self.failed = Counter("appliance_generations_failed", "Generations ended by a server-side failure", registry=r)
+        self.backend = Info("appliance_backend", "The compute backend, its instruction set and threads", registry=r)
         self.gpu = GpuCollector()
         r.register(self.gpu)
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.serving.metrics import Metrics
+from kernels.backend import describe
 from models.engine import Engine, Generation
 
 log = logging.getLogger("appliance")
@@ -112,6 +113,7 @@ class Scheduler:
     ):
         self.engine = engine
         self.metrics = metrics or Metrics()
+        self.metrics.backend.info({"name": engine.model.backend.name, "description": describe(engine.model.backend)})
         if engine.offload is not None:
             self.metrics.watch_offload(engine.offload)
         self.max_batch, self.max_queue, self.step_tokens = max_batch, max_queue, step_tokens
