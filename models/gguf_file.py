@@ -41,6 +41,23 @@ class GGUFModelFile:
         return sum(t.raw.nbytes for t in self.tensors.values())
 
 
+class LeanReader(GGUFReader):
+    """GGUFReader whose pieces are plain views of the file, not `np.memmap` objects.
+
+    The library slices its memmap once per string of the vocabulary and merges (~200k for SmolLM2),
+    and every memmap slice carries its own attribute dict: ~90 MB at the peak of a load, more than
+    the model's weights. Plain ndarray views of the same mapping hold the same bytes (nothing is
+    copied); tests/test_gguf_file.py checks both readers give the same fields and tensors.
+    """
+
+    def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
+        if "_plain" not in self.__dict__:
+            self._plain = self.data.view(np.ndarray)
+        count = int(count)
+        arr = self._plain[offset : offset + np.dtype(dtype).itemsize * count].view(dtype)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+
 def _read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
@@ -54,7 +71,7 @@ def open_gguf(path: str | Path) -> GGUFModelFile:
         if f.read(4) != GGUF_MAGIC:
             raise ModelFileError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        reader = GGUFReader(path, "r")
+        reader = LeanReader(path, "r")
     except Exception as e:  # the gguf library raises assorted errors on damaged files
         raise ModelFileError(f"{path} is a damaged or truncated GGUF file ({e})") from e
 

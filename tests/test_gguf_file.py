@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter
+from gguf import GGUFReader, GGUFWriter
 
 from models.engine import Engine
 from models.errors import ModelFileError, UnsupportedModelError
-from models.gguf_file import open_gguf
+from models.gguf_file import LeanReader, open_gguf
 from models.llama import LlamaConfig, Session
 from tests.gguf_factory import write_tiny_llama
 
@@ -25,6 +25,19 @@ def test_hyperparameters_from_metadata(model_path):
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (576, 30, 9, 3, 64)
     assert (cfg.hidden_dim, cfg.vocab_size, cfg.context_length) == (1536, 49152, 8192)
     assert cfg.rope_theta == 100000.0 and cfg.norm_eps == pytest.approx(1e-5)
+
+
+def test_the_lean_reader_reads_what_the_library_reads(model_path):
+    """Every field and tensor as gguf's own reader gives them, still mapped from the file (not copied)."""
+    lean, plain = LeanReader(model_path), GGUFReader(model_path)
+    assert list(lean.fields) == list(plain.fields)
+    for name, field in plain.fields.items():
+        assert lean.fields[name].contents() == field.contents(), name
+    assert [(t.name, t.tensor_type, t.shape.tolist()) for t in lean.tensors] == [
+        (t.name, t.tensor_type, t.shape.tolist()) for t in plain.tensors
+    ]
+    for a, b in zip(lean.tensors, plain.tensors, strict=True):
+        assert np.array_equal(a.data, b.data) and not a.data.flags.owndata and not a.data.flags.writeable
 
 
 def test_weights_stay_quantized_in_memory(model_path):
