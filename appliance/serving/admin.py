@@ -21,7 +21,9 @@ from appliance.serving.client_keys import ClientKeys, KeyNameError
 from appliance.serving.kserve.repository import Repository
 from appliance.serving.scheduler import Event, Ticket
 from appliance.serving.state import ServerState, server_state
+from models.errors import ModelStoreError
 from models.sampling import SamplingParams
+from models.store import KNOWN_MODELS, ModelSpec, ModelStore
 from offload.coordinator import Coordinator, OffloadError
 from offload.pki import PairingError, certificate_authority
 from offload.planner import Plan
@@ -113,6 +115,36 @@ def load_model(repo: Repo, name: str) -> dict:
 def unload_model(repo: Repo, name: str) -> dict:
     repo.unload(name)
     return {"name": name, "state": "UNAVAILABLE"}
+
+
+def _known(name: str) -> ModelSpec:
+    if name not in KNOWN_MODELS:
+        raise HTTPException(404, f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    return KNOWN_MODELS[name]
+
+
+@router.post("/models/{name}/fetch")
+def fetch_model(name: str) -> dict:
+    """Store a known model on the appliance (a no-op when a verified copy is there); atomic, see ModelStore."""
+    try:
+        path = ModelStore().get(_known(name))
+    except ModelStoreError as e:
+        raise HTTPException(400, str(e)) from e
+    return {"name": name, "path": str(path)}
+
+
+@router.delete("/models/{name}")
+def remove_model(state: State, name: str) -> dict:
+    """Delete a stored model; never the file this server is serving (409: it would be gone at the next start)."""
+    store = ModelStore()
+    path = store.path_for(_known(name))
+    if path.exists() and path.resolve() == Path(state.engine.model.file.path).resolve():
+        raise HTTPException(409, f"{name} is the model this appliance serves ({path}): serve another one first")
+    try:
+        store.remove(KNOWN_MODELS[name])
+    except FileNotFoundError as e:
+        raise HTTPException(404, f"{name} is not in the model store at {store.root}") from e
+    return {"name": name, "path": str(path), "removed": True}
 
 
 # -- devices -----------------------------------------------------------------------------------
