@@ -111,6 +111,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+BYTES_COLUMNS = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+
+
 def _show_progress(as_json: bool) -> bool:
     """Progress goes to stderr, only for a person at a terminal: never with --json, never into a pipe or a log."""
     return not as_json and stderr.is_terminal
@@ -122,8 +125,7 @@ def progress_bar(description: str, total: int, as_json: bool) -> Iterator[Callab
     if not _show_progress(as_json):
         yield lambda n: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    with Progress(*BYTES_COLUMNS, console=stderr, transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -321,7 +323,25 @@ def list_devices(as_json: JsonOpt = False) -> None:
         cols = ["name", "state", "address", "layers", "ms_per_layer", "one_way_ms", "mb_per_s", "last_seen"]
         _table("devices", rows, cols, "none paired (appliance-ctl devices pair)")
 
-    show(_client.call("GET", "/devices"), as_json, table)
+    show(_follow_shipping(as_json), as_json, table)
+
+
+def _follow_shipping(as_json: bool) -> list[dict]:
+    """The devices; first, while weights ship to some of them, a bar per device (only for a person at a
+    terminal: --json answers at once, with each device's `shipping` bytes)."""
+    rows = _client.call("GET", "/devices")
+    if not _show_progress(as_json) or not any(r.get("shipping") for r in rows):
+        return rows
+    with Progress(*BYTES_COLUMNS, console=stderr, transient=True) as bars:
+        tasks: dict[str, Any] = {}
+        while shipping := {r["name"]: r["shipping"] for r in rows if r.get("shipping")}:
+            for name, s in shipping.items():
+                if name not in tasks:
+                    tasks[name] = bars.add_task(f"weights to {name}", total=s["total_bytes"])
+                bars.update(tasks[name], completed=s["sent_bytes"], total=s["total_bytes"])
+            time.sleep(0.3)
+            rows = _client.call("GET", "/devices")
+    return rows
 
 
 @devices_app.command("pair")

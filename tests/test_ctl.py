@@ -371,7 +371,7 @@ def test_devices_paired_by_ctl_then_one_revoked_mid_generation(tmp_path, model_p
 
         devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
         assert devices[holder]["state"] == "revoked" and devices[other]["state"] == "connected"
-        assert devices[other]["layers"] == [3, 30]
+        assert devices[other]["layers"] == [3, 30] and devices[other]["shipping"] is None  # shipped, done
         plan = ok_json("plan", server=s)
         assert [st["device"] for st in plan["stages"]] == ["appliance", other]
         time.sleep(3)  # past the upkeep's next probe: the revoked laptop is not taken back
@@ -379,3 +379,56 @@ def test_devices_paired_by_ctl_then_one_revoked_mid_generation(tmp_path, model_p
         ca = certificate_authority()
         with pytest.raises(WorkerRefused, match="revoked"):
             WorkerClient(f"127.0.0.1:{ports[holder]}", ca.identity(), ca.revoked_serials).verify()
+
+
+def _on_a_terminal(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, str]:
+    """Run cmd with stderr on a pseudo-terminal (stdout stays a pipe): its result, and what the terminal showed."""
+    import pty
+
+    master, slave = pty.openpty()
+    shown: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                return
+            if not data:
+                return
+            shown.append(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=slave, env=env, timeout=300, text=True)
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    return result, b"".join(shown).decode(errors="replace")
+
+
+def test_progress_bars_only_for_a_person_at_a_terminal(tmp_path, model_path):
+    """`models fetch` draws a bar on a terminal; with --json the terminal shows none and stdout is JSON."""
+    from models.store import DEFAULT_MODEL
+
+    site = tmp_path / "site" / DEFAULT_MODEL.member.split("/")[0]  # an installed copy to fetch from
+    site.mkdir(parents=True)
+    (site / DEFAULT_MODEL.filename).symlink_to(model_path)
+    home = tmp_path / "appliance"
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{tmp_path / 'site'}",
+        "APPLIANCE_HOME": str(home),
+        "TERM": "xterm-256color",
+    }
+    cmd = [sys.executable, "-m", "appliance.ctl", "models", "fetch", "--local"]
+    person, terminal = _on_a_terminal(cmd, env)
+    assert person.returncode == 0 and person.stdout.strip() == str(home / "models" / DEFAULT_MODEL.filename)
+    assert "fetching smollm2-135m-instruct" in terminal and "MB" in terminal
+
+    (home / "models" / DEFAULT_MODEL.filename).unlink()
+    script, terminal = _on_a_terminal([*cmd, "--json"], env)
+    assert script.returncode == 0 and json.loads(script.stdout)["name"] == "smollm2-135m-instruct"
+    assert "fetching" not in terminal and "\x1b" not in script.stdout

@@ -7,6 +7,7 @@ script can read; `appliance-ctl` turns it into tables. Unknown names are 404 `{"
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from importlib import metadata
@@ -166,7 +167,7 @@ def _devices(state: ServerState) -> list[dict]:
         plan = None
     layers = {s.device.address: [s.start, s.stop] for s in (plan.chain if plan else [])}
     hidden = coordinator.hidden_bytes
-    for address, (_, device) in list(coordinator.workers.items()):
+    for address, (client, device) in list(coordinator.workers.items()):
         usage = coordinator.usage.get(address)
         rows = usage.bytes // hidden if usage else 0
         devices[device.name] = {
@@ -180,6 +181,7 @@ def _devices(state: ServerState) -> list[dict]:
             "mb_per_s": None if device.bytes_per_ms == float("inf") else round(device.bytes_per_ms / 1e3, 1),
             "last_seen": usage.last_seen if usage and usage.last_seen else None,
             "measured_ms_per_token": round(usage.seconds * 1e3 / rows, 3) if rows else None,
+            "shipping": dataclasses.asdict(client.shipping) if client.shipping else None,
         }
     return list(devices.values())
 
