@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test system-test-deps run test lint bench bench-serve bench-offload chaos crash soak proto fatbin gpu-carry gpu-check clean
+.PHONY: install install-test system-test-deps run test lint bench bench-serve bench-offload aiperf-venv chaos crash soak proto fatbin gpu-carry gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -57,10 +57,17 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/appliance bench
 
 ## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server;
-##   then Triton's perf_analyzer over HTTP and gRPC streaming
+##   then Triton's perf_analyzer over HTTP and gRPC streaming, and NVIDIA's aiperf where .venv-aiperf exists
 bench-serve: $(VENV)/.installed-bench
 	$(BIN)/appliance bench-serve
 	$(BIN)/python -m appliance.bench.perf_analyzer
+	@if [ -x .venv-aiperf/bin/aiperf ]; then $(BIN)/python -m appliance.bench.aiperf; \
+	else echo "aiperf: not installed (make aiperf-venv: its own virtualenv, ~1.2 GB)"; fi
+
+## aiperf-venv: NVIDIA's aiperf in .venv-aiperf (it pins older rich and psutil than ours), for bench-serve
+aiperf-venv:
+	python3 -m venv .venv-aiperf
+	.venv-aiperf/bin/pip install -q aiperf==0.13.0
 
 ## bench-offload: all-local vs split over 1 and 2 workers, loopback and delayed links, beside llama.cpp's RPC
 bench-offload: $(VENV)/.installed-test $(VENV)/llama-rpc/llama-bench
