@@ -41,7 +41,7 @@ CMD ["--port", "50051"]
 
 FROM base AS appliance
 # The default model is baked in, verified, so the box starts with no network.
-RUN appliance-ctl models fetch
+RUN appliance-ctl models fetch --local
 VOLUME ["/var/lib/appliance", "/var/lib/appliance/models"]
 EXPOSE 8000 8001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s \

@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test system-test-deps run test test-full lint bench bench-serve bench-offload chaos soak proto fatbin gpu-carry gpu-check clean
+.PHONY: install install-test system-test-deps run test test-full lint bench bench-serve bench-offload aiperf-venv chaos crash soak proto fatbin gpu-carry gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,12 +48,12 @@ run: install
 
 ## test: lint, then the whole test suite (fetches the default model once)
 test: install-test system-test-deps lint
-	$(BIN)/appliance-ctl models fetch
+	$(BIN)/appliance-ctl models fetch --local
 	$(BIN)/python -m pytest -q
 
 ## test-full: the same suite with its heavy tests at full size (every CUDA target, every trial and client count)
 test-full: install-test system-test-deps lint
-	$(BIN)/appliance-ctl models fetch
+	$(BIN)/appliance-ctl models fetch --local
 	APPLIANCE_TESTS=full $(BIN)/python -m pytest -q
 
 lint: install-test
@@ -65,10 +65,17 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/appliance bench
 
 ## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server;
-##   then Triton's perf_analyzer over HTTP and gRPC streaming
+##   then Triton's perf_analyzer over HTTP and gRPC streaming, and NVIDIA's aiperf where .venv-aiperf exists
 bench-serve: $(VENV)/.installed-bench
 	$(BIN)/appliance bench-serve
 	$(BIN)/python -m appliance.bench.perf_analyzer
+	@if [ -x .venv-aiperf/bin/aiperf ]; then $(BIN)/python -m appliance.bench.aiperf; \
+	else echo "aiperf: not installed (make aiperf-venv: its own virtualenv, ~1.2 GB)"; fi
+
+## aiperf-venv: NVIDIA's aiperf in .venv-aiperf (it pins older rich and psutil than ours), for bench-serve
+aiperf-venv:
+	python3 -m venv .venv-aiperf
+	.venv-aiperf/bin/pip install -q aiperf==0.13.0
 
 ## bench-offload: all-local vs split over 1 and 2 workers, loopback and delayed links, beside llama.cpp's RPC
 bench-offload: $(VENV)/.installed-test $(VENV)/llama-rpc/llama-bench
@@ -78,9 +85,13 @@ bench-offload: $(VENV)/.installed-test $(VENV)/llama-rpc/llama-bench
 chaos: install-test
 	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m appliance.bench.chaos --trials 20
 
+## crash: 21 trials of the server killed -9 mid key creation, pairing and model fetch, then restarted (state kept)
+crash: install-test
+	APPLIANCE_TESTS=full $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_crash.py -k server
+
 ## soak: 16 clients for 5 minutes mixing good, bad, cancelled and oversized requests over /v1, /v2 and gRPC
 soak: $(VENV)/.installed-test
-	$(BIN)/appliance-ctl models fetch
+	$(BIN)/appliance-ctl models fetch --local
 	$(BIN)/python -m appliance.bench.soak --seconds $(or $(SOAK_SECONDS),300) --clients 16
 
 # llama.cpp's RPC server and llama-bench, built from the sources inside the llama-cpp-python sdist (never vendored)
@@ -115,7 +126,7 @@ gpu-carry: $(VENV)/.installed-test
 	rm -rf $(GPU_CARRY) $(GPU_CARRY)-2 && mkdir -p $(GPU_CARRY) $(GPU_CARRY)-2
 	$(BIN)/pip download -q --no-deps --no-binary :all: --no-build-isolation pycuda -d $(GPU_CARRY)
 	$(BIN)/pip download -q --no-deps $(GPU_WHEELS) pytools platformdirs siphash24 mako gguf -d $(GPU_CARRY)
-	$(BIN)/appliance-ctl models fetch
+	$(BIN)/appliance-ctl models fetch --local
 	split -b 50M $$($(BIN)/python -c "from models.store import ModelStore; print(ModelStore().get())") $(GPU_CARRY)/model.part-
 	mv $(GPU_CARRY)/model.part-ab $(GPU_CARRY)-2/
 	du -sh $(GPU_CARRY) $(GPU_CARRY)-2

@@ -11,15 +11,17 @@ import datetime as dt
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from appliance.admin_client import DEFAULT_SERVER, EXIT_CODES_HELP, AdminClient, CtlError
+from appliance.admin_client import DEFAULT_SERVER, EXIT_CODES_HELP, EXIT_SERVER_DOWN, AdminClient, CtlError
 from appliance.console import friendly_errors, stderr
 from models.errors import ModelStoreError
 from models.store import KNOWN_MODELS, ModelStore, verify
@@ -107,6 +109,36 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+BYTES_COLUMNS = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+
+
+def _show_progress(as_json: bool) -> bool:
+    """Progress goes to stderr, only for a person at a terminal: never with --json, never into a pipe or a log."""
+    return not as_json and stderr.is_terminal
+
+
+@contextmanager
+def progress_bar(description: str, total: int, as_json: bool) -> Iterator[Callable[[int], None]]:
+    """A bar of `total` bytes; yields the callback to advance it by n bytes (a no-op when none is shown)."""
+    if not _show_progress(as_json):
+        yield lambda n: None
+        return
+    with Progress(*BYTES_COLUMNS, console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@contextmanager
+def spinner(description: str, as_json: bool) -> Iterator[None]:
+    """For work on the server whose size we do not see: a spinner with the time spent."""
+    if not _show_progress(as_json):
+        yield
+        return
+    with Progress(SpinnerColumn(), TextColumn(description), TimeElapsedColumn(), console=stderr, transient=True) as p:
+        p.add_task(description, total=None)
+        yield
 
 
 def _ago(t: float | None) -> str | None:
@@ -216,12 +248,37 @@ def list_models(
     show(data, as_json, table)
 
 
+LocalOpt = Annotated[bool, typer.Option("--local", help="The store on this machine; do not ask the server.")]
+
+
 @models_app.command()
 @command
-def fetch(name: NameArg = "smollm2-135m-instruct", as_json: JsonOpt = False) -> None:
-    """Store a model (no-op if a verified copy is already there); print its path."""
-    path = ModelStore().get(_spec(name))
-    show({"name": name, "path": str(path)}, as_json, lambda d: print(d["path"]))
+def fetch(name: NameArg = "smollm2-135m-instruct", as_json: JsonOpt = False, local: LocalOpt = False) -> None:
+    """Store a model on the appliance (no-op if a verified copy is there); print its path.
+    Fetched here when the server cannot be reached (or with --local)."""
+    spec = _spec(name)
+    result = None
+    if not local:
+        try:
+            with spinner(f"fetching {name} on the appliance", as_json):
+                result = _client.call("POST", f"/models/{name}/fetch", timeout=900)
+        except CtlError as e:
+            if e.code != EXIT_SERVER_DOWN:
+                raise
+            stderr.print(f"[yellow]{e}; fetching into the store here[/]")
+    if result is None:
+        with progress_bar(f"fetching {name}", spec.size, as_json) as advance:
+            result = {"name": name, "path": str(ModelStore().get(spec, advance))}
+    show(result, as_json, lambda d: print(d["path"]))
+
+
+@models_app.command("rm")
+@command
+def remove(name: NameArg, as_json: JsonOpt = False) -> None:
+    """Delete a stored model from the appliance (refused for the model it is serving)."""
+    _spec(name)
+    result = _client.call("DELETE", f"/models/{name}")
+    show(result, as_json, lambda d: print(f"removed {d['path']}"))
 
 
 @models_app.command("verify")
@@ -240,7 +297,9 @@ def verify_model(name: NameArg = "smollm2-135m-instruct", as_json: JsonOpt = Fal
 @command
 def load(name: Annotated[str, typer.Argument(help="A served model's name.")], as_json: JsonOpt = False) -> None:
     """Make a served model available again (KServe repository load)."""
-    show(_client.call("POST", f"/models/{name}/load"), as_json, lambda d: print(f"{d['name']}: {d['state']}"))
+    with spinner(f"loading {name}", as_json):
+        result = _client.call("POST", f"/models/{name}/load", timeout=600)
+    show(result, as_json, lambda d: print(f"{d['name']}: {d['state']}"))
 
 
 @models_app.command()
@@ -264,7 +323,25 @@ def list_devices(as_json: JsonOpt = False) -> None:
         cols = ["name", "state", "address", "layers", "ms_per_layer", "one_way_ms", "mb_per_s", "last_seen"]
         _table("devices", rows, cols, "none paired (appliance-ctl devices pair)")
 
-    show(_client.call("GET", "/devices"), as_json, table)
+    show(_follow_shipping(as_json), as_json, table)
+
+
+def _follow_shipping(as_json: bool) -> list[dict]:
+    """The devices; first, while weights ship to some of them, a bar per device (only for a person at a
+    terminal: --json answers at once, with each device's `shipping` bytes)."""
+    rows = _client.call("GET", "/devices")
+    if not _show_progress(as_json) or not any(r.get("shipping") for r in rows):
+        return rows
+    with Progress(*BYTES_COLUMNS, console=stderr, transient=True) as bars:
+        tasks: dict[str, Any] = {}
+        while shipping := {r["name"]: r["shipping"] for r in rows if r.get("shipping")}:
+            for name, s in shipping.items():
+                if name not in tasks:
+                    tasks[name] = bars.add_task(f"weights to {name}", total=s["total_bytes"])
+                bars.update(tasks[name], completed=s["sent_bytes"], total=s["total_bytes"])
+            time.sleep(0.3)
+            rows = _client.call("GET", "/devices")
+    return rows
 
 
 @devices_app.command("pair")

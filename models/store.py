@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class ModelStore:
     def path_for(self, spec: ModelSpec) -> Path:
         return self.root / spec.filename
 
-    def get(self, spec: ModelSpec = DEFAULT_MODEL) -> Path:
+    def get(self, spec: ModelSpec = DEFAULT_MODEL, progress: Callable[[int], None] | None = None) -> Path:
         """The verified local file for a spec, fetching it once if it is not here (or is damaged)."""
         path = self.path_for(spec)
         problem = verify(path, spec)
@@ -92,13 +93,14 @@ class ModelStore:
             return path
         if not self.allow_fetch:
             raise ModelStoreError(f"{spec.name} is not in the store at {path} ({problem}); fetching is disabled")
-        return self.fetch(spec)
+        return self.fetch(spec, progress)
 
-    def fetch(self, spec: ModelSpec = DEFAULT_MODEL) -> Path:
+    def fetch(self, spec: ModelSpec = DEFAULT_MODEL, progress: Callable[[int], None] | None = None) -> Path:
         """Stage, verify, fsync, then rename into place: a crash at any instant leaves the old file or the
-        verified new one, never half of one. One fetch at a time (an flock); a dead fetch's staging is removed."""
+        verified new one, never half of one. One fetch at a time (an flock); a dead fetch's staging is removed.
+        `progress` is called with each chunk's bytes as the file is copied in (for a progress bar)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.root / ".fetch.lock"):
+        with file_lock(self._lock_path):
             for stale in self.root.glob(".fetch-*"):  # left by a fetch that was killed
                 shutil.rmtree(stale, ignore_errors=True)
             if verify(self.path_for(spec), spec) is None:  # another process fetched it while we waited
@@ -106,7 +108,7 @@ class ModelStore:
             with tempfile.TemporaryDirectory(dir=self.root, prefix=".fetch-") as tmp:
                 staged = Path(tmp) / spec.filename
                 source = _installed_copy(spec) or _downloaded_copy(spec, Path(tmp))
-                shutil.copyfile(source, staged)
+                _copy(source, staged, progress)
                 problem = verify(staged, spec)
                 if problem is not None:
                     raise ModelStoreError(
@@ -118,6 +120,20 @@ class ModelStore:
                 fsync_dir(self.root)
         return self.path_for(spec)
 
+    def remove(self, spec: ModelSpec) -> Path:
+        """Delete the stored copy, under the fetch lock (never in the middle of a fetch); FileNotFoundError
+        if there is none."""
+        with file_lock(self._lock_path):
+            path = self.path_for(spec)
+            path.unlink()
+            fsync_dir(self.root)
+        return path
+
+    @property
+    def _lock_path(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root / ".fetch.lock"
+
     def resolve(self, model: str | None) -> Path:
         """A model argument as users give it: nothing (the default), a known name, or a GGUF path."""
         if model is None:
@@ -128,6 +144,14 @@ class ModelStore:
         if not path.is_file():
             raise ModelStoreError(f"no model file at {model!r} (known model names: {', '.join(KNOWN_MODELS)})")
         return path
+
+
+def _copy(source: Path, target: Path, progress: Callable[[int], None] | None) -> None:
+    with source.open("rb") as src, target.open("wb") as dst:
+        while chunk := src.read(1 << 22):
+            dst.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
 
 
 def _installed_copy(spec: ModelSpec) -> Path | None:

@@ -109,5 +109,9 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
 
+    def save(self, path: str) -> None:
+        """As a Hugging Face `tokenizer.json`, for outside tools that count tokens (aiperf)."""
+        self._backend.save(path)
+
     def token_text(self, token_id: int) -> str:
         return self.tokens[token_id]

@@ -77,11 +77,18 @@ def no_revocations() -> frozenset[int]:
     return frozenset()
 
 
+@dataclass
+class Shipping:
+    sent_bytes: int
+    total_bytes: int
+
+
 class WorkerClient:
     """revoked: the CA's revoked serials now (read at each call: the owner may revoke while we run)."""
 
     def __init__(self, address: str, identity: Identity, revoked: Callable[[], frozenset[int]] = no_revocations):
         self.address, self.identity, self.revoked = address, identity, revoked
+        self.shipping: Shipping | None = None  # weights on their way to the worker now (appliance-ctl's bar)
         self.channel = secure_channel(address, identity)
         self.stub = rpc.OffloadStub(self.channel)
         self.capabilities: pb.Capabilities | None = None
@@ -141,14 +148,19 @@ class WorkerClient:
         missing = set(self.stub.MissingTensors(pb.Manifest(tensors=manifest), timeout=30).sha256)
         if missing:
             tensors = model.file.tensors
+            todo = {spec.sha256: spec for spec in manifest if spec.sha256 in missing}  # the same bytes ship once
+            shipping = self.shipping = Shipping(0, sum(tensors[spec.name].raw.nbytes for spec in todo.values()))
 
             def stream():
-                for spec in manifest:
-                    if spec.sha256 in missing:
-                        missing.discard(spec.sha256)  # the same bytes twice are shipped once
-                        yield from chunks(spec, tensors[spec.name].raw)
+                for spec in todo.values():
+                    for chunk in chunks(spec, tensors[spec.name].raw):
+                        shipping.sent_bytes += len(chunk.data)
+                        yield chunk
 
-            self.stub.PushTensors(stream(), timeout=600)
+            try:
+                self.stub.PushTensors(stream(), timeout=600)
+            finally:
+                self.shipping = None
         self.stub.LoadLayers(
             pb.LoadRequest(
                 model_id=model_id,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -87,6 +89,43 @@ def test_models_list_load_unload(server, model_path):
     assert ok_json("models", "fetch", server="http://127.0.0.1:1")["path"].endswith(model_path.name)
     down = ctl("models", "list", "--json", server="http://127.0.0.1:1")
     assert down.returncode == 0 and json.loads(down.stdout)["served"] is None
+
+
+def test_models_rm_refuses_the_served_model_and_unknown_names(server, model_path):
+    served = ctl("models", "rm", "smollm2-135m-instruct", server=server)
+    assert served.returncode == 1 and "is the model this appliance serves" in served.stderr
+    assert model_path.is_file()
+    unknown = ctl("models", "rm", "no-such-model", "--json", server=server)
+    assert unknown.returncode == 5 and "unknown model 'no-such-model'" in unknown.stderr and unknown.stdout == ""
+
+
+def test_models_rm_and_fetch_through_the_server(tmp_path, model_path, monkeypatch):
+    """A server on another model: the stored SmolLM2 goes, then a second rm has nothing to remove."""
+    from tests.gguf_factory import byte_vocab, write_tiny_llama
+
+    home = tmp_path / "appliance"
+    (home / "models").mkdir(parents=True)
+    stored = home / "models" / model_path.name
+    try:
+        os.link(model_path, stored)  # a second name for the cached file: removing it leaves the cache alone
+    except OSError:
+        shutil.copyfile(model_path, stored)
+    monkeypatch.setenv("APPLIANCE_HOME", str(home))
+    tiny = write_tiny_llama(tmp_path / "tiny.gguf", byte_vocab())
+    with running_server("--model", str(tiny), "--no-advertise", "--no-discover") as s:
+        assert ok_json("models", "fetch", server=s)["path"] == str(stored)  # verified already: nothing to do
+        assert ok_json("models", "rm", "smollm2-135m-instruct", server=s) == {
+            "name": "smollm2-135m-instruct",
+            "path": str(stored),
+            "removed": True,
+        }
+        assert not stored.exists() and model_path.is_file()
+        listing = ok_json("models", "list", server=s)
+        assert listing["stored"][0]["state"] == "missing"
+        again = ctl("models", "rm", "smollm2-135m-instruct", server=s)
+        assert again.returncode == 5 and "not in the model store" in again.stderr
+    down = ctl("models", "rm", "smollm2-135m-instruct", server="http://127.0.0.1:1")
+    assert down.returncode == 3
 
 
 def test_keys_made_used_and_revoked_without_a_restart(server, home):
@@ -245,3 +284,153 @@ def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_pa
         assert devices == {holder: "paired", other: "revoked"}
         nowhere = ctl("plan", server=s)
         assert nowhere.returncode == 1 and "no placement can hold the model" in nowhere.stderr
+
+
+def test_devices_paired_by_ctl_then_one_revoked_mid_generation(tmp_path, model_path, monkeypatch):
+    """Two laptops paired through `appliance-ctl devices pair` and `appliance-worker --pair`; the one holding
+    the offloaded layers is revoked while streams run: no stream fails or changes its text, the revoked
+    laptop is refused from then on, and its layers move to the other."""
+    from appliance.bench.netsim import free_port, worker_process
+    from offload.client import WorkerClient
+    from offload.errors import WorkerRefused
+    from offload.pki import certificate_authority
+
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "appliance"))
+    ports = {"laptop-a": free_port(), "laptop-b": free_port()}
+    workers = [arg for port in ports.values() for arg in ("--worker", f"127.0.0.1:{port}")]
+    prompt, key = "The capital of France is", {"Authorization": "Bearer test-key"}
+    body = {"model": model_path.stem, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    with (
+        running_server(
+            *("--model", str(model_path), "--memory-budget", "190MB", *workers),
+            *("--no-discover", "--no-advertise"),
+            log_path=tmp_path / "server.log",
+        ) as s,
+        contextlib.ExitStack() as laptops,
+    ):
+        for name, port in ports.items():  # the owner makes a code; the laptop pairs with it, then serves
+            code = ok_json("devices", "pair", "--ttl", "60", server=s)["code"]
+            paired = subprocess.run(
+                [sys.executable, "-m", "offload.worker", "--pair", code, "--appliance", s.url, "--name", name]
+                + ["--home", str(tmp_path / name), "--pair-only", "--no-advertise"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert paired.returncode == 0, paired.stderr
+            laptops.enter_context(worker_process(tmp_path / name, budget="420MB", port=port))
+
+        deadline = time.monotonic() + 120
+        while True:  # the server's upkeep probe takes both in within seconds
+            devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
+            if all(devices.get(n, {}).get("state") == "connected" for n in ports):
+                break
+            assert time.monotonic() < deadline, f"the paired laptops never connected: {devices}"
+            time.sleep(1)
+        reply = httpx.post(f"{s.url}/v1/completions", json=body, headers=key, timeout=300)
+        assert reply.status_code == 200, reply.text
+        expected = reply.json()["choices"][0]["text"]
+        holders = [d for d in ok_json("devices", "list", server=s) if d["layers"]]
+        holder = holders[0]["name"]
+        other = ({"laptop-a", "laptop-b"} - {holder}).pop()
+
+        texts: list[str] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def stream() -> None:
+            while not stop.is_set():
+                text, events = "", []
+                with httpx.stream(
+                    "POST", f"{s.url}/v1/completions", json={**body, "stream": True}, headers=key, timeout=300
+                ) as r:
+                    if r.status_code != 200:
+                        failures.append(f"HTTP {r.status_code}")
+                        continue
+                    events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+                for event in events:
+                    if "error" in event:
+                        failures.append(str(event["error"]))
+                    else:
+                        text += event["choices"][0]["text"]
+                texts.append(text)
+
+        clients = [threading.Thread(target=stream) for _ in range(2)]
+        for c in clients:
+            c.start()
+        while len(texts) < 2 and not failures:
+            time.sleep(0.1)
+        revoked = ok_json("devices", "revoke", holder, server=s)
+        done_before = len(texts)
+        while len(texts) < done_before + 4 and not failures:
+            time.sleep(0.1)
+        stop.set()
+        for c in clients:
+            c.join(timeout=300)
+        assert not failures, failures
+        assert set(texts) == {expected}, "a stream's text changed when its layers moved"
+        assert revoked == {"name": holder, "revoked_certificates": 1}
+
+        devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
+        assert devices[holder]["state"] == "revoked" and devices[other]["state"] == "connected"
+        assert devices[other]["layers"] == [3, 30] and devices[other]["shipping"] is None  # shipped, done
+        plan = ok_json("plan", server=s)
+        assert [st["device"] for st in plan["stages"]] == ["appliance", other]
+        time.sleep(3)  # past the upkeep's next probe: the revoked laptop is not taken back
+        assert {d["name"]: d["state"] for d in ok_json("devices", "list", server=s)}[holder] == "revoked"
+        ca = certificate_authority()
+        with pytest.raises(WorkerRefused, match="revoked"):
+            WorkerClient(f"127.0.0.1:{ports[holder]}", ca.identity(), ca.revoked_serials).verify()
+
+
+def _on_a_terminal(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, str]:
+    """Run cmd with stderr on a pseudo-terminal (stdout stays a pipe): its result, and what the terminal showed."""
+    import pty
+
+    master, slave = pty.openpty()
+    shown: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                return
+            if not data:
+                return
+            shown.append(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=slave, env=env, timeout=300, text=True)
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    return result, b"".join(shown).decode(errors="replace")
+
+
+def test_progress_bars_only_for_a_person_at_a_terminal(tmp_path, model_path):
+    """`models fetch` draws a bar on a terminal; with --json the terminal shows none and stdout is JSON."""
+    from models.store import DEFAULT_MODEL
+
+    site = tmp_path / "site" / DEFAULT_MODEL.member.split("/")[0]  # an installed copy to fetch from
+    site.mkdir(parents=True)
+    (site / DEFAULT_MODEL.filename).symlink_to(model_path)
+    home = tmp_path / "appliance"
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{tmp_path / 'site'}",
+        "APPLIANCE_HOME": str(home),
+        "TERM": "xterm-256color",
+    }
+    cmd = [sys.executable, "-m", "appliance.ctl", "models", "fetch", "--local"]
+    person, terminal = _on_a_terminal(cmd, env)
+    assert person.returncode == 0 and person.stdout.strip() == str(home / "models" / DEFAULT_MODEL.filename)
+    assert "fetching smollm2-135m-instruct" in terminal and "MB" in terminal
+
+    (home / "models" / DEFAULT_MODEL.filename).unlink()
+    script, terminal = _on_a_terminal([*cmd, "--json"], env)
+    assert script.returncode == 0 and json.loads(script.stdout)["name"] == "smollm2-135m-instruct"
+    assert "fetching" not in terminal and "\x1b" not in script.stdout

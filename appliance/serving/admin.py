@@ -7,6 +7,7 @@ script can read; `appliance-ctl` turns it into tables. Unknown names are 404 `{"
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from importlib import metadata
@@ -21,7 +22,9 @@ from appliance.serving.client_keys import ClientKeys, KeyNameError
 from appliance.serving.kserve.repository import Repository
 from appliance.serving.scheduler import Event, Ticket
 from appliance.serving.state import ServerState, server_state
+from models.errors import ModelStoreError
 from models.sampling import SamplingParams
+from models.store import KNOWN_MODELS, ModelSpec, ModelStore
 from offload.coordinator import Coordinator, OffloadError
 from offload.pki import PairingError, certificate_authority
 from offload.planner import Plan
@@ -115,6 +118,36 @@ def unload_model(repo: Repo, name: str) -> dict:
     return {"name": name, "state": "UNAVAILABLE"}
 
 
+def _known(name: str) -> ModelSpec:
+    if name not in KNOWN_MODELS:
+        raise HTTPException(404, f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    return KNOWN_MODELS[name]
+
+
+@router.post("/models/{name}/fetch")
+def fetch_model(name: str) -> dict:
+    """Store a known model on the appliance (a no-op when a verified copy is there); atomic, see ModelStore."""
+    try:
+        path = ModelStore().get(_known(name))
+    except ModelStoreError as e:
+        raise HTTPException(400, str(e)) from e
+    return {"name": name, "path": str(path)}
+
+
+@router.delete("/models/{name}")
+def remove_model(state: State, name: str) -> dict:
+    """Delete a stored model; never the file this server is serving (409: it would be gone at the next start)."""
+    store = ModelStore()
+    path = store.path_for(_known(name))
+    if path.exists() and path.resolve() == Path(state.engine.model.file.path).resolve():
+        raise HTTPException(409, f"{name} is the model this appliance serves ({path}): serve another one first")
+    try:
+        store.remove(KNOWN_MODELS[name])
+    except FileNotFoundError as e:
+        raise HTTPException(404, f"{name} is not in the model store at {store.root}") from e
+    return {"name": name, "path": str(path), "removed": True}
+
+
 # -- devices -----------------------------------------------------------------------------------
 def _devices(state: ServerState) -> list[dict]:
     """Every paired device (from the CA's records), with what the running server knows of it: where it is,
@@ -134,7 +167,7 @@ def _devices(state: ServerState) -> list[dict]:
         plan = None
     layers = {s.device.address: [s.start, s.stop] for s in (plan.chain if plan else [])}
     hidden = coordinator.hidden_bytes
-    for address, (_, device) in list(coordinator.workers.items()):
+    for address, (client, device) in list(coordinator.workers.items()):
         usage = coordinator.usage.get(address)
         rows = usage.bytes // hidden if usage else 0
         devices[device.name] = {
@@ -148,6 +181,7 @@ def _devices(state: ServerState) -> list[dict]:
             "mb_per_s": None if device.bytes_per_ms == float("inf") else round(device.bytes_per_ms / 1e3, 1),
             "last_seen": usage.last_seen if usage and usage.last_seen else None,
             "measured_ms_per_token": round(usage.seconds * 1e3 / rows, 3) if rows else None,
+            "shipping": dataclasses.asdict(client.shipping) if client.shipping else None,
         }
     return list(devices.values())
 
