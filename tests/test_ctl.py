@@ -303,7 +303,7 @@ def test_devices_paired_by_ctl_then_one_revoked_mid_generation(tmp_path, model_p
     with (
         running_server(
             *("--model", str(model_path), "--memory-budget", "190MB", *workers),
-            *("--no-discover", "--no-advertise"),
+            *("--backend", "numpy", "--no-discover", "--no-advertise"),  # 190MB: 3 layers as float32
             log_path=tmp_path / "server.log",
         ) as s,
         contextlib.ExitStack() as laptops,
