@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType as Q
 
 from kernels import native
 from kernels.dequant import dequantize
+from kernels.reference import attention as reference_attention
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=native.why_missing())
 
@@ -96,6 +97,30 @@ def test_variants_agree_with_portable_c(qtype):
         native.set_isa(before)
 
 
+# (H, G, E, T, start): SmolLM2's heads at decode and prefill, head sizes the vector path takes
+# (multiples of 64) and those it leaves to the portable C, whole and partial q8 blocks, a key count
+# that is not a multiple of 8, and grouped units (many tokens) beside single-head units (few).
+ATTENTION_SHAPES = [
+    (9, 3, 64, 1, 0),
+    (9, 3, 64, 1, 300),
+    (9, 3, 64, 21, 5),
+    (8, 2, 128, 3, 70),
+    (6, 2, 40, 5, 9),
+    (2, 1, 96, 7, 0),
+]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+def test_attention_matches_reference(shape, isa, threads):
+    H, G, E, T, start = shape
+    rng = np.random.default_rng(H * E + T)
+    q = rng.standard_normal((T, H, E)).astype(np.float32)
+    k, v = (rng.standard_normal((start + T, G, E)).astype(np.float32) for _ in range(2))
+    want = reference_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), start)
+    got = native.attention(q, k, v, start)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=f"{shape} on {isa}")
+
+
 def test_bad_arguments_are_value_errors():
     raw = random_weight(Q.Q4_0, 4, 64, np.random.default_rng(0))
     with pytest.raises(ValueError, match="bytes"):
@@ -104,3 +129,5 @@ def test_bad_arguments_are_value_errors():
         native.matmul(raw, Q.Q4_0, (4, 48), np.zeros((1, 48), np.float32))
     with pytest.raises(ValueError, match="not available"):
         native.set_isa("no-such-isa")
+    with pytest.raises(ValueError, match="attention takes"):
+        native.attention(np.zeros((2, 4, 8), np.float32), np.zeros((1, 2, 8), np.float32), np.zeros((1, 2, 8)), 0)

@@ -148,4 +148,78 @@ static __attribute__((target(ISA))) float NAME(dot_q6_K)(int n, const void *w, c
     return NAME(hsum)(acc);
 }
 
+/* The 8 sums of 8 vectors, as one vector: s[i] = sum of v[i]'s lanes. */
+FN __m256 NAME(hsum8)(const __m256 *v) {
+    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* e^x for x <= 0 (softmax after subtracting the max), to about 1e-7 relative: x = n ln2 + r,
+ * e^r by Cephes' expf polynomial, 2^n by the exponent bits. */
+FN __m256 NAME(exp_neg)(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* attend_fn for E a multiple of 64. Scores 8 keys at a time for each head (the 8 key rows stay in
+ * L1 for the group's heads); the value sum holds 64 output floats in 8 registers per pass. */
+static __attribute__((target(ISA))) void NAME(attend)(int E, int nq, const float *q, const float *k, const float *v,
+                                                     size_t stride, int n, float scale, float *out, float *scores) {
+    if (E % 64) {
+        attend_generic(E, nq, q, k, v, stride, n, scale, out, scores);
+        return;
+    }
+    int p = 0;
+    for (; p + 8 <= n; p += 8) {
+        for (int h = 0; h < nq; h++) {
+            const float *qh = q + (size_t)h * E, *kp = k + p * stride;
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            for (int e = 0; e < E; e += 8) {
+                __m256 qv = _mm256_loadu_ps(qh + e);
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp + i * stride + e), acc[i]);
+            }
+            _mm256_storeu_ps(scores + (size_t)h * n + p, _mm256_mul_ps(NAME(hsum8)(acc), _mm256_set1_ps(scale)));
+        }
+    }
+    for (; p < n; p++)
+        for (int h = 0; h < nq; h++) scores[(size_t)h * n + p] = NAME(dot_f32)(E, q + (size_t)h * E, k + p * stride) * scale;
+    for (int h = 0; h < nq; h++) {
+        float *sc = scores + (size_t)h * n, mx = -INFINITY;
+        for (int i = 0; i < n; i++) mx = sc[i] > mx ? sc[i] : mx;
+        __m256 vmx = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 e = NAME(exp_neg)(_mm256_sub_ps(_mm256_loadu_ps(sc + i), vmx));
+            _mm256_storeu_ps(sc + i, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = NAME(hsum)(vsum);
+        for (; i < n; i++) sum += (sc[i] = expf(sc[i] - mx));
+        __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (int e0 = 0; e0 < E; e0 += 64) {
+            __m256 o[8];
+            for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
+            for (int j = 0; j < n; j++) {
+                __m256 w = _mm256_broadcast_ss(sc + j);
+                const float *vp = v + j * stride + e0;
+                for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + 8 * c), o[c]);
+            }
+            for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + (size_t)h * E + e0 + 8 * c, _mm256_mul_ps(o[c], inv));
+        }
+    }
+}
+
 #undef FN
