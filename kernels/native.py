@@ -69,7 +69,7 @@ def matmul(raw: np.ndarray, qtype: Q, shape: tuple[int, int], x: np.ndarray) -> 
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
-    """The fused pass's attention step alone (for tests): q [T, H, E] over k, v [start + T, G, E], as reference.attention."""
+    """The fused pass's attention step alone (for tests): q [T, H, E] over k, v [start + T, G, E]."""
     T, H, E = q.shape
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty_like(q)
