@@ -84,7 +84,7 @@ def test_variants_agree_with_portable_c(qtype):
     rng = np.random.default_rng(7)
     per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
     raw = random_weight(qtype, 19, 4 * per_block, rng)
-    x = rng.standard_normal((3, 4 * per_block)).astype(np.float32)
+    x = rng.standard_normal((5, 4 * per_block)).astype(np.float32)  # 4 rows a kernel call, then 1
     before = native.isa()
     try:
         native.set_isa("generic")
@@ -95,6 +95,22 @@ def test_variants_agree_with_portable_c(qtype):
             np.testing.assert_allclose(got, portable, rtol=1e-4, atol=1e-4 * np.abs(portable).max(), err_msg=name)
     finally:
         native.set_isa(before)
+
+
+def test_quantize_is_the_reference_rounding_bit_for_bit(isa):
+    """Every variant's q8 blocks: d = max|x| / 127, q = x * (1/d) rounded half to even, s = d * sum(q)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(32 * 40) * rng.uniform(0.01, 100, 32 * 40)).astype(np.float32)
+    x[:32] = 0  # an all-zero block: d = 0
+    x[32:64] = [127, *(np.arange(-15, 16) + 0.5)]  # d = 1: exact halves to round to even
+    got = native.quantize(x)
+    blocks = x.reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv[:, None]).astype(np.int8)
+    np.testing.assert_array_equal(got["d"], d)
+    np.testing.assert_array_equal(got["qs"], q)
+    np.testing.assert_array_equal(got["s"], d * q.sum(axis=1, dtype=np.int32).astype(np.float32))
 
 
 # (H, G, E, T, start): SmolLM2's heads at decode and prefill, head sizes the vector path takes
@@ -119,6 +135,18 @@ def test_attention_matches_reference(shape, isa, threads):
     want = reference_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), start)
     got = native.attention(q, k, v, start)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=f"{shape} on {isa}")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_a_row_does_not_depend_on_its_batch(qtype, isa):
+    """Batches take 4 rows per kernel call: each row's sums in the one-row kernel's order, bit for bit."""
+    rng = np.random.default_rng(11)
+    per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+    raw = random_weight(qtype, 7, 3 * per_block, rng)
+    x = rng.standard_normal((6, 3 * per_block)).astype(np.float32)
+    together = native.matmul(raw, qtype, (7, 3 * per_block), x)
+    alone = np.concatenate([native.matmul(raw, qtype, (7, 3 * per_block), row[None]) for row in x])
+    np.testing.assert_array_equal(together, alone)
 
 
 def test_bad_arguments_are_value_errors():

@@ -54,13 +54,17 @@ typedef void (*dot4_fn)(int n, const void *w, const void *x, size_t xstride, flo
 typedef void (*attend_fn)(int E, int nq, const float *q, const float *k, const float *v, size_t stride, int n,
                           float scale, float *out, float *scores);
 
-/* An instruction-set variant. Only dot is required: a NULL dot4 or attend means the portable C's
- * (the callers fall back, so a variant may add them one at a time). */
+/* Activations to q8 blocks (n a multiple of 32); every variant's must equal the portable C's bit for bit. */
+typedef void (*quantize_fn)(const float *x, block_q8 *y, int n);
+
+/* An instruction-set variant. Only dot is required: a NULL dot4, attend or quantize means the
+ * portable C's (the callers fall back, so a variant may add them one at a time). */
 typedef struct {
     const char *name;
     dot_fn dot[T_COUNT];
     dot4_fn dot4[T_COUNT];
     attend_fn attend;
+    quantize_fn quantize;
 } isa_ops;
 
 extern const isa_ops isa_generic;
@@ -79,7 +83,9 @@ int takes_q8(int t);
 
 float fp16_to_fp32(uint16_t h);
 uint16_t fp32_to_fp16(float f);
+/* With the variant in use (matmul.c), and the portable C's. */
 void quantize_q8(const float *x, block_q8 *y, int n);
+void quantize_q8_generic(const float *x, block_q8 *y, int n);
 
 /* The K formats' 6-bit scale and min of sub-block j (ggml's get_scale_min_k4). */
 static inline void k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {

@@ -72,7 +72,7 @@ size_t row_bytes(int t, int n) {
 int takes_q8(int t) { return t != T_F32 && t != T_F16; }
 
 /* Symmetric int8 per 32 values: d = max|x| / 127, q = round(x / d). */
-void quantize_q8(const float *x, block_q8 *y, int n) {
+void quantize_q8_generic(const float *x, block_q8 *y, int n) {
     for (int b = 0; b < n / QK; b++, x += QK) {
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
@@ -201,6 +201,7 @@ void attend_generic(int E, int nq, const float *q, const float *k, const float *
 const isa_ops isa_generic = {
     .name = "generic",
     .attend = attend_generic,
+    .quantize = quantize_q8_generic,
     .dot = {[T_F32] = dot_f32, [T_F16] = dot_f16, [T_Q4_0] = dot_q4_0, [T_Q4_1] = dot_q4_1,
             [T_Q8_0] = dot_q8_0, [T_Q4_K] = dot_q4_K, [T_Q6_K] = dot_q6_K},
 };

@@ -115,14 +115,15 @@ static void qkv(const ctx_t *c, const layer_desc *L, int layer, const float *h, 
 }
 
 /* A unit is a token and a KV head with the query heads that share it (its K and V rows are read
- * once for all of them), or a single query head when that leaves too few units for the threads.
+ * once for all of them: the cache is most of what decode reads besides the weights), or a single
+ * query head when that leaves fewer units than threads.
  * The last tokens see the most keys, so units go out from the last token back. Each unit quantizes
  * its own heads' output when they are whole q8 blocks (else a separate pass does, after a barrier). */
 static void attention(const ctx_t *c, int layer, int ith, int nth) {
     const range_desc *r = c->r;
     const batch_desc *b = c->b;
     int H = r->n_heads, G = r->n_kv_heads, E = r->head_dim, T = b->T, HE = H * E, group = H / G;
-    int per = T * G >= 4 * nth ? group : 1, units_per_token = H / per, u;
+    int per = T * G >= nth ? group : 1, units_per_token = H / per, u;
     attend_fn attend = cur_isa->attend ? cur_isa->attend : attend_generic;
     float *sc = c->scores + (size_t)ith * group * c->max_keys, scale = 1.0f / sqrtf((float)E);
     size_t stride = (size_t)G * E;

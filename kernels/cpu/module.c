@@ -248,6 +248,24 @@ done:
     return result;
 }
 
+/* quantize(x, out): x float32 [n] (n a multiple of 32) as q8 blocks (float d, float s, 32 int8) into out. */
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    Py_buffer x, out;
+    if (!PyArg_ParseTuple(args, "y*w*", &x, &out)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = x.len / 4;
+    if (x.len % (4 * QK) || out.len != n / QK * (Py_ssize_t)sizeof(block_q8)) {
+        PyErr_SetString(PyExc_ValueError, "quantize takes float32 [32k] and a buffer of k q8 blocks");
+    } else {
+        quantize_q8(x.buf, out.buf, (int)n);
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 /* attention(q, k, v, heads, kv_heads, head_dim, start, out): causal grouped-query attention of q
  * [T, H*E] over k, v [start + T, G, E] into out [T, H*E], float32. */
 static PyObject *py_attention(PyObject *self, PyObject *args) {
@@ -279,6 +297,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"quantize", py_quantize, METH_VARARGS, "quantize(x, out): activations as the q8 blocks the kernels take."},
     {"attention", py_attention, METH_VARARGS, "attention(q, k, v, H, G, E, start, out): the fused pass's attention."},
     {"isas", py_isas, METH_NOARGS, "Instruction-set variants this CPU runs, best first."},
     {"isa", py_isa, METH_NOARGS, "The variant in use."},
