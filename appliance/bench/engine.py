@@ -65,17 +65,13 @@ def _timed_greedy(system: str, load, ids: list[int], n_decode: int) -> dict:
 
 def measure_appliance(path: str, backend: str, ids: list[int], n_decode: int, threads: int | None = None) -> dict:
     def load():
-        engine = Engine.load(path, backend)
-        if threads and backend == "cpu":
-            from kernels import native
-
-            native.set_threads(threads)
+        engine = Engine.load(path, backend, threads)
         engine.model.layer_range(0, engine.model.config.n_layers)  # prepare every layer's weights
         session = Session()
         greedy = lambda tokens: int(np.argmax(engine.next_logits(tokens, session)))  # noqa: E731
         return greedy, lambda token: greedy([token])
 
-    name = describe(select_backend(backend)) if threads is None else f"cpu ({threads} threads)"
+    name = describe(select_backend(backend, threads))
     return _timed_greedy(f"appliance ({name} backend)", load, ids, n_decode)
 
 
@@ -165,10 +161,12 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 LLAMA_BENCH = Path(".venv/llama-rpc/llama-bench")  # make bench builds it from the llama-cpp-python sdist
 
 
-def run_bench(path: Path, backend: str, n_prompt: int, n_decode: int, peers: bool) -> list[dict]:
+def run_bench(
+    path: Path, backend: str, n_prompt: int, n_decode: int, peers: bool, threads: int | None = None
+) -> list[dict]:
     tokenizer = Engine.load(path, "numpy").tokenizer
     ids = tokenizer.encode(FILLER * (1 + n_prompt // 30))[:n_prompt]
-    rows = [_in_fresh_process(measure_appliance, str(path), backend, ids, n_decode)]
+    rows = [_in_fresh_process(measure_appliance, str(path), backend, ids, n_decode, threads)]
     cores = os.cpu_count() or 1
     if native.available() and peers:  # the C backend at 1 thread and all cores, the NumPy reference beside it
         rows += [_in_fresh_process(measure_appliance, str(path), "cpu", ids, n_decode, t) for t in sorted({1, cores})]
