@@ -44,6 +44,9 @@ BudgetOpt = Annotated[
 ]
 WorkerOpt = Annotated[list[str] | None, typer.Option("--worker", help="A paired worker's host:port; may be repeated.")]
 DiscoverOpt = Annotated[bool, typer.Option(help="Also use paired workers found on the LAN by mDNS.")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, help="Threads of the cpu backend's kernels (default: this machine's cores).")
+]
 WireOpt = Annotated[str, typer.Option(help="Hidden states on the wire: float32 or float16.")]
 StepTimeoutOpt = Annotated[float, typer.Option(help="Seconds a worker may take per step before it is dropped.")]
 
@@ -67,6 +70,7 @@ def generate(
     system: Annotated[str | None, typer.Option(help="System message, with --chat.")] = None,
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
+    threads: ThreadsOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")] = 0.0,
     top_k: int = 0,
@@ -86,7 +90,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty, seed=seed
     )
     engine = load_engine(
-        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout
+        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout, threads
     )
     gen = engine.generate(engine.prompt_ids(prompt, chat=chat, system=system), sampling, max_tokens, stop or ())
     start = time.perf_counter()
@@ -108,6 +112,7 @@ def generate(
 def serve(
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
+    threads: ThreadsOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: the whole LAN).")] = "0.0.0.0",
     http_port: Annotated[int, typer.Option(help="HTTP port (Triton's default).")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port (Triton's default).")] = 8001,
@@ -158,7 +163,7 @@ def serve(
         if not admin_key:
             stderr.print(f"admin key: in {key_file('admin')}")
     engine = load_engine(
-        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout
+        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout, threads
     )
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
     state = ServerState(

@@ -70,9 +70,10 @@ def load_engine(
     discover: bool = False,
     wire_dtype: str = "float32",
     step_timeout: float = 10.0,
+    threads: int | None = None,
 ) -> Engine:
     """The engine, all local when the model fits the budget (or there is none), else split with workers."""
-    model = Llama.load(str(path), backend)
+    model = Llama.load(str(path), backend, threads)
     if memory_budget is None:
         return Engine(model)
     coordinator = coordinator_for(model, memory_budget, workers or [], discover, wire_dtype, step_timeout)

@@ -74,15 +74,16 @@ def _cuda_backend() -> Backend:
     return CudaBackend()
 
 
-def _cpu_backend() -> Backend:
-    """The native C kernels (kernels/cpu_backend.py); an error naming the cause where they are not built."""
+def _cpu_backend(threads: int | None = None) -> Backend:
+    """The native C kernels (kernels/cpu_backend.py) on `threads` threads (None: every core); an error
+    naming the cause where they are not built."""
     from kernels import native
 
     if not native.available():
         raise UnknownBackendError(f"backend 'cpu' is unavailable: {native.why_missing()}")
     from kernels.cpu_backend import CpuBackend
 
-    return CpuBackend()
+    return CpuBackend(threads)
 
 
 BACKENDS: dict[str, Callable[[], Backend]] = {"numpy": NumpyBackend, "cpu": _cpu_backend, "cuda": _cuda_backend}
@@ -93,9 +94,10 @@ def describe(backend: Backend) -> str:
     return getattr(backend, "description", backend.name)
 
 
-def select_backend(name: str = "auto") -> Backend:
+def select_backend(name: str = "auto", threads: int | None = None) -> Backend:
     """The named backend, or for "auto" the fastest one this machine can run: CUDA where there is a
-    GPU and pycuda, else the native C kernels, else (with one line on stderr saying why) NumPy."""
+    GPU and pycuda, else the native C kernels, else (with one line on stderr saying why) NumPy.
+    threads: for the backends that run on CPU threads (cpu); None is every core."""
     if name == "auto":
         from kernels import native
         from kernels.cuda_backend import available  # NVML and a package lookup: imports nothing of CUDA's
@@ -109,7 +111,7 @@ def select_backend(name: str = "auto") -> Backend:
             name = "numpy"
     if name not in BACKENDS:
         raise UnknownBackendError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name]()
+    return _cpu_backend(threads) if name == "cpu" else BACKENDS[name]()
 
 
 _said: set[str] = set()

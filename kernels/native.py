@@ -68,6 +68,28 @@ def matmul(raw: np.ndarray, qtype: Q, shape: tuple[int, int], x: np.ndarray) -> 
     return out
 
 
+# The q8 activation block: scale d, d * sum of the int8s, 32 int8s.
+Q8_BLOCK = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
+
+
+def quantize(x: np.ndarray) -> np.ndarray:
+    """x (float32, length a multiple of 32) as the kernels' q8 activation blocks (for tests)."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    out = np.empty(x.size // 32, Q8_BLOCK)
+    _cpu.quantize(x, out)
+    return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+    """The fused pass's attention step alone (for tests): q [T, H, E] over k, v [start + T, G, E]."""
+    T, H, E = q.shape
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out = np.empty_like(q)
+    f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (k, v)]
+    _cpu.attention(q, f32[0], f32[1], H, k.shape[1], E, start, out)
+    return out
+
+
 # The order prepare_range takes a layer's tensors in.
 LAYER_PARTS = ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 

@@ -45,8 +45,8 @@ class Engine:
         self.ranges = [(0, n)] if n else []  # the layers run here
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto") -> Engine:
-        return cls(Llama.load(str(path), backend))
+    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> Engine:
+        return cls(Llama.load(str(path), backend, threads))
 
     @property
     def name(self) -> str:

@@ -253,8 +253,8 @@ class Llama:
         self.lm_head = backend.weight(head.raw, head.qtype, head.shape)
 
     @classmethod
-    def load(cls, path: str, backend: str = "auto") -> Llama:
-        return cls(open_gguf(path), select_backend(backend))
+    def load(cls, path: str, backend: str = "auto", threads: int | None = None) -> Llama:
+        return cls(open_gguf(path), select_backend(backend, threads))
 
     def _tensor(self, name: str) -> StoredTensor:
         if name not in self.file.tensors:

@@ -415,9 +415,10 @@ def start_worker(
     idle_s: float = 600,
     backend: str = "auto",
     service_class: type[WorkerService] = WorkerService,
+    threads: int | None = None,
 ) -> tuple[grpc.Server, WorkerService, int]:
     name = certificate_name(identity.certificate)
-    service = service_class(name, identity, home, budget, select_backend(backend), idle_s)
+    service = service_class(name, identity, home, budget, select_backend(backend, threads), idle_s)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64),
         interceptors=[RevocationCheck(service.revocations)],
@@ -457,6 +458,9 @@ def run(
     advertise: Annotated[bool, typer.Option(help="Announce this worker on the LAN by mDNS.")] = True,
     pair_only: Annotated[bool, typer.Option(help="Pair, then exit without serving.")] = False,
     backend: Annotated[str, typer.Option(help="Compute backend: auto, cpu, cuda, numpy.")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Threads of the cpu backend's kernels (default: this machine's cores).")
+    ] = None,
 ) -> None:
     """Run layers for a paired appliance: `appliance-worker --port 50051 --pair CODE`."""
     from rich.console import Console
@@ -476,7 +480,9 @@ def run(
             raise PairingError(f"this worker is not paired ({home} has no certificate): run it with --pair CODE")
         if pair_only:
             return
-        server, service, bound = start_worker(identity, home, host, port, budget, idle_timeout, backend)
+        server, service, bound = start_worker(
+            identity, home, host, port, budget, idle_timeout, backend, threads=threads
+        )
     except (PairingError, ValueError, OSError) as e:
         err.print(f"[bold red]error:[/] {e}")
         sys.exit(2)

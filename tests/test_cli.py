@@ -25,6 +25,19 @@ def test_generate_streams_the_answer(model_path):
     assert "Paris" in r.stdout
 
 
+def test_generate_runs_the_cpu_backend_on_the_threads_asked_for(model_path):
+    from kernels import native
+
+    if not native.available():
+        pytest.skip(native.why_missing())
+    for threads in ("1", "2"):
+        r = run("appliance", "generate", "--backend", "cpu", "--threads", threads, "--stats", "-n", "2", "Hello")
+        assert r.returncode == 0, r.stderr
+        assert f"{threads} threads" in r.stderr
+    r = run("appliance", "generate", "--threads", "0", "Hello")
+    assert r.returncode != 0 and "--threads" in r.stderr
+
+
 def test_generate_chat(model_path):
     r = run("appliance", "generate", "--chat", "Name the capital of France.", "--stats")
     assert r.returncode == 0, r.stderr

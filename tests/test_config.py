@@ -45,6 +45,15 @@ def test_the_environment_beats_the_file_which_beats_the_default(home):
     assert worker["memory_budget"].value == "1GB" and worker["port"].value == 6000
 
 
+def test_threads_is_a_setting_of_serve_and_the_worker(home):
+    write(home, "[serve]\nthreads = 1\n[worker]\nthreads = 2\n")
+    assert settings("serve", serve_command(), {})["threads"].value == 1
+    assert settings("serve", serve_command(), {"APPLIANCE_THREADS": "3"})["threads"].value == 3
+    assert settings("worker", worker_command(), {})["threads"].value == 2
+    with pytest.raises(ConfigError, match="APPLIANCE_WORKER_THREADS"):
+        settings("worker", worker_command(), {"APPLIANCE_WORKER_THREADS": "0"})
+
+
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [

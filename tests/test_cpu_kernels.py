@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType as Q
 
 from kernels import native
 from kernels.dequant import dequantize
+from kernels.reference import attention as reference_attention
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=native.why_missing())
 
@@ -83,7 +84,7 @@ def test_variants_agree_with_portable_c(qtype):
     rng = np.random.default_rng(7)
     per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
     raw = random_weight(qtype, 19, 4 * per_block, rng)
-    x = rng.standard_normal((3, 4 * per_block)).astype(np.float32)
+    x = rng.standard_normal((5, 4 * per_block)).astype(np.float32)  # 4 rows a kernel call, then 1
     before = native.isa()
     try:
         native.set_isa("generic")
@@ -96,6 +97,58 @@ def test_variants_agree_with_portable_c(qtype):
         native.set_isa(before)
 
 
+def test_quantize_is_the_reference_rounding_bit_for_bit(isa):
+    """Every variant's q8 blocks: d = max|x| / 127, q = x * (1/d) rounded half to even, s = d * sum(q)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(32 * 40) * rng.uniform(0.01, 100, 32 * 40)).astype(np.float32)
+    x[:32] = 0  # an all-zero block: d = 0
+    x[32:64] = [127, *(np.arange(-15, 16) + 0.5)]  # d = 1: exact halves to round to even
+    got = native.quantize(x)
+    blocks = x.reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv[:, None]).astype(np.int8)
+    np.testing.assert_array_equal(got["d"], d)
+    np.testing.assert_array_equal(got["qs"], q)
+    np.testing.assert_array_equal(got["s"], d * q.sum(axis=1, dtype=np.int32).astype(np.float32))
+
+
+# (H, G, E, T, start): SmolLM2's heads at decode and prefill, head sizes the vector path takes
+# (multiples of 64) and those it leaves to the portable C, whole and partial q8 blocks, a key count
+# that is not a multiple of 8, and grouped units (many tokens) beside single-head units (few).
+ATTENTION_SHAPES = [
+    (9, 3, 64, 1, 0),
+    (9, 3, 64, 1, 300),
+    (9, 3, 64, 21, 5),
+    (8, 2, 128, 3, 70),
+    (6, 2, 40, 5, 9),
+    (2, 1, 96, 7, 0),
+]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+def test_attention_matches_reference(shape, isa, threads):
+    H, G, E, T, start = shape
+    rng = np.random.default_rng(H * E + T)
+    q = rng.standard_normal((T, H, E)).astype(np.float32)
+    k, v = (rng.standard_normal((start + T, G, E)).astype(np.float32) for _ in range(2))
+    want = reference_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), start)
+    got = native.attention(q, k, v, start)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=f"{shape} on {isa}")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_a_row_does_not_depend_on_its_batch(qtype, isa):
+    """Batches take 4 rows per kernel call: each row's sums in the one-row kernel's order, bit for bit."""
+    rng = np.random.default_rng(11)
+    per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+    raw = random_weight(qtype, 7, 3 * per_block, rng)
+    x = rng.standard_normal((6, 3 * per_block)).astype(np.float32)
+    together = native.matmul(raw, qtype, (7, 3 * per_block), x)
+    alone = np.concatenate([native.matmul(raw, qtype, (7, 3 * per_block), row[None]) for row in x])
+    np.testing.assert_array_equal(together, alone)
+
+
 def test_bad_arguments_are_value_errors():
     raw = random_weight(Q.Q4_0, 4, 64, np.random.default_rng(0))
     with pytest.raises(ValueError, match="bytes"):
@@ -104,3 +157,5 @@ def test_bad_arguments_are_value_errors():
         native.matmul(raw, Q.Q4_0, (4, 48), np.zeros((1, 48), np.float32))
     with pytest.raises(ValueError, match="not available"):
         native.set_isa("no-such-isa")
+    with pytest.raises(ValueError, match="attention takes"):
+        native.attention(np.zeros((2, 4, 8), np.float32), np.zeros((1, 2, 8), np.float32), np.zeros((1, 2, 8)), 0)

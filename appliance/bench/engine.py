@@ -26,7 +26,6 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.bench import accuracy
-from kernels import native
 from kernels.backend import describe
 from models.engine import Engine
 from models.llama import Session
@@ -80,9 +79,7 @@ def _timed_greedy(load, threads: int, ids: list[int], n_decode: int) -> dict:
 
 def measure_appliance(path: str, backend: str, threads: int, ids: list[int], n_decode: int) -> dict:
     def load():
-        engine = Engine.load(path, backend)
-        if backend == "cpu":
-            native.set_threads(threads)
+        engine = Engine.load(path, backend, threads)
         engine.model.layer_range(0, engine.model.config.n_layers)  # prepare every layer's weights
 
         def new_session():

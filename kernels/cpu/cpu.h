@@ -44,12 +44,32 @@ typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d;
  * formats, floats for F16/F32. */
 typedef float (*dot_fn)(int n, const void *w, const void *x);
 
+/* One weight row dotted with 4 activation rows `xstride` bytes apart: out[j] = dot(w, x_j). Prefill
+ * and batches use it so a weight block is unpacked once for 4 tokens. */
+typedef void (*dot4_fn)(int n, const void *w, const void *x, size_t xstride, float *out);
+
+/* Attention of nq query heads that share one KV head: out[h] = softmax_p(q[h] . k[p] * scale) v[p]
+ * over keys p < n; q and out hold the nq heads E floats apart, k and v rows are `stride` floats
+ * apart. scores: scratch of nq * n floats. */
+typedef void (*attend_fn)(int E, int nq, const float *q, const float *k, const float *v, size_t stride, int n,
+                          float scale, float *out, float *scores);
+
+/* Activations to q8 blocks (n a multiple of 32); every variant's must equal the portable C's bit for bit. */
+typedef void (*quantize_fn)(const float *x, block_q8 *y, int n);
+
+/* An instruction-set variant. Only dot is required: a NULL dot4, attend or quantize means the
+ * portable C's (the callers fall back, so a variant may add them one at a time). */
 typedef struct {
     const char *name;
     dot_fn dot[T_COUNT];
+    dot4_fn dot4[T_COUNT];
+    attend_fn attend;
+    quantize_fn quantize;
 } isa_ops;
 
 extern const isa_ops isa_generic;
+void attend_generic(int E, int nq, const float *q, const float *k, const float *v, size_t stride, int n, float scale,
+                    float *out, float *scores);
 #if defined(__x86_64__)
 extern const isa_ops isa_avx2;
 extern const isa_ops isa_avx512;
@@ -70,7 +90,9 @@ int takes_q8(int t);
 
 float fp16_to_fp32(uint16_t h);
 uint16_t fp32_to_fp16(float f);
+/* With the variant in use (matmul.c), and the portable C's. */
 void quantize_q8(const float *x, block_q8 *y, int n);
+void quantize_q8_generic(const float *x, block_q8 *y, int n);
 
 /* The K formats' 6-bit scale and min of sub-block j (ggml's get_scale_min_k4). */
 static inline void k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {

@@ -72,7 +72,7 @@ size_t row_bytes(int t, int n) {
 int takes_q8(int t) { return t != T_F32 && t != T_F16; }
 
 /* Symmetric int8 per 32 values: d = max|x| / 127, q = round(x / d). */
-void quantize_q8(const float *x, block_q8 *y, int n) {
+void quantize_q8_generic(const float *x, block_q8 *y, int n) {
     for (int b = 0; b < n / QK; b++, x += QK) {
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
@@ -178,8 +178,30 @@ static float dot_q6_K(int n, const void *w, const void *xv) {
     return s;
 }
 
+/* Two passes per head: scores, then the softmax-weighted sum of values (normalised once at the end). */
+void attend_generic(int E, int nq, const float *q, const float *k, const float *v, size_t stride, int n, float scale,
+                    float *out, float *scores) {
+    for (int h = 0; h < nq; h++) {
+        const float *qh = q + (size_t)h * E;
+        float *sc = scores + (size_t)h * n, *o = out + (size_t)h * E, mx = -INFINITY, sum = 0.0f;
+        for (int p = 0; p < n; p++) {
+            sc[p] = dot_f32(E, qh, k + p * stride) * scale;
+            mx = fmaxf(mx, sc[p]);
+        }
+        for (int p = 0; p < n; p++) sum += (sc[p] = expf(sc[p] - mx));
+        memset(o, 0, (size_t)E * 4);
+        for (int p = 0; p < n; p++) {
+            const float *vp = v + p * stride;
+            for (int e = 0; e < E; e++) o[e] += sc[p] * vp[e];
+        }
+        for (int e = 0; e < E; e++) o[e] /= sum;
+    }
+}
+
 const isa_ops isa_generic = {
     .name = "generic",
+    .attend = attend_generic,
+    .quantize = quantize_q8_generic,
     .dot = {[T_F32] = dot_f32, [T_F16] = dot_f16, [T_Q4_0] = dot_q4_0, [T_Q4_1] = dot_q4_1,
             [T_Q8_0] = dot_q8_0, [T_Q4_K] = dot_q4_K, [T_Q6_K] = dot_q6_K},
 };

@@ -1,14 +1,23 @@
 /* A whole Llama layer range in one call: for each layer, RMSNorm, Q/K/V with RoPE (K and V written
  * straight into each sequence's cache), attention over the cache, output projection and residual,
  * RMSNorm, gate/up with SiLU, down projection and residual. All threads run the whole range in one
- * pool task, meeting at 7 barriers per layer; the tokens of every sequence in the batch share each
- * pass over a weight. */
+ * pool task; the tokens of every sequence in the batch share each pass over a weight.
+ *
+ * Threads take work units (a head's rows, 32 rows of a weight, a token's attention for a KV head)
+ * from a shared counter per phase rather than a fixed share, so a thread the shared machine
+ * delays does not hold the others at the next barrier. Barriers per layer: 5 when a step has few
+ * rows (each thread then norms them itself), else 7. */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "layer.h"
 #include "matmul.h"
+
+enum { PH_QKV, PH_ATTN, PH_WO, PH_GATE_UP, PH_DOWN, PHASES };
+#define CHUNK 32   /* weight rows per work unit: one q8 block of the next activation */
+#define PRIVATE_NORM_ROWS 4
 
 typedef struct {
     const range_desc *r;
@@ -16,8 +25,12 @@ typedef struct {
     float *x;                           /* [T, D] residual stream, updated in place */
     float *h, *q, *att, *ff, *kv;       /* scratch: [T, D], [T, H*E], [T, H*E], [T, F], [T, 2*G*E] */
     void *hq, *attq, *ffq;              /* the same rows as q8 blocks */
-    float *scores;                      /* per thread: [max keys] */
+    float *scores;                      /* per thread: [group * max keys] */
     int max_keys;
+    int private_norm;                   /* T <= PRIVATE_NORM_ROWS: each thread norms all rows into its own */
+    float *h_own;                       /* per thread [T, D] */
+    void *hq_own;                       /* per thread [T] q8 rows of D */
+    atomic_int *next;                   /* [layers * PHASES]: the next work unit of each phase */
 } ctx_t;
 
 static void rmsnorm_row(const float *x, const float *w, float *y, int n, float eps) {
@@ -29,7 +42,9 @@ static void rmsnorm_row(const float *x, const float *w, float *y, int n, float e
 
 static size_t q8_row(int n) { return (size_t)n / QK * sizeof(block_q8); }
 
-/* Rows r0..r1 of y[T, ldo] = act @ W^T. */
+static block_q8 *q8_at(const void *base, int n, int row) { return (block_q8 *)((char *)base + row * q8_row(n)); }
+
+/* Rows r0..r1 of out[T, ldo] = act @ W^T. */
 static void mm(const ctx_t *c, const weight_desc *w, const float *x, const void *xq, int cols, float *out, int ldo,
                int r0, int r1) {
     matmul_args a = {.w = w->data, .type = w->type, .rows = w->rows, .cols = cols, .nx = c->b->T,
@@ -37,21 +52,32 @@ static void mm(const ctx_t *c, const weight_desc *w, const float *x, const void 
     matmul_rows(&a, r0, r1);
 }
 
-/* Norm and quantize rows of x into h / hq. */
-static void norm_rows(const ctx_t *c, const float *w, int ith, int nth) {
+/* The normed rows a matmul phase reads: its own copy for few rows (no barrier), else shared rows
+ * the threads norm a share of each, then meet. */
+static void normed(const ctx_t *c, const float *w, int ith, int nth, const float **h, const void **hq) {
     const range_desc *r = c->r;
-    int j0, j1;
-    split(c->b->T, ith, nth, &j0, &j1);
-    for (int j = j0; j < j1; j++) {
-        rmsnorm_row(c->x + (size_t)j * r->dim, w, c->h + (size_t)j * r->dim, r->dim, r->eps);
-        quantize_q8(c->h + (size_t)j * r->dim, (block_q8 *)((char *)c->hq + j * q8_row(r->dim)), r->dim);
+    int T = c->b->T, j0 = 0, j1 = T;
+    float *hh = c->h;
+    void *hqq = c->hq;
+    if (c->private_norm) {
+        hh = c->h_own + (size_t)ith * T * r->dim;
+        hqq = (char *)c->hq_own + (size_t)ith * T * q8_row(r->dim);
+    } else {
+        split(T, ith, nth, &j0, &j1);
     }
+    for (int j = j0; j < j1; j++) {
+        rmsnorm_row(c->x + (size_t)j * r->dim, w, hh + (size_t)j * r->dim, r->dim, r->eps);
+        quantize_q8(hh + (size_t)j * r->dim, q8_at(hqq, r->dim, j), r->dim);
+    }
+    if (!c->private_norm) pool_barrier();
+    *h = hh;
+    *hq = hqq;
 }
 
-static void quantize_rows(const ctx_t *c, const float *x, void *xq, int n, int ith, int nth) {
-    int j0, j1;
-    split(c->b->T, ith, nth, &j0, &j1);
-    for (int j = j0; j < j1; j++) quantize_q8(x + (size_t)j * n, (block_q8 *)((char *)xq + j * q8_row(n)), n);
+/* Work units of one phase, handed out in order until none is left: -1. */
+static int next_unit(const ctx_t *c, int layer, int phase, int n_units) {
+    int u = atomic_fetch_add_explicit(&c->next[layer * PHASES + phase], 1, memory_order_relaxed);
+    return u < n_units ? u : -1;
 }
 
 static void rope_pairs(float *v, const float *cs, const float *sn, int E) {
@@ -62,19 +88,18 @@ static void rope_pairs(float *v, const float *cs, const float *sn, int E) {
     }
 }
 
-/* Heads as the unit of work for Q, K and V: each thread computes whole heads for every token, so
- * it can rotate them and file K and V in the caches without waiting for the others. */
-static void qkv(const ctx_t *c, const layer_desc *L, int layer, int ith, int nth) {
+/* Heads as the unit of work for Q, K and V: a unit computes one head for every token, so it can
+ * rotate it and file K and V in the caches without waiting for the others. */
+static void qkv(const ctx_t *c, const layer_desc *L, int layer, const float *h, const void *hq) {
     const range_desc *r = c->r;
     const batch_desc *b = c->b;
-    int H = r->n_heads, G = r->n_kv_heads, E = r->head_dim, T = b->T, u0, u1;
-    split(H + 2 * G, ith, nth, &u0, &u1);
-    for (int u = u0; u < u1; u++) {
+    int H = r->n_heads, G = r->n_kv_heads, E = r->head_dim, T = b->T, u;
+    while ((u = next_unit(c, layer, PH_QKV, H + 2 * G)) >= 0) {
         const weight_desc *w = u < H ? &L->wq : u < H + G ? &L->wk : &L->wv;
         int head = u < H ? u : u < H + G ? u - H : u - H - G;
         float *out = u < H ? c->q : c->kv + (u < H + G ? 0 : G * E);
         int ldo = u < H ? H * E : 2 * G * E;
-        mm(c, w, c->h, c->hq, r->dim, out, ldo, head * E, (head + 1) * E);
+        mm(c, w, h, hq, r->dim, out, ldo, head * E, (head + 1) * E);
         for (int t = 0; t < T; t++) {
             float *v = out + (size_t)t * ldo + head * E;
             if (u < H + G) rope_pairs(v, b->cos + (size_t)t * E / 2, b->sin + (size_t)t * E / 2, E);
@@ -89,61 +114,62 @@ static void qkv(const ctx_t *c, const layer_desc *L, int layer, int ith, int nth
     }
 }
 
-/* (token, head) pairs as the unit: scores over the token's visible keys, softmax, sum of values. */
+/* A unit is a token and a KV head with the query heads that share it (its K and V rows are read
+ * once for all of them: the cache is most of what decode reads besides the weights), or a single
+ * query head when that leaves fewer units than threads.
+ * The last tokens see the most keys, so units go out from the last token back. Each unit quantizes
+ * its own heads' output when they are whole q8 blocks (else a separate pass does, after a barrier). */
 static void attention(const ctx_t *c, int layer, int ith, int nth) {
     const range_desc *r = c->r;
     const batch_desc *b = c->b;
-    int H = r->n_heads, G = r->n_kv_heads, E = r->head_dim, group = H / G, u0, u1;
-    float *sc = c->scores + (size_t)ith * c->max_keys, scale = 1.0f / sqrtf((float)E);
-    split(b->T * H, ith, nth, &u0, &u1);
-    for (int u = u0; u < u1; u++) {
-        int t = u / H, h = u % H, g = h / group;
+    int H = r->n_heads, G = r->n_kv_heads, E = r->head_dim, T = b->T, HE = H * E, group = H / G;
+    int per = T * G >= nth ? group : 1, units_per_token = H / per, u;
+    attend_fn attend = cur_isa->attend ? cur_isa->attend : attend_generic;
+    float *sc = c->scores + (size_t)ith * group * c->max_keys, scale = 1.0f / sqrtf((float)E);
+    size_t stride = (size_t)G * E;
+    while ((u = next_unit(c, layer, PH_ATTN, T * units_per_token)) >= 0) {
+        u = T * units_per_token - 1 - u;
+        int t = u / units_per_token, h0 = (u % units_per_token) * per, g = h0 / group;
         const seq_desc *sq = &b->seqs[b->seq_of[t]];
         int n_keys = sq->start + (t - sq->first) + 1;
-        const float *q = c->q + (size_t)t * H * E + h * E;
-        size_t stride = (size_t)G * E;
         const float *k = sq->k + ((size_t)layer * sq->capacity * G + g) * E;
         const float *v = sq->v + ((size_t)layer * sq->capacity * G + g) * E;
-        float mx = -INFINITY;
-        for (int p = 0; p < n_keys; p++) {
-            float s = 0.0f;
-            const float *kp = k + p * stride;
-            for (int e = 0; e < E; e++) s += q[e] * kp[e];
-            sc[p] = s * scale;
-            mx = fmaxf(mx, sc[p]);
-        }
-        float sum = 0.0f;
-        for (int p = 0; p < n_keys; p++) sum += (sc[p] = expf(sc[p] - mx));
-        float *o = c->att + (size_t)t * H * E + h * E, inv = 1.0f / sum;
-        memset(o, 0, (size_t)E * 4);
-        for (int p = 0; p < n_keys; p++) {
-            const float *vp = v + p * stride;
-            float wgt = sc[p] * inv;
-            for (int e = 0; e < E; e++) o[e] += wgt * vp[e];
-        }
+        float *o = c->att + (size_t)t * HE + (size_t)h0 * E;
+        attend(E, per, c->q + (size_t)t * HE + (size_t)h0 * E, k, v, stride, n_keys, scale, o, sc);
+        if (E % QK == 0) quantize_q8(o, q8_at(c->attq, HE, t) + h0 * E / QK, per * E);
+    }
+    if (E % QK) {
+        pool_barrier();
+        int j0, j1;
+        split(T, ith, nth, &j0, &j1);
+        for (int j = j0; j < j1; j++) quantize_q8(c->att + (size_t)j * HE, q8_at(c->attq, HE, j), HE);
     }
 }
 
-/* out[t, r0..r1) = act @ W^T added to the residual stream. */
-static void residual(const ctx_t *c, const weight_desc *w, const float *act, const void *actq, int cols, float *tmp,
-                     int ith, int nth) {
-    int r0, r1, D = c->r->dim;
-    split(w->rows, ith, nth, &r0, &r1);
-    mm(c, w, act, actq, cols, tmp, D, r0, r1);
-    for (int t = 0; t < c->b->T; t++)
-        for (int i = r0; i < r1; i++) c->x[(size_t)t * D + i] += tmp[(size_t)t * D + i];
+/* x[:, rows] += act @ W[rows]^T, CHUNK rows a unit (tmp: [T, D] scratch). */
+static void residual(const ctx_t *c, const weight_desc *w, int layer, int phase, const float *act, const void *actq,
+                     int cols, float *tmp) {
+    int D = c->r->dim, u;
+    while ((u = next_unit(c, layer, phase, D / CHUNK)) >= 0) {
+        int r0 = u * CHUNK, r1 = r0 + CHUNK;
+        mm(c, w, act, actq, cols, tmp, D, r0, r1);
+        for (int t = 0; t < c->b->T; t++)
+            for (int i = r0; i < r1; i++) c->x[(size_t)t * D + i] += tmp[(size_t)t * D + i];
+    }
 }
 
-static void ffn_gate_up(const ctx_t *c, const layer_desc *L, int ith, int nth) {
-    int F = c->r->hidden_dim, T = c->b->T, r0, r1;
-    split(F, ith, nth, &r0, &r1);
+/* silu(gate) * up, CHUNK rows a unit, each unit quantizing the q8 block its rows make. */
+static void ffn_gate_up(const ctx_t *c, const layer_desc *L, int layer, const float *h, const void *hq) {
+    int F = c->r->hidden_dim, T = c->b->T, u;
     float *up = c->kv; /* free after attention: [T, F] fits in the scratch sized for it */
-    mm(c, &L->w_gate, c->h, c->hq, c->r->dim, c->ff, F, r0, r1);
-    mm(c, &L->w_up, c->h, c->hq, c->r->dim, up, F, r0, r1);
-    for (int t = 0; t < T; t++) {
-        for (int i = r0; i < r1; i++) {
-            float g = c->ff[(size_t)t * F + i];
-            c->ff[(size_t)t * F + i] = g / (1.0f + expf(-g)) * up[(size_t)t * F + i];
+    while ((u = next_unit(c, layer, PH_GATE_UP, F / CHUNK)) >= 0) {
+        int r0 = u * CHUNK, r1 = r0 + CHUNK;
+        mm(c, &L->w_gate, h, hq, c->r->dim, c->ff, F, r0, r1);
+        mm(c, &L->w_up, h, hq, c->r->dim, up, F, r0, r1);
+        for (int t = 0; t < T; t++) {
+            float *f = c->ff + (size_t)t * F;
+            for (int i = r0; i < r1; i++) f[i] = f[i] / (1.0f + expf(-f[i])) * up[(size_t)t * F + i];
+            quantize_q8(f + r0, q8_at(c->ffq, F, t) + r0 / QK, CHUNK);
         }
     }
 }
@@ -154,50 +180,80 @@ static void range_task(void *arg, int ith, int nth) {
     int HE = r->n_heads * r->head_dim;
     for (int l = 0; l < r->n_layers; l++) {
         const layer_desc *L = &r->layers[l];
-        norm_rows(c, L->attn_norm, ith, nth);
-        pool_barrier();
-        qkv(c, L, l, ith, nth);
+        const float *h;
+        const void *hq;
+        normed(c, L->attn_norm, ith, nth, &h, &hq);
+        qkv(c, L, l, h, hq);
         pool_barrier();
         attention(c, l, ith, nth);
         pool_barrier();
-        quantize_rows(c, c->att, c->attq, HE, ith, nth);
+        residual(c, &L->wo, l, PH_WO, c->att, c->attq, HE, c->h);
         pool_barrier();
-        residual(c, &L->wo, c->att, c->attq, HE, c->h, ith, nth);
+        normed(c, L->ffn_norm, ith, nth, &h, &hq);
+        ffn_gate_up(c, L, l, h, hq);
         pool_barrier();
-        norm_rows(c, L->ffn_norm, ith, nth);
-        pool_barrier();
-        ffn_gate_up(c, L, ith, nth);
-        pool_barrier();
-        quantize_rows(c, c->ff, c->ffq, r->hidden_dim, ith, nth);
-        pool_barrier();
-        residual(c, &L->w_down, c->ff, c->ffq, r->hidden_dim, c->h, ith, nth);
+        residual(c, &L->w_down, l, PH_DOWN, c->ff, c->ffq, r->hidden_dim, c->h);
         pool_barrier();
     }
 }
 
 int range_forward(const range_desc *r, const batch_desc *b, float *x) {
     int T = b->T, D = r->dim, HE = r->n_heads * r->head_dim, F = r->hidden_dim, GE2 = 2 * r->n_kv_heads * r->head_dim;
-    int max_keys = 1;
+    int nth = pool_threads(), group = r->n_heads / r->n_kv_heads, max_keys = 1, private_norm = T <= PRIVATE_NORM_ROWS;
     for (int s = 0; s < b->n_seqs; s++)
         if (b->seqs[s].start + b->seqs[s].n > max_keys) max_keys = b->seqs[s].start + b->seqs[s].n;
     int kvw = GE2 > F ? GE2 : F; /* the K/V scratch doubles as the up projection's */
-    size_t floats = (size_t)T * (D + 2 * HE + F + kvw) + (size_t)pool_threads() * max_keys;
-    size_t q8 = (size_t)T * (q8_row(D) + q8_row(HE) + q8_row(F));
+    int own = private_norm ? nth : 0;
+    size_t floats = (size_t)T * (D + 2 * HE + F + kvw) + (size_t)nth * group * max_keys + (size_t)own * T * D;
+    size_t q8 = (size_t)T * (q8_row(D) + q8_row(HE) + q8_row(F)) + (size_t)own * T * q8_row(D);
     char *mem = malloc(floats * 4 + q8);
-    if (!mem) return -1;
-    ctx_t c = {.r = r, .b = b, .x = x, .max_keys = max_keys};
+    atomic_int *next = calloc((size_t)r->n_layers * PHASES, sizeof(atomic_int));
+    if (!mem || !next) {
+        free(mem);
+        free(next);
+        return -1;
+    }
+    ctx_t c = {.r = r, .b = b, .x = x, .max_keys = max_keys, .private_norm = private_norm, .next = next};
     float *f = (float *)mem;
     c.h = f, f += (size_t)T * D;
     c.q = f, f += (size_t)T * HE;
     c.att = f, f += (size_t)T * HE;
     c.ff = f, f += (size_t)T * F;
     c.kv = f, f += (size_t)T * kvw;
-    c.scores = f, f += (size_t)pool_threads() * max_keys;
+    c.scores = f, f += (size_t)nth * group * max_keys;
+    c.h_own = f, f += (size_t)own * T * D;
     char *p = (char *)f;
     c.hq = p, p += T * q8_row(D);
     c.attq = p, p += T * q8_row(HE);
-    c.ffq = p;
+    c.ffq = p, p += T * q8_row(F);
+    c.hq_own = p;
     pool_run(range_task, &c);
     free(mem);
+    free(next);
     return 0;
+}
+
+static void attention_task(void *arg, int ith, int nth) { attention(arg, 0, ith, nth); }
+
+int attention_forward(int H, int G, int E, int T, int start, const float *q, const float *k, const float *v,
+                      float *out) {
+    range_desc r = {.dim = H * E, .n_heads = H, .n_kv_heads = G, .head_dim = E, .n_layers = 1};
+    seq_desc sq = {.first = 0, .n = T, .start = start, .k = (float *)k, .v = (float *)v, .capacity = start + T};
+    int *seq_of = calloc((size_t)T, sizeof(int)), nth = pool_threads(), keys = start + T;
+    float *scores = malloc((size_t)nth * (H / G) * keys * 4);
+    void *attq = malloc((size_t)T * q8_row(H * E) + sizeof(block_q8)); /* unused when E is not whole blocks */
+    atomic_int *next = calloc(PHASES, sizeof(atomic_int));
+    int rc = -1;
+    if (seq_of && scores && attq && next) {
+        batch_desc b = {.T = T, .n_seqs = 1, .seqs = &sq, .seq_of = seq_of};
+        ctx_t c = {.r = &r, .b = &b, .q = (float *)q, .att = out, .attq = attq, .scores = scores, .max_keys = keys,
+                   .next = next};
+        pool_run(attention_task, &c);
+        rc = 0;
+    }
+    free(seq_of);
+    free(scores);
+    free(attq);
+    free(next);
+    return rc;
 }

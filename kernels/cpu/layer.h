@@ -36,4 +36,9 @@ typedef struct {
 /* x [T, D] through every layer of r, in place. 0, or -1 when out of memory. */
 int range_forward(const range_desc *r, const batch_desc *b, float *x);
 
+/* The attention step alone, as range_forward runs it, for tests: T queries q [T, H*E] at positions
+ * start.. over keys and values [start + T, G, E]; out [T, H*E]. 0, or -1 when out of memory. */
+int attention_forward(int H, int G, int E, int T, int start, const float *q, const float *k, const float *v,
+                      float *out);
+
 #endif

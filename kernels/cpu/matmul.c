@@ -10,6 +10,10 @@
 
 const isa_ops *cur_isa = &isa_generic;
 
+void quantize_q8(const float *x, block_q8 *y, int n) {
+    (cur_isa->quantize ? cur_isa->quantize : quantize_q8_generic)(x, y, n);
+}
+
 size_t act_bytes(int t, int n) { return takes_q8(t) ? (size_t)n / QK * sizeof(block_q8) : (size_t)n * 4; }
 
 
@@ -19,10 +23,19 @@ const void *act_row(int t, const float *x, const void *xq, int n, int j) {
 
 void matmul_rows(const matmul_args *a, int r0, int r1) {
     dot_fn dot = cur_isa->dot[a->type];
-    size_t rb = row_bytes(a->type, a->cols);
+    dot4_fn dot4 = cur_isa->dot4[a->type]; /* NULL: one row at a time */
+    size_t rb = row_bytes(a->type, a->cols), ab = act_bytes(a->type, a->cols);
     for (int t0 = r0; t0 < r1; t0 += TILE) {
-        int t1 = t0 + TILE < r1 ? t0 + TILE : r1;
-        for (int j = 0; j < a->nx; j++) {
+        int t1 = t0 + TILE < r1 ? t0 + TILE : r1, j = 0;
+        for (; dot4 && j + 4 <= a->nx; j += 4) {
+            const void *xj = act_row(a->type, a->x, a->xq, a->cols, j);
+            float *out = a->out + (size_t)j * a->ldo, o[4];
+            for (int r = t0; r < t1; r++) {
+                dot4(a->cols, a->w + (size_t)r * rb, xj, ab, o);
+                for (int i = 0; i < 4; i++) out[(size_t)i * a->ldo + r] = o[i];
+            }
+        }
+        for (; j < a->nx; j++) {
             const void *xj = act_row(a->type, a->x, a->xq, a->cols, j);
             float *out = a->out + (size_t)j * a->ldo;
             for (int r = t0; r < t1; r++) out[r] = dot(a->cols, a->w + (size_t)r * rb, xj);

@@ -238,7 +238,57 @@ done:
     return result;
 }
 
+/* quantize(x, out): x float32 [n] (n a multiple of 32) as q8 blocks (float d, float s, 32 int8) into out. */
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    Py_buffer x, out;
+    if (!PyArg_ParseTuple(args, "y*w*", &x, &out)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = x.len / 4;
+    if (x.len % (4 * QK) || out.len != n / QK * (Py_ssize_t)sizeof(block_q8)) {
+        PyErr_SetString(PyExc_ValueError, "quantize takes float32 [32k] and a buffer of k q8 blocks");
+    } else {
+        quantize_q8(x.buf, out.buf, (int)n);
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* attention(q, k, v, heads, kv_heads, head_dim, start, out): causal grouped-query attention of q
+ * [T, H*E] over k, v [start + T, G, E] into out [T, H*E], float32. */
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    Py_buffer q, k, v, out;
+    int H, G, E, start;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiiiw*", &q, &k, &v, &H, &G, &E, &start, &out)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t row = (Py_ssize_t)H * E * 4;
+    int T = row > 0 ? (int)(q.len / row) : 0;
+    if (H < 1 || G < 1 || E < 1 || H % G || start < 0 || T < 1 || q.len != T * row || out.len != q.len ||
+        k.len != (Py_ssize_t)(start + T) * G * E * 4 || v.len != k.len) {
+        PyErr_SetString(PyExc_ValueError, "attention takes q, out [T, H*E] and k, v [start + T, G, E] float32");
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = attention_forward(H, G, E, T, start, q.buf, k.buf, v.buf, out.buf);
+    Py_END_ALLOW_THREADS if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"quantize", py_quantize, METH_VARARGS, "quantize(x, out): activations as the q8 blocks the kernels take."},
+    {"attention", py_attention, METH_VARARGS, "attention(q, k, v, H, G, E, start, out): the fused pass's attention."},
     {"isas", py_isas, METH_NOARGS, "Instruction-set variants this CPU runs, best first."},
     {"isa", py_isa, METH_NOARGS, "The variant in use."},
     {"set_isa", py_set_isa, METH_O, "Use the named variant (one of isas())."},
