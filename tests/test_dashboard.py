@@ -87,8 +87,12 @@ def test_dashboard_shows_devices_and_streams_a_chat_reply(tmp_path, monkeypatch,
         wait_for(lambda: find(By.ID, "board").is_displayed(), 30, f"opening with the key ({find(By.ID, 'state').text})")
         assert browser.execute_script("return sessionStorage.getItem('appliance-api-key')") == "test-key"
         assert model_path.stem in find(By.ID, "model").text
-        rows = wait_for(
-            lambda: [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#devices tbody tr")], 30, "devices"
+        rows = wait_for(  # read in one script: the page re-renders the table every poll, staling elements
+            lambda: browser.execute_script(
+                "return [...document.querySelectorAll('#devices tbody tr')].map(r => r.innerText.replace(/\\s+/g, ' '))"
+            ),
+            30,
+            "devices",
         )
         assert rows[0].startswith("appliance here [0, 3)")
         assert rows[1].startswith("laptop connected [3, 30)") and laptop.address in rows[1]
