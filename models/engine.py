@@ -15,6 +15,7 @@ import numpy as np
 from models.chat import ChatTemplate
 from models.errors import ContextLengthError
 from models.llama import Llama, Session
+from models.memory import release_memory
 from models.sampling import InvalidParameterError, Sampler, SamplingParams
 from models.tokenizer import Tokenizer
 
@@ -46,7 +47,9 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> Engine:
-        return cls(Llama.load(str(path), backend, threads))
+        engine = cls(Llama.load(str(path), backend, threads))
+        release_memory()
+        return engine
 
     @property
     def name(self) -> str:

@@ -15,9 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
-import ctypes.util
-import gc
 import logging
 import threading
 import time
@@ -28,6 +25,7 @@ from dataclasses import dataclass, field
 from appliance.serving.metrics import Metrics
 from kernels.backend import describe
 from models.engine import Engine, Generation
+from models.memory import release_memory
 
 log = logging.getLogger("appliance")
 BROKEN_AFTER = 3  # failed steps in a row (and none served since) before the engine counts as unable to serve
@@ -87,19 +85,6 @@ class TokenStream:
     def cancel(self) -> None:
         """Stop generating (a no-op once done): frees the batch slot and the KV cache at the next step."""
         self.ticket.cancel()
-
-
-def _release_memory() -> None:
-    """Give freed memory back to the system: cycles collected, then glibc's free lists trimmed."""
-    gc.collect()
-    if _libc is not None:
-        _libc.malloc_trim(0)
-
-
-_libc_name = ctypes.util.find_library("c")
-_libc = ctypes.CDLL(_libc_name) if _libc_name else None
-if _libc is not None and not hasattr(_libc, "malloc_trim"):  # not glibc (musl, macOS)
-    _libc = None
 
 
 class Scheduler:
@@ -183,7 +168,7 @@ class Scheduler:
             while not self._stopped and not self.active and not self.waiting:
                 if self._busy_since_trim:  # idle after work: return the burst's memory
                     self._busy_since_trim = False
-                    _release_memory()
+                    release_memory()
                     continue
                 self._wake.wait()
             self._busy_since_trim = True
