@@ -21,6 +21,9 @@ else:
     _missing = ""
     _cpu.set_threads(os.cpu_count() or 1)
 
+# What the C kernels keep keys and values in (kv_t in kernels/cpu/cpu.h).
+KV_DTYPE = np.float16
+
 # The formats the C kernels read straight from their blocks.
 NATIVE_TYPES = frozenset({Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K})
 
@@ -81,12 +84,13 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
-    """The fused pass's attention step alone (for tests): q [T, H, E] over k, v [start + T, G, E]."""
+    """The fused pass's attention step alone (for tests): q [T, H, E] over k, v [start + T, G, E],
+    which are rounded to float16 first, as the KV cache holds them."""
     T, H, E = q.shape
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty_like(q)
-    f32 = [np.ascontiguousarray(a, dtype=np.float32) for a in (k, v)]
-    _cpu.attention(q, f32[0], f32[1], H, k.shape[1], E, start, out)
+    f16 = [np.ascontiguousarray(a, dtype=KV_DTYPE) for a in (k, v)]
+    _cpu.attention(q, f16[0], f16[1], H, k.shape[1], E, start, out)
     return out
 
 
@@ -100,6 +104,8 @@ class NativeRange:
     dims: (D, H, G, E, F, eps). layers: per layer, LAYER_PARTS as (raw blocks, type, logical shape).
     Holds every array the C side points into, so they live as long as it does.
     """
+
+    kv_dtype = KV_DTYPE
 
     def __init__(self, dims: tuple[int, int, int, int, int, float], layers: list[tuple]):
         self._keep = []

@@ -123,12 +123,14 @@ class KVCache:
     Capacity doubles when full, so appending a token never copies the whole cache.
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, capacity: int = 64):
+    def __init__(
+        self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, capacity: int = 64, dtype=np.float32
+    ):
         self.max_len = max_len
         self.length = 0
         shape = (n_layers, min(capacity, max_len), n_kv_heads, head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)
-        self.v = np.zeros(shape, dtype=np.float32)
+        self.k = np.zeros(shape, dtype=dtype)
+        self.v = np.zeros(shape, dtype=dtype)
 
     @property
     def capacity(self) -> int:
@@ -194,8 +196,9 @@ class LayerRange:
         self.fused = fuse(config, layers) if fuse else None
 
     def new_cache(self) -> KVCache:
-        c = self.config
-        return KVCache(len(self.layers), c.n_kv_heads, c.head_dim, c.context_length)
+        """Float32, or what the fused pass keeps keys and values in (the C backend: float16)."""
+        c, dtype = self.config, getattr(self.fused, "kv_dtype", np.float32)
+        return KVCache(len(self.layers), c.n_kv_heads, c.head_dim, c.context_length, dtype=dtype)
 
     def forward(self, xs: list[np.ndarray], caches: list[KVCache]) -> list[np.ndarray]:
         """Run a batch of sequences through every layer of the range, each with its own cache.

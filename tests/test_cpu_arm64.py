@@ -99,8 +99,8 @@ def layer_job(rng: np.random.Generator, workdir: Path) -> tuple[str, np.ndarray]
         cache.k[:, :cached] = rng.standard_normal((1, cached, c.n_kv_heads, c.head_dim))
         cache.v[:, :cached] = rng.standard_normal((1, cached, c.n_kv_heads, c.head_dim))
         cache.length = cached
-        cache.k.tofile(workdir / f"k{j}.bin")
-        cache.v.tofile(workdir / f"v{j}.bin")
+        cache.k.astype(np.float16).tofile(workdir / f"k{j}.bin")  # the C kernels' cache is float16
+        cache.v.astype(np.float16).tofile(workdir / f"v{j}.bin")
         caches.append(cache)
         seqs.append(f"{n} {cached} {cache.capacity}")
     positions = np.concatenate([np.arange(cached, cached + n) for n, cached in SEQS])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from models.engine import Engine
-from models.llama import Session
+from models.llama import KVCache, Session
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 GREEDY_STEPS = 32
@@ -53,6 +53,21 @@ def llama_cpp_hidden_and_logits(path: Path, ids: list[int]) -> tuple[np.ndarray,
         np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_ith(llm.ctx, i), shape=(n,)) for i in range(len(ids))
     ]
     return np.array(hidden, dtype=np.float32), np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def float16_cache_effect(ref: Engine) -> float:
+    """Relative change of the reference's logits (every position of the three prompts) when its KV
+    cache alone is float16, as the C backend keeps it: that rounding's share of our error."""
+    c = ref.model.config
+    exact, rounded = [], []
+    for prompt in PROMPTS:
+        ids = ref.tokenizer.encode(prompt)
+        session = Session()
+        for a, b in ref.ranges:
+            session.caches[(a, b)] = KVCache(b - a, c.n_kv_heads, c.head_dim, c.context_length, dtype=np.float16)
+        exact.append(ref.model.head(ref.hidden_states(ids, Session())))
+        rounded.append(ref.model.head(ref.hidden_states(ids, session)))
+    return relative_error(np.concatenate(rounded), np.concatenate(exact))
 
 
 def greedy_agreement(ours: Engine, ref: Engine, ids: list[int], steps: int = GREEDY_STEPS) -> tuple[int, str]:

@@ -48,10 +48,14 @@ typedef float (*dot_fn)(int n, const void *w, const void *x);
  * and batches use it so a weight block is unpacked once for 4 tokens. */
 typedef void (*dot4_fn)(int n, const void *w, const void *x, size_t xstride, float *out);
 
+/* The KV cache holds float16, as llama.cpp's does by default: half the memory and half the bytes
+ * decode reads per key (appliance/bench/accuracy.py measures what it does to the logits). */
+typedef uint16_t kv_t;
+
 /* Attention of nq query heads that share one KV head: out[h] = softmax_p(q[h] . k[p] * scale) v[p]
- * over keys p < n; q and out hold the nq heads E floats apart, k and v rows are `stride` floats
+ * over keys p < n; q and out hold the nq heads E floats apart, k and v rows are `stride` values
  * apart. scores: scratch of nq * n floats. */
-typedef void (*attend_fn)(int E, int nq, const float *q, const float *k, const float *v, size_t stride, int n,
+typedef void (*attend_fn)(int E, int nq, const float *q, const kv_t *k, const kv_t *v, size_t stride, int n,
                           float scale, float *out, float *scores);
 
 /* Activations to q8 blocks (n a multiple of 32); every variant's must equal the portable C's bit for bit. */
@@ -68,7 +72,7 @@ typedef struct {
 } isa_ops;
 
 extern const isa_ops isa_generic;
-void attend_generic(int E, int nq, const float *q, const float *k, const float *v, size_t stride, int n, float scale,
+void attend_generic(int E, int nq, const float *q, const kv_t *k, const kv_t *v, size_t stride, int n, float scale,
                     float *out, float *scores);
 #if defined(__x86_64__)
 extern const isa_ops isa_avx2;

@@ -179,20 +179,20 @@ static float dot_q6_K(int n, const void *w, const void *xv) {
 }
 
 /* Two passes per head: scores, then the softmax-weighted sum of values (normalised once at the end). */
-void attend_generic(int E, int nq, const float *q, const float *k, const float *v, size_t stride, int n, float scale,
+void attend_generic(int E, int nq, const float *q, const kv_t *k, const kv_t *v, size_t stride, int n, float scale,
                     float *out, float *scores) {
     for (int h = 0; h < nq; h++) {
         const float *qh = q + (size_t)h * E;
         float *sc = scores + (size_t)h * n, *o = out + (size_t)h * E, mx = -INFINITY, sum = 0.0f;
         for (int p = 0; p < n; p++) {
-            sc[p] = dot_f32(E, qh, k + p * stride) * scale;
+            sc[p] = dot_f16(E, k + p * stride, qh) * scale;
             mx = fmaxf(mx, sc[p]);
         }
         for (int p = 0; p < n; p++) sum += (sc[p] = expf(sc[p] - mx));
         memset(o, 0, (size_t)E * 4);
         for (int p = 0; p < n; p++) {
-            const float *vp = v + p * stride;
-            for (int e = 0; e < E; e++) o[e] += sc[p] * vp[e];
+            const kv_t *vp = v + p * stride;
+            for (int e = 0; e < E; e++) o[e] += sc[p] * fp16_to_fp32(vp[e]);
         }
         for (int e = 0; e < E; e++) o[e] /= sum;
     }

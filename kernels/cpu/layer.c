@@ -107,8 +107,8 @@ static void qkv(const ctx_t *c, const layer_desc *L, int layer, const float *h, 
                 int s = b->seq_of[t];
                 const seq_desc *sq = &b->seqs[s];
                 int pos = sq->start + (t - sq->first);
-                float *cache = u < H + G ? sq->k : sq->v;
-                memcpy(cache + (((size_t)layer * sq->capacity + pos) * G + head) * E, v, (size_t)E * 4);
+                kv_t *cache = (u < H + G ? sq->k : sq->v) + (((size_t)layer * sq->capacity + pos) * G + head) * E;
+                for (int e = 0; e < E; e++) cache[e] = fp32_to_fp16(v[e]);
             }
         }
     }
@@ -132,8 +132,8 @@ static void attention(const ctx_t *c, int layer, int ith, int nth) {
         int t = u / units_per_token, h0 = (u % units_per_token) * per, g = h0 / group;
         const seq_desc *sq = &b->seqs[b->seq_of[t]];
         int n_keys = sq->start + (t - sq->first) + 1;
-        const float *k = sq->k + ((size_t)layer * sq->capacity * G + g) * E;
-        const float *v = sq->v + ((size_t)layer * sq->capacity * G + g) * E;
+        const kv_t *k = sq->k + ((size_t)layer * sq->capacity * G + g) * E;
+        const kv_t *v = sq->v + ((size_t)layer * sq->capacity * G + g) * E;
         float *o = c->att + (size_t)t * HE + (size_t)h0 * E;
         attend(E, per, c->q + (size_t)t * HE + (size_t)h0 * E, k, v, stride, n_keys, scale, o, sc);
         if (E % QK == 0) quantize_q8(o, q8_at(c->attq, HE, t) + h0 * E / QK, per * E);
@@ -235,10 +235,10 @@ int range_forward(const range_desc *r, const batch_desc *b, float *x) {
 
 static void attention_task(void *arg, int ith, int nth) { attention(arg, 0, ith, nth); }
 
-int attention_forward(int H, int G, int E, int T, int start, const float *q, const float *k, const float *v,
+int attention_forward(int H, int G, int E, int T, int start, const float *q, const kv_t *k, const kv_t *v,
                       float *out) {
     range_desc r = {.dim = H * E, .n_heads = H, .n_kv_heads = G, .head_dim = E, .n_layers = 1};
-    seq_desc sq = {.first = 0, .n = T, .start = start, .k = (float *)k, .v = (float *)v, .capacity = start + T};
+    seq_desc sq = {.first = 0, .n = T, .start = start, .k = (kv_t *)k, .v = (kv_t *)v, .capacity = start + T};
     int *seq_of = calloc((size_t)T, sizeof(int)), nth = pool_threads(), keys = start + T;
     float *scores = malloc((size_t)nth * (H / G) * keys * 4);
     void *attq = malloc((size_t)T * q8_row(H * E) + sizeof(block_q8)); /* unused when E is not whole blocks */

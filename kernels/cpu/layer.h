@@ -22,7 +22,7 @@ typedef struct {
 
 typedef struct {
     int first, n, start; /* its rows of the batch, and the position of the first */
-    float *k, *v;        /* its cache: [layers, capacity, G, E] each */
+    kv_t *k, *v;         /* its cache: [layers, capacity, G, E] each, float16 */
     int capacity;
 } seq_desc;
 
@@ -38,7 +38,7 @@ int range_forward(const range_desc *r, const batch_desc *b, float *x);
 
 /* The attention step alone, as range_forward runs it, for tests: T queries q [T, H*E] at positions
  * start.. over keys and values [start + T, G, E]; out [T, H*E]. 0, or -1 when out of memory. */
-int attention_forward(int H, int G, int E, int T, int start, const float *q, const float *k, const float *v,
+int attention_forward(int H, int G, int E, int T, int start, const float *q, const kv_t *k, const kv_t *v,
                       float *out);
 
 #endif

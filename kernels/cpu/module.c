@@ -207,8 +207,8 @@ static PyObject *py_range_forward(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "a sequence's positions do not fit its cache");
             goto done;
         }
-        Py_ssize_t cache_bytes = (Py_ssize_t)((size_t)r->n_layers * sq[s].capacity * GE * 4);
-        if (!(sq[s].k = (float *)address(k, cache_bytes, 1)) || !(sq[s].v = (float *)address(v, cache_bytes, 1)))
+        Py_ssize_t cache_bytes = (Py_ssize_t)((size_t)r->n_layers * sq[s].capacity * GE * sizeof(kv_t));
+        if (!(sq[s].k = (kv_t *)address(k, cache_bytes, 1)) || !(sq[s].v = (kv_t *)address(v, cache_bytes, 1)))
             goto done;
         sq[s].first = T;
         T += sq[s].n;
@@ -257,7 +257,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
 }
 
 /* attention(q, k, v, heads, kv_heads, head_dim, start, out): causal grouped-query attention of q
- * [T, H*E] over k, v [start + T, G, E] into out [T, H*E], float32. */
+ * [T, H*E] over k, v [start + T, G, E] (float16, as the cache holds them) into out [T, H*E], float32. */
 static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_buffer q, k, v, out;
     int H, G, E, start;
@@ -266,8 +266,8 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_ssize_t row = (Py_ssize_t)H * E * 4;
     int T = row > 0 ? (int)(q.len / row) : 0;
     if (H < 1 || G < 1 || E < 1 || H % G || start < 0 || T < 1 || q.len != T * row || out.len != q.len ||
-        k.len != (Py_ssize_t)(start + T) * G * E * 4 || v.len != k.len) {
-        PyErr_SetString(PyExc_ValueError, "attention takes q, out [T, H*E] and k, v [start + T, G, E] float32");
+        k.len != (Py_ssize_t)(start + T) * G * E * 2 || v.len != k.len) {
+        PyErr_SetString(PyExc_ValueError, "attention takes q, out [T, H*E] float32 and k, v [start + T, G, E] float16");
         goto done;
     }
     int rc;

@@ -333,9 +333,12 @@ FN __m256 NAME(exp_neg)(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+/* 8 float16 values of the cache as floats. */
+FN __m256 NAME(kv8)(const kv_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
 /* attend_fn for E a multiple of 64. Scores 8 keys at a time for each head (the 8 key rows stay in
  * L1 for the group's heads); the value sum holds 64 output floats in 8 registers per pass. */
-static __attribute__((target(ISA))) void NAME(attend)(int E, int nq, const float *q, const float *k, const float *v,
+static __attribute__((target(ISA))) void NAME(attend)(int E, int nq, const float *q, const kv_t *k, const kv_t *v,
                                                      size_t stride, int n, float scale, float *out, float *scores) {
     if (E % 64) {
         attend_generic(E, nq, q, k, v, stride, n, scale, out, scores);
@@ -344,18 +347,19 @@ static __attribute__((target(ISA))) void NAME(attend)(int E, int nq, const float
     int p = 0;
     for (; p + 8 <= n; p += 8) {
         for (int h = 0; h < nq; h++) {
-            const float *qh = q + (size_t)h * E, *kp = k + p * stride;
+            const float *qh = q + (size_t)h * E;
+            const kv_t *kp = k + p * stride;
             __m256 acc[8];
             for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
             for (int e = 0; e < E; e += 8) {
                 __m256 qv = _mm256_loadu_ps(qh + e);
-                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp + i * stride + e), acc[i]);
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, NAME(kv8)(kp + i * stride + e), acc[i]);
             }
             _mm256_storeu_ps(scores + (size_t)h * n + p, _mm256_mul_ps(NAME(hsum8)(acc), _mm256_set1_ps(scale)));
         }
     }
     for (; p < n; p++)
-        for (int h = 0; h < nq; h++) scores[(size_t)h * n + p] = NAME(dot_f32)(E, q + (size_t)h * E, k + p * stride) * scale;
+        for (int h = 0; h < nq; h++) scores[(size_t)h * n + p] = NAME(dot_f16)(E, k + p * stride, q + (size_t)h * E) * scale;
     for (int h = 0; h < nq; h++) {
         float *sc = scores + (size_t)h * n, mx = -INFINITY;
         for (int i = 0; i < n; i++) mx = sc[i] > mx ? sc[i] : mx;
@@ -374,8 +378,8 @@ static __attribute__((target(ISA))) void NAME(attend)(int E, int nq, const float
             for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
             for (int j = 0; j < n; j++) {
                 __m256 w = _mm256_broadcast_ss(sc + j);
-                const float *vp = v + j * stride + e0;
-                for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + 8 * c), o[c]);
+                const kv_t *vp = v + j * stride + e0;
+                for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(w, NAME(kv8)(vp + 8 * c), o[c]);
             }
             for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + (size_t)h * E + e0 + 8 * c, _mm256_mul_ps(o[c], inv));
         }

@@ -73,7 +73,7 @@ static void run_layer(char *args) {
         used += more;
         sq[s].first = T;
         T += sq[s].n;
-        size_t cache = (size_t)sq[s].capacity * GE * 4;
+        size_t cache = (size_t)sq[s].capacity * GE * sizeof(kv_t);
         snprintf(name, sizeof name, "k%d", s);
         sq[s].k = load(in_dir(dir, name), cache);
         snprintf(name, sizeof name, "v%d", s);
