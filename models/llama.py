@@ -290,8 +290,9 @@ class Llama:
 
     @property
     def fixed_nbytes(self) -> int:
-        """What never leaves this device: the (quantized) embedding table, the final norm and the head."""
-        head = 0 if self.lm_head is self.token_embd else self.lm_head.nbytes
+        """What never leaves this device: the (quantized) embedding table, the final norm and the head
+        (nothing more for a tied head that a backend reads in place from the embedding's blocks)."""
+        head = 0 if getattr(self.lm_head, "raw", None) is self.token_embd.raw else self.lm_head.nbytes
         return self.token_embd.raw.nbytes + self.output_norm.nbytes + head
 
     def embed(self, ids: list[int] | np.ndarray) -> np.ndarray:

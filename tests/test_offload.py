@@ -81,6 +81,24 @@ def test_split_hidden_states_equal_all_local_with_fp32_on_the_wire(engine, split
     split.release(remote)
 
 
+def test_the_c_backend_splits_the_same_way(model_path, home, tmp_path_factory):
+    """What a user gets by default (auto: the C kernels on the appliance and on every worker), with
+    budgets in the C backend's sizes (the file's blocks): three ways split, the tokens are all-local's,
+    and each device's layers are the same computation bit for bit."""
+    local = Engine.load(model_path, "cpu")
+    with (
+        new_worker(home, tmp_path_factory, "c1", budget="45MB", backend="cpu") as w1,  # 14 layers of ~3 MB
+        new_worker(home, tmp_path_factory, "c2", budget="45MB", backend="cpu") as w2,
+    ):
+        split = load_engine(model_path, "cpu", "40MB", [w1.address, w2.address])  # 30 MB fixed + 3 layers
+        plan = split.offload.make_plan()
+        assert plan.local.stop == 3 and {s.device.address for s in plan.chain} == {w1.address, w2.address}
+        assert greedy(split, PROMPTS[0]) == greedy(local, PROMPTS[0])
+        ids = local.prompt_ids(PROMPTS[1])
+        assert np.array_equal(split.hidden_states(ids, Session()), local.hidden_states(ids, Session()))
+        split.offload.close()
+
+
 def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
     """Within tolerance of the states' scale (they reach ~200 after 30 layers): BLAS on another device
     sums in another order, so float32 results agree to ~1e-6 relative, not bit for bit."""
