@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from kernels import native
 from kernels.backend import UnknownBackendError, select_backend
 from kernels.cuda_backend import available, gpu_present
 
@@ -20,7 +21,7 @@ def test_auto_backend_never_imports_pycuda_or_tensorrt():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
     name, pycuda_loaded, tensorrt_loaded = out.stdout.split()
-    assert name == ("cuda" if available() else "numpy")
+    assert name == ("cuda" if available() else "cpu" if native.available() else "numpy")
     if not gpu_present():
         assert (pycuda_loaded, tensorrt_loaded) == ("False", "False")
 
