@@ -298,6 +298,7 @@ def test_a_plain_http_client_that_leaves_is_cancelled(server, served):
 def test_a_grpc_client_that_leaves_is_cancelled(server, served):
     before = metric(server, "appliance_generations_cancelled_total")
     request = _grpc_request(served)
+    request.inputs[0].contents.bytes_contents[:] = [COUNTING.encode()]
     request.inputs[1].contents.int_contents[:] = [2000]
     with pytest.raises(grpc.RpcError) as e:
         _stub(server).ModelInfer(request, metadata=GRPC_AUTH, timeout=2)
