@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -73,15 +72,12 @@ def run(model: str, url: str, tokenizer: Path, key: str | None = None, concurren
 
 def main() -> None:
     from appliance.bench.engine import print_table
-    from appliance.bench.launch import free_port, running
+    from appliance.bench.launch import bench_server
     from models.store import ModelStore
 
     path = ModelStore().get()
-    http, grpc = free_port(), free_port()
-    cmd = [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1", "--http-port", str(http)]
-    cmd += ["--grpc-port", str(grpc), "--no-auth", "--no-advertise", "--no-discover", "--model", str(path)]
     rows = []
-    with tempfile.TemporaryDirectory() as folder, running(cmd, f"http://127.0.0.1:{http}/health"):
+    with tempfile.TemporaryDirectory() as folder, bench_server(path) as (http, _):
         tokenizer = tokenizer_folder(path, Path(folder))
         for concurrency in (1, 4):
             rows.append(run(path.stem, f"http://127.0.0.1:{http}", tokenizer, None, concurrency, 4 * concurrency))

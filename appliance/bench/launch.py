@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -51,3 +52,14 @@ def running(
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextmanager
+def bench_server(model: Path) -> Iterator[tuple[int, int]]:
+    """The appliance serving `model` on loopback without auth or discovery, for the load tools
+    (perf_analyzer, aiperf): yields its HTTP and gRPC ports once it answers."""
+    http, grpc = free_port(), free_port()
+    cmd = [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1", "--http-port", str(http)]
+    cmd += ["--grpc-port", str(grpc), "--no-auth", "--no-advertise", "--no-discover", "--model", str(model)]
+    with running(cmd, f"http://127.0.0.1:{http}/health"):
+        yield http, grpc

@@ -78,15 +78,12 @@ def run(
 
 def main() -> None:
     from appliance.bench.engine import print_table
-    from appliance.bench.launch import free_port, running
+    from appliance.bench.launch import bench_server
     from models.store import ModelStore
 
     path = ModelStore().get()
-    http, grpc = free_port(), free_port()
-    cmd = [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1", "--http-port", str(http)]
-    cmd += ["--grpc-port", str(grpc), "--no-auth", "--no-advertise", "--no-discover", "--model", str(path)]
     rows = []
-    with running(cmd, f"http://127.0.0.1:{http}/health"):
+    with bench_server(path) as (http, grpc):
         for protocol, url in (("http", f"127.0.0.1:{http}"), ("grpc", f"127.0.0.1:{grpc}")):
             for concurrency in (1, 4):
                 rows.append(run(path.stem, url, protocol, concurrency=concurrency, max_tokens=16, requests=20))
