@@ -12,7 +12,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
-from models.errors import UnsupportedModelError
+from models.errors import ModelFileError, UnsupportedModelError
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
 
@@ -61,6 +61,9 @@ class Tokenizer:
         kind = metadata.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise UnsupportedModelError(f"tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)")
+        missing = [k for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges") if k not in metadata]
+        if missing:
+            raise ModelFileError(f"the file's byte-level BPE vocabulary lacks {', '.join(missing)}")
         tokens: list[str] = metadata["tokenizer.ggml.tokens"]
         types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]

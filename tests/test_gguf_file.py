@@ -145,3 +145,11 @@ def test_unsupported_tensor_type_names_the_supported_ones(tmp_path):
     w.close()
     with pytest.raises(UnsupportedModelError, match="blk.0.attn_q.weight is Q3_K; supported: F32, F16"):
         open_gguf(p)
+
+
+def test_a_vocabulary_without_merges_is_a_clear_error(smol_meta):
+    from models.tokenizer import Tokenizer
+
+    meta = {k: v for k, v in smol_meta.items() if k != "tokenizer.ggml.merges"}
+    with pytest.raises(ModelFileError, match="vocabulary lacks tokenizer.ggml.merges"):
+        Tokenizer(meta)
