@@ -34,7 +34,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-$(VENV)/.installed-bench: $(VENV)/.installed-test
+$(VENV)/.installed-bench: | $(VENV)/.installed-test  # order-only: a kernel change does not rebuild the peer
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
 	$(BIN)/pip install -q 'llama-cpp-python[server]'
 	touch $@
@@ -61,7 +61,7 @@ lint: install-test
 	$(BIN)/ruff format --check .
 
 ## bench: load time, memory, prefill and decode tokens/s beside llama.cpp and transformers, in one run
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-bench $(VENV)/llama-rpc/llama-bench
 	$(BIN)/appliance bench
 
 ## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server;
@@ -95,7 +95,7 @@ soak: $(VENV)/.installed-test
 	$(BIN)/python -m appliance.bench.soak --seconds $(or $(SOAK_SECONDS),300) --clients 16
 
 # llama.cpp's RPC server and llama-bench, built from the sources inside the llama-cpp-python sdist (never vendored)
-$(VENV)/llama-rpc/llama-bench: $(VENV)/.installed-test
+$(VENV)/llama-rpc/llama-bench: | $(VENV)/.installed-test
 	rm -rf $(VENV)/llama-src && mkdir -p $(VENV)/llama-src $(VENV)/llama-rpc
 	$(BIN)/pip download -q --no-deps --no-binary :all: 'llama-cpp-python==$(LLAMA_CPP_VERSION)' -d $(VENV)/llama-src
 	tar xzf $(VENV)/llama-src/llama_cpp_python-*.tar.gz -C $(VENV)/llama-src
