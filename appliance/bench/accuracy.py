@@ -84,9 +84,10 @@ def greedy_agreement(ours: Engine, ref: Engine, ids: list[int], steps: int = GRE
     return steps, ""
 
 
-def measure(path: Path, backend: str = "cpu", peer: bool = True) -> list[dict]:
+def measure(ref: Engine, backend: str = "cpu", peer: bool = True) -> list[dict]:
     """One row per prompt, then one over all three prompts' positions together."""
-    ref, ours = Engine.load(path, "numpy"), Engine.load(path, backend)
+    path = ref.model.file.path
+    ours = Engine.load(path, backend)
     rows, arrays = [], {"ref": [], "ours": [], "llama_cpp": []}  # per prompt: (hidden, logits)
     for prompt in PROMPTS:
         ids = ref.tokenizer.encode(prompt)

@@ -224,7 +224,7 @@ def _sizes(model, n_tokens: int) -> tuple[int, dict[str, int]]:
 def run_bench(
     path: Path, backends: list[str], threads: list[int], n_prompt: int, n_decode: int, peers: bool
 ) -> list[dict]:
-    reference = Engine.load(path, "numpy")  # its tokenizer, config and file: nothing is dequantized until used
+    reference = Engine.load(path, "numpy")  # its tokenizer, config and file; the accuracy table's reference
     ids = reference.tokenizer.encode(FILLER * (1 + n_prompt // 30))[:n_prompt]
     err = Console(stderr=True)
     rows = []
@@ -287,13 +287,13 @@ def run_bench(
         bw = read_bandwidth(t)
         print(f"read bandwidth, {t} thread(s): {bw / 1e9:.1f} GB/s -> decode bound {bw / weights:.0f} tok/s")
     for backend in (b for b in backends if b != "numpy"):
-        print_accuracy(path, backend, peers)
+        print_accuracy(reference, backend, peers)
     return rows
 
 
-def print_accuracy(path: Path, backend: str, peers: bool) -> None:
+def print_accuracy(reference: Engine, backend: str, peers: bool) -> None:
     """Relative error against the NumPy reference, ours beside llama.cpp's (appliance/bench/accuracy.py)."""
-    rows = accuracy.measure(path, backend, peers)
+    rows = accuracy.measure(reference, backend, peers)
     fmt = lambda r, k: f"{r[k]:.4f}" if k in r else "-"  # noqa: E731
     print_table(
         "error against the NumPy reference (float32 on the dequantized file), every position of each prompt",
@@ -320,5 +320,5 @@ def print_accuracy(path: Path, backend: str, peers: bool) -> None:
         ],
     )
     if backend == "cpu":
-        change = accuracy.float16_cache_effect(Engine.load(path, "numpy"))
+        change = accuracy.float16_cache_effect(reference)
         print(f"of which the float16 KV cache alone (the reference with its cache in float16): logits {change:.5f}")

@@ -266,7 +266,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_ssize_t row = (Py_ssize_t)H * E * 4;
     int T = row > 0 ? (int)(q.len / row) : 0;
     if (H < 1 || G < 1 || E < 1 || H % G || start < 0 || T < 1 || q.len != T * row || out.len != q.len ||
-        k.len != (Py_ssize_t)(start + T) * G * E * 2 || v.len != k.len) {
+        k.len != (Py_ssize_t)((size_t)(start + T) * G * E * sizeof(kv_t)) || v.len != k.len) {
         PyErr_SetString(PyExc_ValueError, "attention takes q, out [T, H*E] float32 and k, v [start + T, G, E] float16");
         goto done;
     }
