@@ -212,7 +212,7 @@ class GpuModel:
         from models.llama import LlamaConfig
 
         self.dev, self.file = device, file
-        c = self.config = LlamaConfig.from_metadata(file.metadata)
+        c = self.config = LlamaConfig.from_file(file)
         if c.head_dim not in HEAD_DIMS or c.n_heads // c.n_kv_heads > 8 or c.dim % 32 or c.hidden_dim % 32:
             raise UnsupportedModelError(f"the GPU kernels do not support this model's shapes ({c})")
         self.max_batch, self.max_context = max_batch, min(max_context, c.context_length)
@@ -257,6 +257,7 @@ class GpuModel:
         self.logits = d.alloc(8 * c.vocab_size * f4)
         self.ids, self.positions, self.slot_ids = d.alloc(T * 4), d.alloc(T * 4), d.alloc(T * 4)
         self.params = d.alloc(8 * SAMPLE_PARAMS.itemsize)
+        self.inv_freq = d.upload(c.inv_freq.astype(np.float64))  # the file's RoPE schedule (models/rope.py)
         self.tokens = d.alloc(8 * 4)
 
     # -- the layers --------------------------------------------------------------------------------------
@@ -265,8 +266,8 @@ class GpuModel:
         c, d = self.config, self.dev
         H, G, E = c.n_heads, c.n_kv_heads, c.head_dim
         d.launch(
-            "rope_store", "PPPiiifPPPlli", (rows, 1), (128, 1, 1),
-            self.qkv, self.positions, self.slot_ids, H, G, E, c.rope_theta, self.q,
+            "rope_store", "PPPiiiPfPPPlli", (rows, 1), (128, 1, 1),
+            self.qkv, self.positions, self.slot_ids, H, G, E, self.inv_freq, c.rope_attn_factor, self.q,
             self.k_cache, self.v_cache, self.slot_stride, self.layer_stride, layer,
         )  # fmt: skip
         d.launch(

@@ -23,11 +23,11 @@ def linear(x: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
     return x @ weight_t
 
 
-def rope_tables(positions: np.ndarray, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of position * theta^(-2i/dim), each [T, dim/2]."""
-    inv_freq = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
-    angles = np.outer(positions.astype(np.float64), inv_freq)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+def rope_tables(positions: np.ndarray, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """scale * cos and sin of position * inv_freq[i], each [T, E/2]. inv_freq is the model's schedule
+    (models.rope: theta^(-2i/E), or scaled); angles in float64, as positions reach 10^5."""
+    angles = np.outer(positions.astype(np.float64), np.asarray(inv_freq, dtype=np.float64))
+    return (scale * np.cos(angles)).astype(np.float32), (scale * np.sin(angles)).astype(np.float32)
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

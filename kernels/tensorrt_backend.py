@@ -46,7 +46,7 @@ def build_engine(file: GGUFModelFile, start: int, stop: int, gpu_name: str, cont
         return out
     from models.llama import LlamaConfig
 
-    c = LlamaConfig.from_metadata(file.metadata)
+    c = LlamaConfig.from_file(file)
     L, G, E = stop - start, c.n_kv_heads, c.head_dim
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -98,6 +98,10 @@ class Engine:
         if self.offload is not None:
             self.offload.release(session)
 
+    def score(self, ids: list[int]) -> Scoring:
+        """The next token's logits after `ids`, as a job the scheduler prefills in its chunks."""
+        return Scoring(self, ids)
+
     def generate(
         self,
         prompt_ids: list[int],
@@ -114,7 +118,66 @@ class Engine:
         )
 
 
-class Generation:
+class PromptRun:
+    """A prompt fed through the model in chunks, with its own session: what Generation and Scoring
+    share, and what the scheduler steps (next_input, then advance with the logits after it)."""
+
+    max_tokens = 0  # tokens it may generate
+
+    def __init__(self, engine: Engine, prompt_ids: list[int]):
+        self.engine = engine
+        self.prompt_ids = list(prompt_ids)
+        self.session = Session()
+        self.finish_reason: str | None = None
+        self._prefilled = 0  # prompt ids already run through the model
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return 0
+
+    @property
+    def prompt_done(self) -> bool:
+        return self._prefilled >= len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_input(self, prefill_chunk: int | None = None) -> list[int]:
+        """The rest of the prompt, at most prefill_chunk of it."""
+        end = len(self.prompt_ids) if prefill_chunk is None else self._prefilled + prefill_chunk
+        return self.prompt_ids[self._prefilled : end]
+
+    def _fed(self, n_fed: int) -> bool:
+        """Count n_fed prompt ids as run; whether the prompt is now all in (the logits are the next token's)."""
+        self._prefilled += n_fed
+        return self.prompt_done
+
+
+class Scoring(PromptRun):
+    """The next token's logits after a sequence of ids (KServe `NAME-logits`): a prompt that is only
+    prefilled, so a long one goes through the scheduler in chunks between other requests' tokens."""
+
+    def __init__(self, engine: Engine, ids: list[int]):
+        ctx = engine.model.config.context_length
+        if not ids or len(ids) > ctx:
+            raise ContextLengthError(f"{len(ids)} ids: scoring takes 1 to {ctx} (the context window)")
+        super().__init__(engine, ids)
+        self.logits: np.ndarray | None = None
+
+    def advance(self, n_fed: int, logits: np.ndarray) -> str:
+        if self._fed(n_fed):
+            self.logits = np.asarray(logits, dtype=np.float32)
+            self.finish_reason = "scored"
+            self.engine.release(self.session)
+        return ""
+
+
+class Generation(PromptRun):
     """One streamed completion: iterate for text pieces; afterwards read the ids, text and why it ended."""
 
     def __init__(
@@ -138,49 +201,28 @@ class Generation:
             )
         if any(not s for s in stop):
             raise InvalidParameterError("stop strings must not be empty")
-        self.engine = engine
-        self.prompt_ids = list(prompt_ids)
+        super().__init__(engine, prompt_ids)
         self.max_tokens = min(max_tokens or ctx, ctx - len(prompt_ids))
         self.stop = list(stop)
         self.stop_ids = stop_ids
         self.sampler = Sampler(sampling)
-        self.session = Session()
         self.token_ids: list[int] = []
         self.text = ""
-        self.finish_reason: str | None = None
-        self._prefilled = 0  # prompt ids already run through the model
         self._emitted = 0  # characters of text already handed out
         self._hold = max((len(s) for s in self.stop), default=1) - 1
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
 
-    @property
-    def prompt_done(self) -> bool:
-        return self._prefilled >= len(self.prompt_ids)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
     def next_input(self, prefill_chunk: int | None = None) -> list[int]:
         """The ids to run next: the rest of the prompt (at most prefill_chunk of it), else the last token."""
-        if self._prefilled < len(self.prompt_ids):
-            end = len(self.prompt_ids) if prefill_chunk is None else self._prefilled + prefill_chunk
-            return self.prompt_ids[self._prefilled : end]
-        return [self.token_ids[-1]]
+        return super().next_input(prefill_chunk) if not self.prompt_done else [self.token_ids[-1]]
 
     def advance(self, n_fed: int, logits: np.ndarray) -> str:
         """Take the logits after running next_input(); sample once the prompt is in; return new text."""
-        if self._prefilled < len(self.prompt_ids):
-            self._prefilled += n_fed
-            if self._prefilled < len(self.prompt_ids):
-                return ""  # a prompt chunk: nothing to sample yet
+        if not self.prompt_done and not self._fed(n_fed):
+            return ""  # a prompt chunk: nothing to sample yet
         token = self.sampler(logits, self.prompt_ids + self.token_ids)
         if token in self.stop_ids:
             return self._finish("stop")

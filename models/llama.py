@@ -11,7 +11,8 @@ some ranges and LAN workers run others, so a range touches nothing but its own w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import json
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kernels.backend import Backend, select_backend
 from kernels.dequant import dequantize
+from models import rope
 from models.errors import ContextLengthError, UnsupportedModelError
 from models.gguf_file import GGUFModelFile, StoredTensor, open_gguf
 
@@ -35,9 +37,34 @@ class LlamaConfig:
     context_length: int
     norm_eps: float
     rope_theta: float
+    # The file's RoPE schedule (models.rope): one speed per pair of a head; () is the plain theta one.
+    rope_inv_freq: tuple[float, ...] = ()
+    rope_attn_factor: float = 1.0
+    rope_scaling: str = "none"
+
+    @property
+    def inv_freq(self) -> np.ndarray:
+        if self.rope_inv_freq:
+            return np.array(self.rope_inv_freq)
+        return rope.plain_inv_freq(self.rope_theta, self.head_dim)
+
+    def to_json(self) -> str:
+        """What an offload worker is sent to build its layer range with (from_json on its side)."""
+        return json.dumps(asdict(self))
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> LlamaConfig:
+    def from_json(cls, text: str) -> LlamaConfig:
+        fields_ = json.loads(text)
+        return cls(**{**fields_, "rope_inv_freq": tuple(fields_.get("rope_inv_freq", ()))})
+
+    @classmethod
+    def from_file(cls, file: GGUFModelFile) -> LlamaConfig:
+        """The config of a model file: its metadata, and Llama 3.1+'s per-pair RoPE factors where it has them."""
+        t = file.tensors.get("rope_freqs.weight")
+        return cls.from_metadata(file.metadata, None if t is None else dequantize(t.raw, t.qtype, t.shape))
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], rope_freq_factors: np.ndarray | None = None) -> LlamaConfig:
         arch = meta["general.architecture"]
 
         def get(key: str, default: Any = None) -> Any:
@@ -50,6 +77,8 @@ class LlamaConfig:
         head_dim = int(get("attention.key_length", dim // n_heads))
         if int(get("rope.dimension_count", head_dim)) != head_dim:
             raise UnsupportedModelError("partial rotary embeddings are not supported")
+        theta = float(get("rope.freq_base", 10000.0))
+        sched = rope.schedule(meta, head_dim, theta, rope_freq_factors)
         return cls(
             dim=dim,
             n_layers=int(get("block_count")),
@@ -60,7 +89,10 @@ class LlamaConfig:
             vocab_size=int(meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])),
             context_length=int(get("context_length")),
             norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_theta=theta,
+            rope_inv_freq=sched.inv_freq,
+            rope_attn_factor=sched.attn_factor,
+            rope_scaling=sched.kind,
         )
 
 
@@ -216,7 +248,7 @@ class LayerRange:
         bounds = np.cumsum([0, *sizes])
         rows = [slice(bounds[j], bounds[j + 1]) for j in range(len(xs))]
         positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, sizes, strict=True)])
-        cos, sin = ops.rope_tables(positions, E, c.rope_theta)
+        cos, sin = ops.rope_tables(positions, c.inv_freq, c.rope_attn_factor)
         x = np.concatenate(xs)
         if self.fused is not None:
             seqs = [(n, s, cache.k, cache.v, cache.capacity) for n, s, cache in zip(sizes, starts, caches, strict=True)]
@@ -246,7 +278,7 @@ class Llama:
 
     def __init__(self, file: GGUFModelFile, backend: Backend):
         self.file, self.backend = file, backend
-        self.config = LlamaConfig.from_metadata(file.metadata)
+        self.config = LlamaConfig.from_file(file)
         self._layers: dict[int, LayerWeights] = {}
         self._ranges: dict[tuple[int, int], LayerRange] = {}
         self.token_embd = self._tensor("token_embd.weight")  # stays quantized: rows are read per token

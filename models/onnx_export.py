@@ -85,7 +85,7 @@ def _attention(g: _Graph, q: str, k: str, v: str, mask: str, c: LlamaConfig) -> 
 
 def export_range(file: GGUFModelFile, start: int, stop: int, weight_dtype: type = np.float32) -> onnx.ModelProto:
     """Layers [start, stop) of the model in `file` as one ONNX graph (see the module docstring)."""
-    c = LlamaConfig.from_metadata(file.metadata)
+    c = LlamaConfig.from_file(file)
     if not 0 <= start < stop <= c.n_layers:
         raise ValueError(f"layer range [{start}, {stop}) is outside [0, {c.n_layers})")
     g = _Graph(weight_dtype)
@@ -153,7 +153,7 @@ def range_inputs(
     from kernels.reference import rope_tables
 
     T, P = hidden.shape[0], past_k.shape[1]
-    cos, sin = rope_tables(np.arange(P, P + T), config.head_dim, config.rope_theta)
+    cos, sin = rope_tables(np.arange(P, P + T), config.inv_freq, config.rope_attn_factor)
     return {
         "hidden": hidden.astype(np.float32),
         "cos": cos,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import socket
@@ -164,7 +163,7 @@ class WorkerClient:
         self.stub.LoadLayers(
             pb.LoadRequest(
                 model_id=model_id,
-                config_json=json.dumps(model.config.__dict__),
+                config_json=model.config.to_json(),
                 layer_start=start,
                 layer_stop=stop,
                 manifest=pb.Manifest(tensors=manifest),

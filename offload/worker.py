@@ -11,7 +11,6 @@ worker of the chain directly, or, from the last one, straight back to the applia
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import statistics
@@ -252,7 +251,7 @@ class WorkerService(rpc.OffloadServicer):
         if missing:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"tensors not pushed yet: {', '.join(missing[:3])}")
         try:
-            config = LlamaConfig(**json.loads(request.config_json))
+            config = LlamaConfig.from_json(request.config_json)
             layers = [self._layer(i, specs) for i in range(request.layer_start, request.layer_stop)]
         except (TypeError, ValueError, KeyError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot build layers from this request: {e}")

@@ -104,7 +104,7 @@ def layer_job(rng: np.random.Generator, workdir: Path) -> tuple[str, np.ndarray]
         caches.append(cache)
         seqs.append(f"{n} {cached} {cache.capacity}")
     positions = np.concatenate([np.arange(cached, cached + n) for n, cached in SEQS])
-    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+    cos, sin = rope_tables(positions, c.inv_freq, c.rope_attn_factor)
     for name, array in {**raw, **norms, "x": np.concatenate(xs), "cos": cos, "sin": sin}.items():
         np.ascontiguousarray(array).tofile(workdir / f"{name}.bin")
     want = np.concatenate(layer.forward(xs, caches))

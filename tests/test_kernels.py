@@ -9,6 +9,7 @@ import pytest
 
 from kernels import reference as K
 from kernels.backend import UnknownBackendError, select_backend
+from models.rope import plain_inv_freq
 
 rng = np.random.default_rng(0)
 
@@ -29,7 +30,7 @@ def test_linear_is_weight_times_vector():
 def test_rope_is_a_complex_rotation_of_each_pair(start):
     T, heads, E, theta = 5, 3, 6, 10000.0
     x = rng.standard_normal((T, heads, E)).astype(np.float32)
-    cos, sin = K.rope_tables(np.arange(start, start + T), E, theta)
+    cos, sin = K.rope_tables(np.arange(start, start + T), plain_inv_freq(theta, E))
     out = K.rope(x, cos, sin)
     for t in range(T):
         for h in range(heads):
@@ -78,7 +79,7 @@ def test_float32_stays_float32():
     q = rng.standard_normal((2, 4, 8)).astype(np.float32)
     k = rng.standard_normal((5, 2, 8)).astype(np.float32)
     assert K.attention(q, k, k, 3).dtype == np.float32
-    cos, sin = K.rope_tables(np.arange(2), 8, 1e4)
+    cos, sin = K.rope_tables(np.arange(2), plain_inv_freq(1e4, 8))
     assert K.rope(q, cos, sin).dtype == np.float32
     assert K.rmsnorm(q, np.ones(8, np.float32), 1e-5).dtype == np.float32
 

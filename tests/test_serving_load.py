@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+import time
 
 import httpx
+import numpy as np
 import openai
 import psutil
 import pytest
 import schemathesis
+import tritonclient.http as httpclient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
+from models.llama import Session
 from models.sampling import SamplingParams
 from tests.serving import running_server
 
@@ -98,3 +103,52 @@ negative = schemathesis.pytest.from_fixture("negative_schema").include(method="P
 def test_openapi_document_fuzzed_with_invalid_data(case):
     """Requests that break the document's rules are refused with a 4xx, never a 5xx."""
     case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=[not_a_server_error])
+
+
+COUNTING = "Count from 1 to 1000: 1, 2, 3, 4,"  # greedy text that goes on for hundreds of tokens
+
+
+def test_a_long_scoring_request_does_not_stall_a_stream(served):
+    """A 2000-token prompt scored through KServe `NAME-logits` while a client streams: the scoring is
+    prefilled by the scheduler in chunks between the stream's tokens (run in one pass on the event loop
+    it froze every stream for its whole ~8 s), so tokens keep arriving while it runs, no gap comes near
+    the scoring's own time, and both answers are the ones each request gets alone."""
+    long_ids = (served.tokenizer.encode("The appliance serves every device of the home. ") * 200)[:2000]
+    want = served.next_logits(long_ids, Session())
+    expected = served.generate(served.prompt_ids(COUNTING), SamplingParams(), 300).run()
+    with running_server(key=KEY) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+        scorer = httpclient.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=300)
+        arrivals: list[float] = []
+        pieces: list[str] = []
+        first_tokens = threading.Event()
+
+        def stream() -> None:
+            chunks = client.completions.create(
+                model=served.name, prompt=COUNTING, max_tokens=300, temperature=0, stream=True
+            )
+            for c in chunks:
+                if c.choices and c.choices[0].text:
+                    pieces.append(c.choices[0].text)
+                    arrivals.append(time.monotonic())
+                    if len(arrivals) == 4:
+                        first_tokens.set()
+
+        def score() -> tuple[float, float, np.ndarray]:
+            first_tokens.wait(120)
+            t = httpclient.InferInput("input_ids", [len(long_ids)], "INT64")
+            t.set_data_from_numpy(np.array(long_ids, dtype=np.int64))
+            began = time.monotonic()
+            r = scorer.infer(f"{served.name}-logits", [t], headers={"authorization": f"Bearer {KEY}"})
+            return began, time.monotonic(), r.as_numpy("logits")
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            streaming, scoring = pool.submit(stream), pool.submit(score)
+            began, ended, logits = scoring.result(timeout=300)
+            streaming.result(timeout=300)
+    assert "".join(pieces) == expected
+    np.testing.assert_allclose(logits, want, rtol=0, atol=1e-3 * np.abs(want).max())
+    during = [a for a in arrivals if began < a < ended]
+    gaps = np.diff([a for a in arrivals if began - 1 < a < ended + 1])
+    assert len(during) >= 10, f"{len(during)} tokens arrived during the {ended - began:.1f} s scoring"
+    assert gaps.max() < max(1.0, (ended - began) / 5), f"longest gap {gaps.max():.2f} s"

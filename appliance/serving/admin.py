@@ -68,8 +68,8 @@ def _tokens_per_s(tickets: list[Ticket]) -> float:
     """The decode rate of the generations running now, summed: each one's tokens since its first."""
     now, rate = time.monotonic(), 0.0
     for t in tickets:
-        if t.first_token_at is not None and now > t.first_token_at and t.generation.completion_tokens > 1:
-            rate += (t.generation.completion_tokens - 1) / (now - t.first_token_at)
+        if t.first_token_at is not None and now > t.first_token_at and t.job.completion_tokens > 1:
+            rate += (t.job.completion_tokens - 1) / (now - t.first_token_at)
     return rate
 
 
@@ -283,7 +283,7 @@ def plan(state: State) -> dict:
 def _where(state: ServerState, ticket: Ticket) -> list[str]:
     where = [f"appliance [{a}, {b})" for a, b in state.engine.ranges]
     coordinator = state.engine.offload
-    if coordinator is not None and ticket.generation.session.remote is not None and coordinator.plan:
+    if coordinator is not None and ticket.job.session.remote is not None and coordinator.plan:
         where += [f"{s.device.name} [{s.start}, {s.stop})" for s in coordinator.plan.chain]
     return where
 
@@ -294,7 +294,7 @@ def sessions(state: State) -> list[dict]:
     rows = []
     for kind, tickets in (("active", list(state.scheduler.active)), ("waiting", list(state.scheduler.waiting))):
         for t in tickets:
-            g = t.generation
+            g = t.job
             rows.append(
                 {
                     "id": t.id,

@@ -1,10 +1,12 @@
-"""Continuous batching: one thread runs decode steps over every active request at once.
+"""Continuous batching: one thread runs every piece of model work, a step over all active requests at once.
 
 Between two steps requests join (from a bounded queue) and leave (finished or cancelled), so a new
-request waits for at most one step, not for others to finish. A step runs each active request's
-next input through the model in one batch: one token for a decoding request, a chunk of the prompt
-for one still prefilling, within a per-step token budget so a long prompt does not stall the
-tokens of the others.
+request waits for at most one step, not for others to finish. A step runs each active job's next
+input through the model in one batch: one token for a decoding generation, a chunk of the prompt
+for one still prefilling or for a scoring request (KServe `NAME-logits`). While any request is
+decoding, prompt chunks are sized from measured step times so that a step takes at most
+`prefill_slowdown` times a decode-only one: a prompt of any length slows the streams beside it by
+that factor, never stalls them.
 
 The thread never dies of a request: a step that raises fails only the requests in it (each gets an
 error event), and anything else that raises fails the active requests and the loop goes on.
@@ -21,14 +23,35 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
 
 from appliance.serving.metrics import Metrics
 from kernels.backend import describe
-from models.engine import Engine, Generation
+from models.engine import Engine
+from models.llama import Session
 from models.memory import release_memory
 
 log = logging.getLogger("appliance")
 BROKEN_AFTER = 3  # failed steps in a row (and none served since) before the engine counts as unable to serve
+MIN_CHUNK = 8  # prompt ids a prefilling job gets per step at least, however busy: every prompt advances
+SMOOTHING = 0.3  # weight of the newest step in the running step-time estimates
+
+
+class Job(Protocol):
+    """What the scheduler steps: models.engine's Generation (sampled text) or Scoring (logits only)."""
+
+    session: Session
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    max_tokens: int | None
+    prompt_done: bool
+    done: bool
+
+    def next_input(self, prefill_chunk: int | None = None) -> list[int]: ...
+    def advance(self, n_fed: int, logits: np.ndarray) -> str: ...
 
 
 class QueueFullError(Exception):
@@ -53,7 +76,7 @@ class Event:
 class Ticket:
     """One request inside the scheduler; `cancel()` (its client left) frees its slot and cache at the next step."""
 
-    generation: Generation
+    job: Job
     deliver: Callable[[Event], None]
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -66,7 +89,8 @@ class Ticket:
 
 
 class TokenStream:
-    """The text pieces of one submitted generation, for asyncio servers; a failure raises GenerationError."""
+    """The text pieces of one submitted job, for asyncio servers (none for a scoring); a failure raises
+    GenerationError."""
 
     def __init__(self, ticket: Ticket, queue: asyncio.Queue[Event]):
         self.ticket, self.queue = ticket, queue
@@ -95,13 +119,19 @@ class Scheduler:
         max_queue: int = 64,
         step_tokens: int = 256,
         metrics: Metrics | None = None,
+        prefill_slowdown: float = 3.0,
     ):
+        """step_tokens: ids one step may run at most; prefill_slowdown: how much longer than a decode-only
+        step a step with prompt chunks may take while requests are decoding."""
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.metrics.backend.info({"name": engine.model.backend.name, "description": describe(engine.model.backend)})
         if engine.offload is not None:
             self.metrics.watch_offload(engine.offload)
         self.max_batch, self.max_queue, self.step_tokens = max_batch, max_queue, step_tokens
+        self.prefill_slowdown = prefill_slowdown
+        self.decode_step_s: float | None = None  # running estimate of a decode-only step
+        self.prefill_token_s: float | None = None  # ... and of what each prompt id adds to a step
         self.waiting: collections.deque[Ticket] = collections.deque()
         self.active: list[Ticket] = []
         self.failed_steps = 0  # in a row
@@ -124,11 +154,11 @@ class Scheduler:
             self._wake.notify()
         self._thread.join(timeout=timeout)
 
-    def submit(self, generation: Generation, deliver: Callable[[Event], None]) -> Ticket:
-        return self.submit_all([(generation, deliver)])[0]
+    def submit(self, job: Job, deliver: Callable[[Event], None]) -> Ticket:
+        return self.submit_all([(job, deliver)])[0]
 
-    def submit_all(self, requests: list[tuple[Generation, Callable[[Event], None]]]) -> list[Ticket]:
-        """Queue several generations (one request's n choices) together, or none of them."""
+    def submit_all(self, requests: list[tuple[Job, Callable[[Event], None]]]) -> list[Ticket]:
+        """Queue several jobs (one request's n choices) together, or none of them."""
         tickets = [Ticket(g, deliver) for g, deliver in requests]
         with self._wake:
             if len(self.waiting) + len(tickets) > self.max_queue:
@@ -137,10 +167,10 @@ class Scheduler:
             self._wake.notify()
         return tickets
 
-    def streams(self, generations: list[Generation]) -> list[TokenStream]:
+    def streams(self, jobs: list[Job]) -> list[TokenStream]:
         """Submit now, all or none (QueueFullError before any reply is sent); iterate each for text pieces."""
         loop = asyncio.get_running_loop()
-        queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in generations]
+        queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in jobs]
 
         def deliverer(queue: asyncio.Queue[Event]) -> Callable[[Event], None]:
             def deliver(event: Event) -> None:
@@ -149,19 +179,19 @@ class Scheduler:
 
             return deliver
 
-        tickets = self.submit_all([(g, deliverer(q)) for g, q in zip(generations, queues, strict=True)])
+        tickets = self.submit_all([(g, deliverer(q)) for g, q in zip(jobs, queues, strict=True)])
         return [TokenStream(t, q) for t, q in zip(tickets, queues, strict=True)]
 
-    def stream(self, generation: Generation) -> TokenStream:
-        return self.streams([generation])[0]
+    def stream(self, job: Job) -> TokenStream:
+        return self.streams([job])[0]
 
     # --- the scheduling thread ---
 
     def _leave(self, ticket: Ticket) -> None:
         """A ticket leaves the batch: its caches go, here and on workers."""
-        if not ticket.generation.done:
-            self.engine.release(ticket.generation.session)
-        ticket.generation.session.caches.clear()
+        if not ticket.job.done:
+            self.engine.release(ticket.job.session)
+        ticket.job.session.caches.clear()
 
     def _admit(self) -> None:
         with self._wake:
@@ -184,7 +214,7 @@ class Scheduler:
                 self.metrics.queue_seconds.observe(time.monotonic() - ticket.submitted)
                 self.active.append(ticket)
             self.metrics.active.set(len(self.active))
-            self.metrics.kv_bytes.set(sum(t.generation.session.nbytes for t in self.active))
+            self.metrics.kv_bytes.set(sum(t.job.session.nbytes for t in self.active))
             self.metrics.waiting.set(len(self.waiting))
 
     def _fail(self, tickets: list[Ticket], error: BaseException) -> None:
@@ -197,15 +227,39 @@ class Scheduler:
             t.deliver(Event("error", f"generation failed: {error}"))
             self._leave(t)
 
+    def _prefill_budget(self, decoding: int) -> int:
+        """Prompt ids this step may run: all of step_tokens when no one decodes; else as many as fit in
+        (prefill_slowdown - 1) decode steps' time, by the running estimates (MIN_CHUNK until measured)."""
+        room = self.step_tokens - decoding
+        if not decoding:
+            return room
+        if self.decode_step_s is None or not self.prefill_token_s:
+            return min(MIN_CHUNK, room)
+        fits = (self.prefill_slowdown - 1) * self.decode_step_s / self.prefill_token_s
+        return min(max(int(fits), MIN_CHUNK), room)
+
+    def _measured(self, seconds: float, decoding: int, prefilled: int) -> None:
+        """Update the running step-time estimates with one step's time."""
+
+        def blend(old: float | None, new: float) -> float:
+            return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new
+
+        if not prefilled:
+            self.decode_step_s = blend(self.decode_step_s, seconds)
+        else:
+            decode = (self.decode_step_s or 0.0) if decoding else 0.0  # the share of the step's decode rows
+            self.prefill_token_s = blend(self.prefill_token_s, max(seconds - decode, 0.1 * seconds) / prefilled)
+
     def _plan_step(self) -> list[tuple[Ticket, list[int]]]:
-        """Each decoding request gets its one token; prefilling ones share what is left of the budget."""
-        budget = self.step_tokens - sum(1 for t in self.active if t.generation.prompt_done)
+        """Each decoding request gets its one token; prefilling ones share the prefill budget in turn."""
+        decoding = sum(1 for t in self.active if t.job.prompt_done)
+        budget = self._prefill_budget(decoding)
         step = []
         for t in self.active:
-            if t.generation.prompt_done:
-                step.append((t, t.generation.next_input()))
+            if t.job.prompt_done:
+                step.append((t, t.job.next_input()))
             elif budget > 0:
-                ids = t.generation.next_input(prefill_chunk=budget)
+                ids = t.job.next_input(prefill_chunk=budget)
                 budget -= len(ids)
                 step.append((t, ids))
         return step
@@ -230,34 +284,36 @@ class Scheduler:
         if not step:
             return
         started = time.monotonic()
+        decoding = sum(1 for t, _ in step if t.job.prompt_done)
         try:
-            logits = self.engine.next_logits_batch([ids for _, ids in step], [t.generation.session for t, _ in step])
+            logits = self.engine.next_logits_batch([ids for _, ids in step], [t.job.session for t, _ in step])
         except Exception as e:  # the step's requests fail; the others, and later ones, go on
             self.failed_steps += 1
             self._fail([t for t, _ in step], e)
             return
         self.failed_steps = 0
         now = time.monotonic()
+        self._measured(now - started, decoding, sum(len(ids) for _, ids in step) - decoding)
         m = self.metrics
         m.step_seconds.observe(now - started)
         m.batch_size.observe(len(step))
-        m.kv_bytes.set(sum(t.generation.session.nbytes for t in self.active))
+        m.kv_bytes.set(sum(t.job.session.nbytes for t in self.active))
         for (t, ids), row in zip(step, logits, strict=True):
             try:
-                had_tokens = t.generation.completion_tokens
-                piece = t.generation.advance(len(ids), row)
+                had_tokens = t.job.completion_tokens
+                piece = t.job.advance(len(ids), row)
             except Exception as e:  # sampling or decoding this one request failed: only it ends
                 self._fail([t], e)
                 continue
-            if t.generation.completion_tokens > had_tokens:
+            if t.job.completion_tokens > had_tokens:
                 m.tokens.inc()
                 if t.first_token_at is None:
                     t.first_token_at = now
                     m.ttft_seconds.observe(now - t.submitted)
             if piece:
                 t.deliver(Event("text", piece))
-            if t.generation.done:
-                m.finished.labels(t.generation.finish_reason).inc()
+            if t.job.done:
+                m.finished.labels(t.job.finish_reason).inc()
                 t.closed = True
-                t.deliver(Event("done", t.generation.finish_reason or "stop"))
+                t.deliver(Event("done", t.job.finish_reason or "stop"))
                 self._leave(t)

@@ -20,7 +20,6 @@ from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, ser
 
 from appliance import __version__
 from appliance.serving.state import ServerState
-from models.llama import Session
 from models.sampling import SamplingParams
 
 MODEL_VERSION = "1"  # each model has one version, this one
@@ -293,12 +292,14 @@ class Repository:
                 async for response in self._generate(inputs):
                     yield response
             else:
-                yield self._logits(inputs)
+                yield await self._logits(inputs)
             ok = True
         finally:
             m.stats.record(ok, started)
 
-    def _logits(self, inputs: dict[str, np.ndarray]) -> dict:
+    async def _logits(self, inputs: dict[str, np.ndarray]) -> dict:
+        """Scored by the scheduler like any prompt (in chunks between other requests' tokens), never here
+        on the event loop."""
         ids = inputs["input_ids"]
         if ids.dtype.kind not in "iu" or ids.ndim != 1 and not (ids.ndim == 2 and ids.shape[0] == 1):
             raise KServeError(400, "input 'input_ids' must be integer ids of shape [n] or [1, n]")
@@ -312,7 +313,14 @@ class Repository:
             )
         if len(ids) > engine.model.config.context_length:
             raise KServeError(400, f"{len(ids)} ids exceed the context window of {engine.model.config.context_length}")
-        logits = engine.next_logits(ids, Session()).astype(np.float32)
+        scoring = engine.score(ids)
+        stream = self.state.scheduler.stream(scoring)
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            stream.cancel()  # a client that left frees the slot and cache at the next step
+        logits = scoring.logits
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
         return {"logits": logits, "logprobs": logprobs.astype(np.float32)}

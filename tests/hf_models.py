@@ -1,0 +1,104 @@
+"""Model files made the way a user's are: a transformers model, written as GGUF by llama.cpp's own
+`convert_hf_to_gguf.py` (from the llama-cpp-python sdist the Makefile builds llama-bench from).
+
+No real checkpoint of these architectures can be had here, so the weights are random, scaled like a
+trained model's so that logits are far from uniform (transformers' own init, std 0.02, gives nearly
+uniform ones that any bug would still "match").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA_CPP_VERSION = "0.3.36"  # the Makefile's LLAMA_CPP_VERSION
+SOURCES = REPO / ".venv" / "llama-src"  # where the Makefile unpacks the same sdist
+
+
+def llama_cpp_dir() -> Path:
+    """llama.cpp's source tree inside the llama-cpp-python sdist, downloaded and unpacked once."""
+    found = sorted(SOURCES.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    if found:
+        return found[0].parent
+    SOURCES.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+        + [f"llama-cpp-python=={LLAMA_CPP_VERSION}", "-d", str(SOURCES)],
+        check=True,
+    )
+    with tarfile.open(next(SOURCES.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"))) as sdist:
+        sdist.extractall(SOURCES, filter="data")
+    return llama_cpp_dir()
+
+
+def save_smollm2_tokenizer(model_path: Path, folder: Path) -> Path:
+    """SmolLM2's tokenizer (read by transformers from the default model file) as tokenizer.json: a
+    vocabulary the converter recognises (pre-tokenizer `smollm`)."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name).save_pretrained(folder)
+    return folder
+
+
+def scale_like_trained(model, seed: int = 0) -> None:
+    """Weights of unit-variance outputs: N(0, 1/fan_in) matrices, N(0, 1) embeddings, norms near 1."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (2 if "lm_head" in name else 1) / math.sqrt(p.shape[1]))
+
+
+def random_llama(folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = None, seed: int = 0, **config):
+    """A small random Llama saved in `folder` (config, safetensors and the tokenizer): the model, in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    defaults = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg = LlamaConfig(**{**defaults, **config}, rope_scaling=rope_scaling)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    scale_like_trained(model, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, folder / f.name)
+    return model.eval()
+
+
+def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
+    """convert_hf_to_gguf.py, as a user runs it; a failure shows its output."""
+    script = llama_cpp_dir() / "convert_hf_to_gguf.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, f"convert_hf_to_gguf.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return out
