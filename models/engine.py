@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from models.chat import ChatTemplate
+from models.detokenize import IncrementalDecoder
 from models.errors import ContextLengthError
 from models.llama import Llama, Session
 from models.memory import release_memory
@@ -207,6 +208,8 @@ class Generation(PromptRun):
         self.stop_ids = stop_ids
         self.sampler = Sampler(sampling)
         self.token_ids: list[int] = []
+        self._history = list(prompt_ids)  # what the repetition penalty looks at: prompt and output
+        self._decoder = IncrementalDecoder(engine.tokenizer)
         self.text = ""
         self._emitted = 0  # characters of text already handed out
         self._hold = max((len(s) for s in self.stop), default=1) - 1
@@ -223,22 +226,23 @@ class Generation(PromptRun):
         """Take the logits after running next_input(); sample once the prompt is in; return new text."""
         if not self.prompt_done and not self._fed(n_fed):
             return ""  # a prompt chunk: nothing to sample yet
-        token = self.sampler(logits, self.prompt_ids + self.token_ids)
+        token = self.sampler(logits, self._history)
         if token in self.stop_ids:
+            self.text = self._decoder.final()
             return self._finish("stop")
         self.token_ids.append(token)
-        text = self.engine.tokenizer.decode(self.token_ids)
+        self._history.append(token)
+        self._decoder.add(token)
+        text = self._decoder.text  # complete characters only: an unfinished UTF-8 sequence waits
         found = [i for i in (text.find(s, max(0, self._emitted - self._hold)) for s in self.stop) if i >= 0]
         if found:
             self.text = text[: min(found)]
             return self._finish("stop")
-        self.text = text
         if len(self.token_ids) >= self.max_tokens:
+            self.text = self._decoder.final()
             return self._finish("length")
-        safe = len(text) - self._hold  # a stop string may still be forming in the last _hold chars
-        while safe > self._emitted and text[safe - 1] == "\ufffd":  # an unfinished UTF-8 sequence
-            safe -= 1
-        return self._emit(safe)
+        self.text = text
+        return self._emit(len(text) - self._hold)  # a stop string may still be forming in the last _hold chars
 
     def _emit(self, upto: int) -> str:
         piece = self.text[self._emitted : upto] if upto > self._emitted else ""

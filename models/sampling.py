@@ -90,5 +90,9 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         if self.params.temperature == 0:
+            if self.params.repetition_penalty == 1.0:  # plain greedy: argmax of the float32 row as it is,
+                best = int(np.argmax(logits))  # unless it holds a NaN (argmax finds the first), read as -inf
+                if not np.isnan(logits[best]):
+                    return best
             return int(np.argmax(penalize(logits, history, self.params.repetition_penalty)))
         return int(self.rng.choice(logits.size, p=self.probabilities(logits, history)))

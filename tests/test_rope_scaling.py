@@ -13,9 +13,13 @@ import pytest
 import torch
 import tritonclient.http as httpclient
 
+from appliance.bench.netsim import worker_process
+from appliance.startup import load_engine
 from models.engine import Engine
 from models.errors import UnsupportedModelError
-from models.llama import LlamaConfig, Session
+from models.llama import Llama, LlamaConfig, Session
+from offload.coordinator import layer_costs
+from offload.pki import issue_identity
 from tests import hf_models
 from tests.serving import running_server
 
@@ -136,3 +140,23 @@ def test_an_unknown_scaling_type_is_refused_at_load():
     }
     with pytest.raises(UnsupportedModelError, match="longrope.*supported: none, linear, yarn"):
         LlamaConfig.from_metadata(meta)
+
+
+def test_a_worker_rotates_its_layers_the_same_way(scaled, ca, tmp_path):
+    """Split with a real worker process holding layer 1: the schedule travels in the layer range's
+    config, and the hidden states are all-local's."""
+    _, _, path, engine = scaled
+    model = Llama.load(str(path), "numpy")
+    budget = model.fixed_nbytes + int(1.5 * layer_costs(model)[0])  # the fixed part and one layer here
+    issue_identity(ca, tmp_path / "w", "w")
+    with worker_process(tmp_path / "w", "20MB") as worker:
+        split = load_engine(path, "numpy", str(budget), [worker.address])
+        try:
+            assert split.offload.first_remote_layer == 1
+            ids = prompt_ids(engine)
+            remote = Session()
+            np.testing.assert_allclose(
+                split.hidden_states(ids, remote), engine.hidden_states(ids, Session()), atol=1e-5
+            )
+        finally:
+            split.offload.close()

@@ -104,3 +104,10 @@ def test_seeds_fold_into_range():
 
 def test_all_impossible_logits_still_give_a_token():
     assert 0 <= Sampler(SamplingParams(temperature=1.0))(np.full(4, -np.inf), []) < 4
+
+
+def test_greedy_reads_nan_as_impossible():
+    """The float32 fast path of greedy: a NaN (argmax would pick the first one) is never the token."""
+    logits = np.array([0.5, np.nan, 2.0, np.nan], dtype=np.float32)
+    assert Sampler(SamplingParams())(logits, []) == 2
+    assert Sampler(SamplingParams())(np.array([np.inf, 1, np.inf], dtype=np.float32), []) == 0
