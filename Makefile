@@ -66,7 +66,7 @@ bench: $(VENV)/.installed-bench $(VENV)/llama-rpc/llama-bench
 
 ## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server;
 ##   then Triton's perf_analyzer over HTTP and gRPC streaming, and NVIDIA's aiperf where .venv-aiperf exists
-bench-serve: $(VENV)/.installed-bench
+bench-serve: $(VENV)/.installed-bench $(VENV)/llama-rpc/llama-bench
 	$(BIN)/appliance bench-serve
 	$(BIN)/python -m appliance.bench.perf_analyzer
 	@if [ -x .venv-aiperf/bin/aiperf ]; then $(BIN)/python -m appliance.bench.aiperf; \
@@ -94,15 +94,19 @@ soak: $(VENV)/.installed-test
 	$(BIN)/appliance-ctl models fetch --local
 	$(BIN)/python -m appliance.bench.soak --seconds $(or $(SOAK_SECONDS),300) --clients 16
 
-# llama.cpp's RPC server and llama-bench, built from the sources inside the llama-cpp-python sdist (never vendored)
+# llama.cpp's RPC server, llama-bench, llama-server and llama-quantize, built from the sources inside the
+# llama-cpp-python sdist (never vendored); the sources stay unpacked: tests/hf_models.py runs its convert_hf_to_gguf.py
+LLAMA_SRC := $(VENV)/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+LLAMA_TOOLS := ggml-rpc-server llama-bench llama-server llama-quantize
 $(VENV)/llama-rpc/llama-bench: | $(VENV)/.installed-test
-	rm -rf $(VENV)/llama-src && mkdir -p $(VENV)/llama-src $(VENV)/llama-rpc
-	$(BIN)/pip download -q --no-deps --no-binary :all: 'llama-cpp-python==$(LLAMA_CPP_VERSION)' -d $(VENV)/llama-src
-	tar xzf $(VENV)/llama-src/llama_cpp_python-*.tar.gz -C $(VENV)/llama-src
-	cmake -S $(VENV)/llama-src/llama_cpp_python-*/vendor/llama.cpp -B $(VENV)/llama-src/build -DGGML_RPC=ON \
+	mkdir -p $(VENV)/llama-src $(VENV)/llama-rpc
+	test -f $(LLAMA_SRC)/CMakeLists.txt || ($(BIN)/pip download -q --no-deps --no-binary :all: \
+		'llama-cpp-python==$(LLAMA_CPP_VERSION)' -d $(VENV)/llama-src && \
+		tar xzf $(VENV)/llama-src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/llama-src)
+	cmake -S $(LLAMA_SRC) -B $(VENV)/llama-src/build -DGGML_RPC=ON \
 		$(LLAMA_CMAKE_ARGS) -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release
-	cmake --build $(VENV)/llama-src/build --target ggml-rpc-server llama-bench -j$$(nproc)
-	cp $(VENV)/llama-src/build/bin/ggml-rpc-server $(VENV)/llama-src/build/bin/llama-bench $(VENV)/llama-rpc/
+	cmake --build $(VENV)/llama-src/build --target $(LLAMA_TOOLS) -j$$(nproc)
+	cp $(addprefix $(VENV)/llama-src/build/bin/,$(LLAMA_TOOLS)) $(VENV)/llama-rpc/
 
 ## proto: regenerate the offload service's stubs from offload/offload.proto (a test fails when they are stale)
 proto: install-test

@@ -16,8 +16,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from appliance.config import ConfigError, default_map
-from appliance.config import app as config_app
+from appliance.config import SECRET, ConfigError, config_path, default_map, settings
 from appliance.console import friendly_errors, stderr
 from appliance.startup import load_engine
 from kernels.backend import describe
@@ -32,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+config_app = typer.Typer(help="The configuration: config.toml, APPLIANCE_* variables, flags.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 ModelOpt = Annotated[
@@ -60,6 +60,47 @@ def _configuration(ctx: typer.Context) -> None:
         except ConfigError as e:
             stderr.print(f"[bold red]error:[/] {escape(str(e))}")
             raise typer.Exit(1) from e
+
+
+def serve_command():
+    """The click command of `appliance serve` (config.py checks the file's keys against its options)."""
+    return typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+
+
+@config_app.command()
+def show(as_json: Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")] = False) -> None:
+    """Each effective setting of `serve` and `appliance-worker` (before flags) and where it comes from."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from appliance.worker_cli import worker_command
+
+    try:
+        found = {"serve": settings("serve", serve_command()), "worker": settings("worker", worker_command())}
+    except ConfigError as e:
+        stderr.print(f"[bold red]error:[/] {escape(str(e))}")
+        raise typer.Exit(1) from e
+    rows = {
+        section: {
+            name: {"value": "(secret)" if name in SECRET and s.value else s.value, "source": s.source}
+            for name, s in values.items()
+        }
+        for section, values in found.items()
+    }
+    if as_json:
+        print(json.dumps({"file": str(config_path()), **rows}, indent=2, default=str))
+        return
+    console = Console(highlight=False)
+    console.print(f"config file: {config_path()}" + ("" if config_path().is_file() else " (none)"))
+    for section, values in rows.items():
+        table = Table(title=escape(f"[{section}]"))
+        for col in ("setting", "value", "source"):
+            table.add_column(col)
+        for name, row in values.items():
+            table.add_row(name, str(row["value"]), row["source"])
+        console.print(table)
 
 
 @app.command()
@@ -293,12 +334,14 @@ def bench_serve(
     model: ModelOpt = None,
     clients: Annotated[list[int] | None, typer.Option(help="Concurrency levels; may be repeated.")] = None,
     max_tokens: int = 32,
-    peers: Annotated[bool, typer.Option(help="Measure llama.cpp's server in the same run.")] = True,
+    peers: Annotated[bool, typer.Option(help="Measure llama.cpp's servers in the same run.")] = True,
+    max_batch: Annotated[int, typer.Option(help="Our --max-batch and llama-server's -np.")] = 16,
 ) -> None:
-    """Aggregate tokens/s, TTFT and inter-token latency at 1, 4, 8 and 16 clients, beside llama.cpp's server."""
+    """Aggregate tokens/s, TTFT and inter-token latency at 1, 4, 8 and 16 clients, beside llama.cpp's
+    llama-server and llama-cpp-python's server; then the same while a 2000-token prompt arrives."""
     from appliance.bench.serve import run_bench_serve
 
-    run_bench_serve(ModelStore().resolve(model), clients or [1, 4, 8, 16], max_tokens, peers)
+    run_bench_serve(ModelStore().resolve(model), clients or [1, 4, 8, 16], max_tokens, peers, max_batch)
 
 
 @app.command("bench-offload")

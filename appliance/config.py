@@ -21,15 +21,13 @@ are comma-separated.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
-from rich.markup import escape
 
 from models.store import default_root
 
@@ -116,66 +114,3 @@ def _check(ctx: typer.Context, option: Any, value: Any, where: str) -> Any:
 def default_map(section: str, command: Any) -> dict[str, Any]:
     """What click takes as defaults (a flag still wins): only the values that came from the file or the environment."""
     return {name: s.value for name, s in settings(section, command).items() if s.source != "default"}
-
-
-def serve_command() -> Any:
-    from appliance.cli import app as appliance_app
-
-    return typer.main.get_command(appliance_app).commands["serve"]  # type: ignore[attr-defined]
-
-
-def worker_command() -> Any:
-    from offload.worker import cli as worker_cli
-
-    return typer.main.get_command(worker_cli)
-
-
-def worker_main() -> None:
-    """`appliance-worker`: the worker's own command, with its defaults from the file and the environment."""
-    from appliance.console import stderr
-
-    command = worker_command()
-    try:
-        defaults = default_map("worker", command)
-    except ConfigError as e:
-        stderr.print(f"[bold red]error:[/] {escape(str(e))}")
-        sys.exit(1)
-    command.main(default_map=defaults, prog_name="appliance-worker")
-
-
-# -- `appliance config show` ---------------------------------------------------------------------
-app = typer.Typer(help="The configuration: config.toml, APPLIANCE_* variables, flags.", no_args_is_help=True)
-
-
-@app.command()
-def show(as_json: Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")] = False) -> None:
-    """Each effective setting of `serve` and `appliance-worker` (before flags) and where it comes from."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from appliance.console import stderr
-
-    try:
-        found = {"serve": settings("serve", serve_command()), "worker": settings("worker", worker_command())}
-    except ConfigError as e:
-        stderr.print(f"[bold red]error:[/] {escape(str(e))}")
-        sys.exit(1)
-    rows = {
-        section: {
-            name: {"value": "(secret)" if name in SECRET and s.value else s.value, "source": s.source}
-            for name, s in values.items()
-        }
-        for section, values in found.items()
-    }
-    if as_json:
-        print(json.dumps({"file": str(config_path()), **rows}, indent=2, default=str))
-        return
-    console = Console(highlight=False)
-    console.print(f"config file: {config_path()}" + ("" if config_path().is_file() else " (none)"))
-    for section, values in rows.items():
-        table = Table(title=escape(f"[{section}]"))
-        for col in ("setting", "value", "source"):
-            table.add_column(col)
-        for name, row in values.items():
-            table.add_row(name, str(row["value"]), row["source"])
-        console.print(table)

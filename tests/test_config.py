@@ -12,10 +12,12 @@ import pytest
 
 from appliance.bench.launch import free_port
 from appliance.bench.netsim import wait_listening
-from appliance.config import ConfigError, serve_command, settings, worker_command
+from appliance.cli import serve_command
+from appliance.config import ConfigError, settings
+from appliance.worker_cli import worker_command
 from tests.serving import running_server
 
-WORKER = [sys.executable, "-c", "import sys; from appliance.config import worker_main; worker_main()"]
+WORKER = [sys.executable, "-c", "from appliance.worker_cli import main; main()"]
 
 
 @pytest.fixture()

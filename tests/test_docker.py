@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.config import serve_command, settings, tomllib, worker_command
+from appliance.cli import serve_command
+from appliance.config import settings, tomllib
+from appliance.worker_cli import worker_command
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

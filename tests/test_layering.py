@@ -21,6 +21,7 @@ ENTRY_POINTS = (
     "appliance.ctl",
     "appliance.admin_client",
     "appliance.config",
+    "appliance.worker_cli",
     "appliance.console",
     "appliance.startup",
 )

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -60,12 +61,33 @@ async def _one(http: httpx.AsyncClient, url: str, model: str, prompt: str, max_t
     return {"ttft": stamps[0] - start if stamps else float("nan"), "itl": list(np.diff(stamps)), "tokens": tokens}
 
 
-async def _level(url: str, model: str, clients: int, max_tokens: int) -> dict:
+LONG_PROMPT_TOKENS = 2000
+
+
+def long_prompt(path: Path) -> str:
+    """A text of about LONG_PROMPT_TOKENS tokens in the model's own vocabulary (both servers read the same file)."""
+    from models.gguf_file import open_gguf
+    from models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(open_gguf(path).metadata)
+    ids = tokenizer.encode("Every device of the home asks the appliance something now and then. " * 200)
+    return tokenizer.decode(ids[:LONG_PROMPT_TOKENS])
+
+
+async def _level(url: str, model: str, clients: int, max_tokens: int, long_text: str | None = None) -> dict:
+    """`clients` streams started together; with long_text, one more client sends that prompt (non-streamed,
+    one token) once the streams are under way, and only the streams are measured."""
     async with httpx.AsyncClient(timeout=600) as http:
         start = time.perf_counter()
-        results = await asyncio.gather(
-            *[_one(http, url, model, PROMPTS[i % len(PROMPTS)] + f" ({i})", max_tokens) for i in range(clients)]
-        )
+        streams = [_one(http, url, model, PROMPTS[i % len(PROMPTS)] + f" ({i})", max_tokens) for i in range(clients)]
+
+        async def long_request() -> None:
+            await asyncio.sleep(0.3)
+            body = {"model": model, "prompt": long_text, "max_tokens": 1, "temperature": 0}
+            (await http.post(f"{url}/v1/completions", json=body)).raise_for_status()
+
+        results = await asyncio.gather(*streams, *([long_request()] if long_text else []))
+        results = results[:clients]
         wall = time.perf_counter() - start
     ttft = [r["ttft"] for r in results]
     itl = [g for r in results for g in r["itl"]] or [float("nan")]
@@ -79,98 +101,130 @@ async def _level(url: str, model: str, clients: int, max_tokens: int) -> dict:
     }
 
 
-def _servers(path: Path, peers: bool) -> list[tuple[str, list[str], str, str]]:
-    """(label, command, base URL, model name) for us and for each peer that is installed."""
+@dataclass
+class Subject:
+    label: str
+    command: list[str]
+    url: str
+    model: str  # the name its /v1 API knows the model by
+
+
+def _ours(path: Path, max_batch: int) -> Subject:
     port = free_port()
-    ours = [
-        sys.executable,
-        "-m",
-        "appliance.cli",
-        "serve",
-        "--model",
-        str(path),
-        "--no-auth",
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        str(port),
-        "--grpc-port",
-        str(free_port()),
-        "--max-batch",
-        "16",
-    ]
-    servers = [("appliance (numpy, continuous batching)", ours, f"http://127.0.0.1:{port}", path.stem)]
+    cmd = [sys.executable, "-m", "appliance.cli", "serve", "--model", str(path), "--no-auth"]
+    cmd += ["--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", str(free_port())]
+    cmd += ["--max-batch", str(max_batch)]
+    return Subject("appliance", cmd, f"http://127.0.0.1:{port}", path.stem)
+
+
+def _llama_server(path: Path, max_batch: int, binary: Path) -> Subject:
+    """llama.cpp's own server, continuous batching over max_batch slots of 1024 tokens each, on every core."""
+    port = free_port()
+    cmd = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-t", str(os.cpu_count())]
+    cmd += ["-np", str(max_batch), "-c", str(1024 * max_batch), "--cont-batching", "--no-webui"]
+    return Subject("llama.cpp llama-server", cmd, f"http://127.0.0.1:{port}", path.name)
+
+
+def _llama_cpp_python(path: Path) -> Subject:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--n_threads", str(os.cpu_count()), "--n_ctx", "4096"]
+    # by default a new request cuts off the one streaming; queue them instead, as a user would want
+    cmd += ["--interrupt_requests", "False"]
+    return Subject("llama-cpp-python server (no batching)", cmd, f"http://127.0.0.1:{port}", path.name)
+
+
+def _subjects(path: Path, peers: bool, max_batch: int, llama_bin: Path) -> list[Subject]:
+    """Us, and each peer that is installed (a missing one is said on stderr)."""
+    subjects = [_ours(path, max_batch)]
     if not peers:
-        return servers
+        return subjects
+    say = Console(stderr=True).print
+    if (llama_bin / "llama-server").exists():
+        subjects.append(_llama_server(path, max_batch, llama_bin / "llama-server"))
+    else:
+        say(f"llama-server not measured: no {llama_bin / 'llama-server'} (make bench-serve builds it)")
     try:
         import llama_cpp.server  # noqa: F401
 
-        peer_port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(peer_port),
-            "--n_threads",
-            str(os.cpu_count()),
-            "--n_ctx",
-            "4096",
-            # by default a new request cuts off the one streaming; queue them instead, as a user would want
-            "--interrupt_requests",
-            "False",
-        ]
-        servers.append(("llama.cpp server (llama-cpp-python)", cmd, f"http://127.0.0.1:{peer_port}", path.name))
+        subjects.append(_llama_cpp_python(path))
     except ImportError as e:
-        Console(stderr=True).print(f"peer not measured: {e} (make bench-serve installs llama-cpp-python[server])")
-    return servers
+        say(f"llama-cpp-python's server not measured: {e} (make bench-serve installs llama-cpp-python[server])")
+    return subjects
 
 
-def run_bench_serve(path: Path, levels: list[int], max_tokens: int, peers: bool = True) -> list[dict]:
-    rows = []
-    for label, cmd, url, model in _servers(path, peers):
+def _backend(url: str) -> str:
+    """What our server really runs, from its /metrics (appliance_backend_info)."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("appliance_backend_info{"):
+            return line.split('description="', 1)[1].split('"', 1)[0]
+    return "backend unknown"
+
+
+def run_bench_serve(
+    path: Path,
+    levels: list[int],
+    max_tokens: int,
+    peers: bool = True,
+    max_batch: int = 16,
+    llama_bin: Path | None = None,
+) -> list[dict]:
+    """Each subject in turn: every level without and with a long prompt arriving, in one run."""
+    llama_bin = llama_bin or Path(sys.prefix) / "llama-rpc"
+    long_text, rows = long_prompt(path), []
+    for subject in _subjects(path, peers, max_batch, llama_bin):
         with ExitStack() as stack:
             try:
-                stack.enter_context(running(cmd, f"{url}/v1/models"))
+                stack.enter_context(running(subject.command, f"{subject.url}/v1/models"))
             except (RuntimeError, TimeoutError) as e:  # a peer that will not start: say so, keep our figures
-                Console(stderr=True).print(f"{label} not measured: {e}")
+                Console(stderr=True).print(f"{subject.label} not measured: {e}")
                 continue
-            asyncio.run(_level(url, model, 1, 4))  # warm up
+            label = f"{subject.label} ({_backend(subject.url)})" if subject.label == "appliance" else subject.label
+            asyncio.run(_level(subject.url, subject.model, 1, 4))  # warm up
             for clients in levels:
-                try:
-                    rows.append({"system": label, **asyncio.run(_level(url, model, clients, max_tokens))})
-                except httpx.HTTPError as e:  # a server that fails under load is a result too
-                    Console(stderr=True).print(f"{label} at {clients} clients failed: {e!r}")
-                    nan = float("nan")
-                    rows.append(
-                        {
-                            "system": f"{label} (FAILED)",
-                            "clients": clients,
-                            "tps": nan,
-                            "ttft50": nan,
-                            "ttft99": nan,
-                            "itl50": nan,
-                            "itl99": nan,
-                        }
-                    )
+                for extra in (None, long_text):
+                    row = {"system": label, "long": extra is not None, "clients": clients}
+                    try:
+                        row |= asyncio.run(_level(subject.url, subject.model, clients, max_tokens, extra))
+                    except httpx.HTTPError as e:  # a server that fails under load is a result too
+                        Console(stderr=True).print(f"{label} at {clients} clients failed: {e!r}")
+                        nan = float("nan")
+                        row |= {"system": f"{label} (FAILED)", "tps": nan, "ttft50": nan, "ttft99": nan}
+                        row |= {"itl50": nan, "itl99": nan}
+                    rows.append(row)
+    _print(path, rows, max_tokens)
+    return rows
+
+
+def _print(path: Path, rows: list[dict], max_tokens: int) -> None:
+    """Two tables: the plain levels with each system's ratio to llama-server at the same level, then
+    the streams' latency while a long prompt arrives."""
+    peer = {r["clients"]: r for r in rows if r["system"].startswith("llama.cpp llama-server") and not r["long"]}
+    plain, long_rows = [r for r in rows if not r["long"]], [r for r in rows if r["long"]]
+
+    def vs(r: dict, key: str) -> str:
+        p = peer.get(r["clients"])
+        return f"{r[key] / p[key]:.2f}x" if p and p[key] else "-"
+
     print_table(
         f"{path.name}: streaming completions of {max_tokens} tokens, {os.cpu_count()} CPU threads",
-        ["system", "clients", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
+        ["system", "clients", "tokens/s", "vs llama-server", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
+         "ITL p99/p50"],
         [
-            [
-                r["system"],
-                str(r["clients"]),
-                f"{r['tps']:.1f}",
-                f"{r['ttft50'] * 1e3:.0f}",
-                f"{r['ttft99'] * 1e3:.0f}",
-                f"{r['itl50'] * 1e3:.1f}",
-                f"{r['itl99'] * 1e3:.1f}",
-            ]
-            for r in rows
+            [r["system"], str(r["clients"]), f"{r['tps']:.1f}", vs(r, "tps"), f"{r['ttft50'] * 1e3:.0f}",
+             f"{r['ttft99'] * 1e3:.0f}", f"{r['itl50'] * 1e3:.1f}", f"{r['itl99'] * 1e3:.1f}",
+             f"{r['itl99'] / r['itl50']:.1f}"]
+            for r in plain
         ],
-    )
-    return rows
+    )  # fmt: skip
+    by_level = {(r["system"], r["clients"]): r for r in plain}
+    print_table(
+        f"the same streams while one more client sends a {LONG_PROMPT_TOKENS}-token prompt",
+        ["system", "clients", "ITL p50 ms", "ITL p99 ms", "p99 / p50", "p99 without it ms", "TTFT p99 ms"],
+        [
+            [r["system"], str(r["clients"]), f"{r['itl50'] * 1e3:.1f}", f"{r['itl99'] * 1e3:.1f}",
+             f"{r['itl99'] / r['itl50']:.1f}", f"{by_level.get((r['system'], r['clients']), r)['itl99'] * 1e3:.1f}",
+             f"{r['ttft99'] * 1e3:.0f}"]
+            for r in long_rows
+        ],
+    )  # fmt: skip
