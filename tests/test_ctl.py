@@ -15,10 +15,22 @@ import httpx
 import pytest
 
 from kernels.backend import select_backend
+from models.llama import Llama
+from offload.coordinator import layer_costs
+from offload.planner import local_layers, parse_size
 from tests.serving import ADMIN_KEY, running_server
 
 
 @pytest.fixture(scope="module")
+BUDGET = "190MB"  # the appliance's, in the NumPy reference's float32 sizes: a few layers of SmolLM2
+
+
+def planned_split(model_path) -> tuple[int, int]:
+    """(layers the appliance keeps under BUDGET, the model's layer count), by the planner itself."""
+    model = Llama.load(str(model_path), "numpy")
+    return local_layers(layer_costs(model), model.fixed_nbytes, parse_size(BUDGET)), model.config.n_layers
+
+
 def home(tmp_path_factory, model_path):
     """A fresh APPLIANCE_HOME for the server and the CLI, with the model store of the user's cache."""
     home = tmp_path_factory.mktemp("ctl") / "appliance"
@@ -241,7 +253,7 @@ def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_pa
             "--model",
             str(model_path),
             "--memory-budget",
-            "190MB",  # float32 sizes: 3 layers of the NumPy reference
+            BUDGET,
             "--backend",
             "numpy",
             "--worker",
@@ -259,26 +271,27 @@ def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_pa
         assert {d["address"] for d in devices.values()} == {w1.address, w2.address}
         holding = sorted((d for d in devices.values() if d["layers"]), key=lambda d: d["layers"])
         spans = [d["layers"] for d in holding]
+        local, n = planned_split(model_path)
         assert (
-            spans[0][0] == 3
-            and spans[-1][1] == 30
+            spans[0][0] == local
+            and spans[-1][1] == n
             and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
         )
-        holder = holding[0]["name"]  # the one with layer 3 (maybe every offloaded layer: each can hold them all)
+        holder = holding[0]["name"]  # the one with the first offloaded layer (maybe every offloaded layer: each can hold them all)
         other = ({"w1", "w2"} - {holder}).pop()
         assert holding[0]["last_seen"] is not None and holding[0]["ms_per_layer"] > 0
         assert holding[0]["measured_ms_per_token"] > 0
 
         plan = ok_json("plan", server=s)
-        assert plan["stages"][0] == {**plan["stages"][0], "device": "appliance", "layers": [0, 3]}
-        assert plan["stages"][1]["device"] == holder and plan["stages"][-1]["layers"][1] == 30
+        assert plan["stages"][0] == {**plan["stages"][0], "device": "appliance", "layers": [0, local]}
+        assert plan["stages"][1]["device"] == holder and plan["stages"][-1]["layers"][1] == n
         assert plan["predicted_ms_per_token"] > 0 and plan["measured_ms_per_step"] > 0
         assert {d["name"] for d in ok_json("status", server=s)["devices"]} == {"w1", "w2"}
 
         assert ok_json("devices", "drain", holder, server=s)["drained"] == [devices[holder]["address"]]
         assert complete(s) == expected  # the other worker now holds every offloaded layer
         devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
-        assert devices[holder]["state"] == "paired" and devices[other]["layers"] == [3, 30]
+        assert devices[holder]["state"] == "paired" and devices[other]["layers"] == [local, n]
 
         assert ok_json("devices", "revoke", other, server=s)["revoked_certificates"] == 1
         devices = {d["name"]: d["state"] for d in ok_json("devices", "list", server=s)}
@@ -303,8 +316,8 @@ def test_devices_paired_by_ctl_then_one_revoked_mid_generation(tmp_path, model_p
     body = {"model": model_path.stem, "prompt": prompt, "max_tokens": 12, "temperature": 0}
     with (
         running_server(
-            *("--model", str(model_path), "--memory-budget", "190MB", *workers),
-            *("--backend", "numpy", "--no-discover", "--no-advertise"),  # 190MB: 3 layers as float32
+            *("--model", str(model_path), "--memory-budget", BUDGET, *workers),
+            *("--backend", "numpy", "--no-discover", "--no-advertise"),
             log_path=tmp_path / "server.log",
         ) as s,
         contextlib.ExitStack() as laptops,
@@ -374,7 +387,7 @@ def test_devices_paired_by_ctl_then_one_revoked_mid_generation(tmp_path, model_p
 
         devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
         assert devices[holder]["state"] == "revoked" and devices[other]["state"] == "connected"
-        assert devices[other]["layers"] == [3, 30] and devices[other]["shipping"] is None  # shipped, done
+        assert devices[other]["layers"] == list(planned_split(model_path)) and devices[other]["shipping"] is None  # shipped, done
         plan = ok_json("plan", server=s)
         assert [st["device"] for st in plan["stages"]] == ["appliance", other]
         time.sleep(3)  # past the upkeep's next probe: the revoked laptop is not taken back
