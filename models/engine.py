@@ -83,8 +83,13 @@ class Engine:
 
     def next_logits_batch(self, batch: list[list[int]], sessions: list[Session]) -> np.ndarray:
         """next_logits for several sessions in one pass over the weights: [batch, vocab]."""
-        last = np.stack([h[-1] for h in self._hidden(batch, sessions)])
-        return self.model.head(last)
+        return self.step(batch, sessions)[0]
+
+    def step(self, batch: list[list[int]], sessions: list[Session]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One batched pass: each sequence's next-token logits [batch, vocab], and its last layer's
+        hidden states [T_j, D] (what an embedding is pooled from)."""
+        hiddens = self._hidden(batch, sessions)
+        return self.model.head(np.stack([h[-1] for h in hiddens])), hiddens
 
     def _hidden(self, batch: list[list[int]], sessions: list[Session]) -> list[np.ndarray]:
         hiddens = [self.model.embed(ids) for ids in batch]
@@ -98,6 +103,10 @@ class Engine:
         """Free what a finished session holds beyond this process (its KV caches on workers)."""
         if self.offload is not None:
             self.offload.release(session)
+
+    def embed(self, ids: list[int]) -> Embedding:
+        """A text's embedding, as a job the scheduler prefills in its chunks."""
+        return Embedding(self, ids)
 
     def score(self, ids: list[int]) -> Scoring:
         """The next token's logits after `ids`, as a job the scheduler prefills in its chunks."""
@@ -170,10 +179,35 @@ class Scoring(PromptRun):
         super().__init__(engine, ids)
         self.logits: np.ndarray | None = None
 
-    def advance(self, n_fed: int, logits: np.ndarray) -> str:
+    def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str:
         if self._fed(n_fed):
             self.logits = np.asarray(logits, dtype=np.float32)
             self.finish_reason = "scored"
+            self.engine.release(self.session)
+        return ""
+
+
+class Embedding(PromptRun):
+    """A text's embedding: the mean over every position of the last layer's hidden states after the
+    final norm, scaled to unit length (llama.cpp's `--pooling mean`). Prefilled by the scheduler like
+    any prompt; the chunks' rows are summed as they pass, so no [T, D] array is kept."""
+
+    def __init__(self, engine: Engine, ids: list[int]):
+        ctx = engine.model.config.context_length
+        if not ids or len(ids) > ctx:
+            raise ContextLengthError(f"{len(ids)} tokens: an embedding takes 1 to {ctx} (the context window)")
+        super().__init__(engine, ids)
+        self._sum = np.zeros(engine.model.config.dim, dtype=np.float64)
+        self.vector: np.ndarray | None = None
+
+    def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str:
+        if hidden is None:
+            raise ValueError("an embedding needs the hidden states of its positions")
+        self._sum += self.engine.model.final_norm(hidden).sum(axis=0, dtype=np.float64)
+        if self._fed(n_fed):
+            mean = self._sum / len(self.prompt_ids)
+            self.vector = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+            self.finish_reason = "embedded"
             self.engine.release(self.session)
         return ""
 
@@ -222,7 +256,7 @@ class Generation(PromptRun):
         """The ids to run next: the rest of the prompt (at most prefill_chunk of it), else the last token."""
         return super().next_input(prefill_chunk) if not self.prompt_done else [self.token_ids[-1]]
 
-    def advance(self, n_fed: int, logits: np.ndarray) -> str:
+    def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str:
         """Take the logits after running next_input(); sample once the prompt is in; return new text."""
         if not self.prompt_done and not self._fed(n_fed):
             return ""  # a prompt chunk: nothing to sample yet

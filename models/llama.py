@@ -350,7 +350,10 @@ class Llama:
         caches = [s.caches.get(layers) or s.caches.setdefault(layers, r.new_cache()) for s in sessions]
         return r.forward([h.astype(np.float32, copy=False) for h in hiddens], caches)
 
+    def final_norm(self, hidden: np.ndarray) -> np.ndarray:
+        """The last layer's hidden states as the head reads them (after the final RMSNorm)."""
+        return self.backend.rmsnorm(hidden, self.output_norm, self.config.norm_eps)
+
     def head(self, hidden: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] from the last layer's hidden states."""
-        ops = self.backend
-        return ops.linear(ops.rmsnorm(hidden, self.output_norm, self.config.norm_eps), self.lm_head)
+        return self.backend.linear(self.final_norm(hidden), self.lm_head)

@@ -20,8 +20,6 @@ from offload.coordinator import layer_costs
 from offload.planner import local_layers, parse_size
 from tests.serving import ADMIN_KEY, running_server
 
-
-@pytest.fixture(scope="module")
 BUDGET = "190MB"  # the appliance's, in the NumPy reference's float32 sizes: a few layers of SmolLM2
 
 
@@ -31,6 +29,7 @@ def planned_split(model_path) -> tuple[int, int]:
     return local_layers(layer_costs(model), model.fixed_nbytes, parse_size(BUDGET)), model.config.n_layers
 
 
+@pytest.fixture(scope="module")
 def home(tmp_path_factory, model_path):
     """A fresh APPLIANCE_HOME for the server and the CLI, with the model store of the user's cache."""
     home = tmp_path_factory.mktemp("ctl") / "appliance"
@@ -277,7 +276,7 @@ def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_pa
             and spans[-1][1] == n
             and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
         )
-        holder = holding[0]["name"]  # the one with the first offloaded layer (maybe every offloaded layer: each can hold them all)
+        holder = holding[0]["name"]  # the one with the first offloaded layer (maybe all: each can hold them all)
         other = ({"w1", "w2"} - {holder}).pop()
         assert holding[0]["last_seen"] is not None and holding[0]["ms_per_layer"] > 0
         assert holding[0]["measured_ms_per_token"] > 0
@@ -387,7 +386,8 @@ def test_devices_paired_by_ctl_then_one_revoked_mid_generation(tmp_path, model_p
 
         devices = {d["name"]: d for d in ok_json("devices", "list", server=s)}
         assert devices[holder]["state"] == "revoked" and devices[other]["state"] == "connected"
-        assert devices[other]["layers"] == list(planned_split(model_path)) and devices[other]["shipping"] is None  # shipped, done
+        assert devices[other]["layers"] == list(planned_split(model_path))
+        assert devices[other]["shipping"] is None  # shipped, done
         plan = ok_json("plan", server=s)
         assert [st["device"] for st in plan["stages"]] == ["appliance", other]
         time.sleep(3)  # past the upkeep's next probe: the revoked laptop is not taken back

@@ -108,13 +108,18 @@ def test_openapi_document_fuzzed_with_invalid_data(case):
 COUNTING = "Count from 1 to 1000: 1, 2, 3, 4,"  # greedy text that goes on for hundreds of tokens
 
 
-def test_a_long_scoring_request_does_not_stall_a_stream(served):
-    """A 2000-token prompt scored through KServe `NAME-logits` while a client streams: the scoring is
-    prefilled by the scheduler in chunks between the stream's tokens (run in one pass on the event loop
-    it froze every stream for its whole ~8 s), so tokens keep arriving while it runs, no gap comes near
-    the scoring's own time, and both answers are the ones each request gets alone."""
+@pytest.mark.parametrize("via", ["scoring", "embedding"])
+def test_a_long_scoring_request_does_not_stall_a_stream(served, via):
+    """A 2000-token prompt scored through KServe `NAME-logits` (or embedded through /v1/embeddings)
+    while a client streams: the scheduler prefills it in chunks between the stream's tokens (scoring
+    run in one pass on the event loop froze every stream for its whole 5-8 s), so tokens keep arriving
+    while it runs, no gap comes near its own time, and both answers are the ones each gets alone."""
     long_ids = (served.tokenizer.encode("The appliance serves every device of the home. ") * 200)[:2000]
-    want = served.next_logits(long_ids, Session())
+    if via == "scoring":
+        want = served.next_logits(long_ids, Session())
+    else:
+        pooled = served.model.final_norm(served.hidden_states(long_ids, Session())).mean(axis=0)
+        want = pooled / np.linalg.norm(pooled)
     expected = served.generate(served.prompt_ids(COUNTING), SamplingParams(), 300).run()
     with running_server(key=KEY) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
@@ -139,6 +144,9 @@ def test_a_long_scoring_request_does_not_stall_a_stream(served):
             t = httpclient.InferInput("input_ids", [len(long_ids)], "INT64")
             t.set_data_from_numpy(np.array(long_ids, dtype=np.int64))
             began = time.monotonic()
+            if via == "embedding":
+                vector = client.embeddings.create(model=served.name, input=[long_ids]).data[0].embedding
+                return began, time.monotonic(), np.array(vector)
             r = scorer.infer(f"{served.name}-logits", [t], headers={"authorization": f"Bearer {KEY}"})
             return began, time.monotonic(), r.as_numpy("logits")
 
@@ -150,5 +158,5 @@ def test_a_long_scoring_request_does_not_stall_a_stream(served):
     np.testing.assert_allclose(logits, want, rtol=0, atol=1e-3 * np.abs(want).max())
     during = [a for a in arrivals if began < a < ended]
     gaps = np.diff([a for a in arrivals if began - 1 < a < ended + 1])
-    assert len(during) >= 10, f"{len(during)} tokens arrived during the {ended - began:.1f} s scoring"
+    assert len(during) >= 10, f"{len(during)} tokens arrived during the {ended - began:.1f} s {via}"
     assert gaps.max() < max(1.0, (ended - began) / 5), f"longest gap {gaps.max():.2f} s"

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
-from appliance.serving import admin, dashboard, openai_api, pairing
+from appliance.serving import admin, dashboard, embeddings, openai_api, pairing
 from appliance.serving.auth import AuthError
 from appliance.serving.disconnect import ClientLeft
 from appliance.serving.errors import error_response
@@ -95,6 +95,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
     app.state.kserve = Repository(state)
     app.include_router(openai_api.router)
+    app.include_router(embeddings.router)
     app.include_router(pairing.router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)

@@ -122,7 +122,7 @@ def _usage(gens: list[Generation]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _run_all(streams: list[TokenStream]) -> None:
+async def run_all(streams: list[TokenStream]) -> None:
     try:
         for stream in streams:
             async for _ in stream:
@@ -182,7 +182,7 @@ async def list_models(state: State) -> dict:
     }
 
 
-def _check_model(state: ServerState, name: str) -> None:
+def check_model(state: ServerState, name: str) -> None:
     if name != state.model_name:
         raise OpenAIError(
             404, f"model {name!r} does not exist; available: {state.model_name}", param="model", code="model_not_found"
@@ -198,7 +198,7 @@ async def _respond(request: Request, state: ServerState, body: _Common, prompt_i
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         chunks = _sse_chunks(streams, gens, {**envelope, "object": f"{kind}.chunk"}, chat, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream")
-    await unless_client_leaves(request, _run_all(streams))
+    await unless_client_leaves(request, run_all(streams))
     choices = [
         {
             "index": i,
@@ -213,12 +213,12 @@ async def _respond(request: Request, state: ServerState, body: _Common, prompt_i
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, body: ChatRequest, state: State):
-    _check_model(state, body.model)
+    check_model(state, body.model)
     ids = state.engine.chat_ids([m.model_dump() for m in body.messages])
     return await _respond(request, state, body, ids, chat=True)
 
 
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest, state: State):
-    _check_model(state, body.model)
+    check_model(state, body.model)
     return await _respond(request, state, body, state.engine.prompt_ids(body.prompt), chat=False)

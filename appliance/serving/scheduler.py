@@ -40,7 +40,8 @@ SMOOTHING = 0.3  # weight of the newest step in the running step-time estimates
 
 
 class Job(Protocol):
-    """What the scheduler steps: models.engine's Generation (sampled text) or Scoring (logits only)."""
+    """What the scheduler steps: models.engine's Generation (sampled text), Scoring (the next token's
+    logits) or Embedding (pooled hidden states): each takes the logits and hidden states of its ids."""
 
     session: Session
     finish_reason: str | None
@@ -51,7 +52,7 @@ class Job(Protocol):
     done: bool
 
     def next_input(self, prefill_chunk: int | None = None) -> list[int]: ...
-    def advance(self, n_fed: int, logits: np.ndarray) -> str: ...
+    def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str: ...
 
 
 class QueueFullError(Exception):
@@ -286,7 +287,7 @@ class Scheduler:
         started = time.monotonic()
         decoding = sum(1 for t, _ in step if t.job.prompt_done)
         try:
-            logits = self.engine.next_logits_batch([ids for _, ids in step], [t.job.session for t, _ in step])
+            logits, hiddens = self.engine.step([ids for _, ids in step], [t.job.session for t, _ in step])
         except Exception as e:  # the step's requests fail; the others, and later ones, go on
             self.failed_steps += 1
             self._fail([t for t, _ in step], e)
@@ -298,10 +299,10 @@ class Scheduler:
         m.step_seconds.observe(now - started)
         m.batch_size.observe(len(step))
         m.kv_bytes.set(sum(t.job.session.nbytes for t in self.active))
-        for (t, ids), row in zip(step, logits, strict=True):
+        for (t, ids), row, hidden in zip(step, logits, hiddens, strict=True):
             try:
                 had_tokens = t.job.completion_tokens
-                piece = t.job.advance(len(ids), row)
+                piece = t.job.advance(len(ids), row, hidden)
             except Exception as e:  # sampling or decoding this one request failed: only it ends
                 self._fail([t], e)
                 continue
