@@ -116,6 +116,59 @@ def dequant_q6_k(raw: np.ndarray) -> np.ndarray:
     return ((d * sc)[..., None] * q).reshape(b.shape[0], -1)
 
 
+def _two_bit_planes(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K's 64 bytes -> 256 values: each half of 128 is 32 bytes read four times, two bits at a
+    time (shift 0, 2, 4, 6), so value 128h + 32j + l is bits 2j..2j+1 of byte 32h + l."""
+    q = qs.reshape(*qs.shape[:-1], 2, 1, 32)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
+    return ((q >> shifts) & 3).reshape(*qs.shape[:-1], 256).astype(np.int8)
+
+
+def _per_16(scale: np.ndarray) -> np.ndarray:
+    """16 scales (one per 16 values, in value order) -> one per value."""
+    return np.repeat(scale, 16, axis=-1)
+
+
+def dequant_q2_k(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 84)  # scales: 16 bytes (low nibble scale, high nibble min), qs: 64 bytes, d, dmin: f16
+    sc, d, dmin = b[..., 0:16], _f16(b[..., 80:82]), _f16(b[..., 82:84])
+    q = _two_bit_planes(b[..., 16:80]).astype(np.float32)
+    scale, low = _per_16((sc & 0x0F).astype(np.float32)), _per_16((sc >> 4).astype(np.float32))
+    return (d * scale * q - dmin * low).reshape(b.shape[0], -1)
+
+
+def dequant_q3_k(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 110)  # hmask: 32 bytes, qs: 64 bytes, scales: 12 bytes (16 six-bit), d: f16
+    hmask, packed, d = b[..., 0:32], b[..., 96:108].astype(np.int32), _f16(b[..., 108:110])
+    s = np.arange(16)
+    low = np.where(s < 8, packed[..., s % 8] & 0x0F, packed[..., s % 8] >> 4)
+    high = (packed[..., 8 + s % 4] >> (2 * (s // 4))) & 3
+    scale = _per_16((low | (high << 4)).astype(np.float32) - 32)
+    # the high bit of value 128h + 32j + l is bit 4h + j of hmask[l]; a clear bit subtracts 4
+    hbit = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [..., 8, 32]: bit k of byte l
+    q = _two_bit_planes(b[..., 32:96]) - 4 * (1 - hbit.reshape(*hmask.shape[:-1], 256).astype(np.int8))
+    return (d * scale * q).reshape(b.shape[0], -1)
+
+
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def dequant_iq4_nl(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 18)  # d: f16, qs: 16 bytes of 4-bit indices into a non-linear table
+    return (_f16(b[..., 0:2]) * IQ4_VALUES[_nibbles(b[..., 2:18])]).reshape(b.shape[0], -1)
+
+
+def dequant_iq4_xs(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 136)  # d: f16, scales_h: u16, scales_l: 4 bytes, qs: 128 bytes (8 groups of 32)
+    d = _f16(b[..., 0:2])
+    scales_h = np.ascontiguousarray(b[..., 2:4]).view("<u2").astype(np.int32)  # [..., 1]
+    ib = np.arange(8)
+    low = (b[..., 4 + ib // 2].astype(np.int32) >> (4 * (ib % 2))) & 0x0F
+    scale = (low | (((scales_h >> (2 * ib)) & 3) << 4)).astype(np.float32) - 32  # [..., 8]
+    q = IQ4_VALUES[_nibbles(b[..., 8:136].reshape(*b.shape[:-1], 8, 16))]  # [..., 8, 32]
+    return ((d * scale)[..., None] * q).reshape(b.shape[0], -1)
+
+
 def dequant_f16(raw: np.ndarray) -> np.ndarray:
     return np.asarray(raw).view(np.float16).astype(np.float32)
 
@@ -138,9 +191,13 @@ DEQUANT: dict[Q, Callable[[np.ndarray], np.ndarray]] = {
     Q.Q5_0: dequant_q5_0,
     Q.Q5_1: dequant_q5_1,
     Q.Q8_0: dequant_q8_0,
+    Q.Q2_K: dequant_q2_k,
+    Q.Q3_K: dequant_q3_k,
     Q.Q4_K: dequant_q4_k,
     Q.Q5_K: dequant_q5_k,
     Q.Q6_K: dequant_q6_k,
+    Q.IQ4_NL: dequant_iq4_nl,
+    Q.IQ4_XS: dequant_iq4_xs,
 }
 
 SUPPORTED_TYPES = tuple(t.name for t in DEQUANT)

@@ -9,9 +9,17 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFWriter, quants
 from gguf import GGMLQuantizationType as Q
 
-# K formats: gguf-py cannot quantize to them, so their blocks are random bytes with small f16 scales
+# K and I formats: gguf-py cannot quantize to them, so their blocks are random bytes with small f16 scales
 # (byte offsets of the f16 fields, and a scale giving values of roughly the intended size).
-K_FORMATS = {Q.Q4_K: ((0, 2), 1 / 400), Q.Q5_K: ((0, 2), 1 / 800), Q.Q6_K: ((208,), 1 / 1200)}
+K_FORMATS = {
+    Q.Q2_K: ((80, 82), 1 / 50),
+    Q.Q3_K: ((108,), 1 / 120),
+    Q.Q4_K: ((0, 2), 1 / 400),
+    Q.Q5_K: ((0, 2), 1 / 800),
+    Q.Q6_K: ((208,), 1 / 1200),
+    Q.IQ4_NL: ((0,), 1 / 250),
+    Q.IQ4_XS: ((0,), 1 / 8000),
+}
 
 
 def random_k_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: Q, scale: float) -> np.ndarray:

@@ -87,9 +87,9 @@ def test_matches_gguf_py_on_quantized_data(qtype, shape):
     )
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS])
 def test_k_formats_match_gguf_py(qtype):
-    """gguf-py cannot quantize to K formats: compare on random blocks with sane f16 scales."""
+    """gguf-py cannot quantize to K and I formats: compare on random blocks with sane f16 scales."""
     from tests.gguf_factory import random_k_blocks
 
     raw = random_k_blocks(np.random.default_rng(int(qtype)), (5, 3 * 256), qtype, scale=1.0)
@@ -99,5 +99,6 @@ def test_k_formats_match_gguf_py(qtype):
 
 
 def test_every_supported_format_has_a_test():
-    tested = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.F16, Q.BF16, Q.F32, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+    tested = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.F16, Q.BF16, Q.F32}
+    tested |= {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS}
     assert set(DEQUANT) == tested

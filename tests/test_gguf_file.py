@@ -93,9 +93,23 @@ K_MIXED = {
 }
 
 
-def test_k_quant_llama_file_matches_transformers(tmp_path, smol_meta):
-    """Q4_K_M-style files: K formats in the layers (width 256, one super-block per row)."""
-    path = write_tiny_llama(tmp_path / "k.gguf", smol_meta, weight_type=Q.Q8_0, tensor_types=K_MIXED, dim=256)
+# Q3_K_M / Q2_K / IQ4_XS-style files: the low-bit K formats and the non-linear 4-bit ones
+LOW_BIT_MIXED = {
+    "blk.0.attn_q.weight": Q.Q3_K,
+    "blk.0.attn_k.weight": Q.Q2_K,
+    "blk.0.ffn_gate.weight": Q.IQ4_XS,
+    "blk.0.ffn_down.weight": Q.IQ4_NL,
+    "blk.1.attn_v.weight": Q.Q3_K,
+    "blk.1.ffn_up.weight": Q.Q2_K,
+    "blk.1.attn_output.weight": Q.IQ4_XS,
+}
+
+
+@pytest.mark.parametrize("types", [K_MIXED, LOW_BIT_MIXED], ids=["q4_k_m-style", "low-bit"])
+def test_k_quant_llama_file_matches_transformers(tmp_path, smol_meta, types):
+    """Q4_K_M-style files: K formats in the layers (width 256, one super-block per row); and the
+    low-bit and I-quant formats of Q3_K_M, Q2_K and IQ4_XS downloads."""
+    path = write_tiny_llama(tmp_path / "k.gguf", smol_meta, weight_type=Q.Q8_0, tensor_types=types, dim=256)
     engine = Engine.load(path, "numpy")  # the file read right: the exact reference against transformers
     ids = engine.tokenizer.encode("K formats, as most downloaded files use.")
     ours = engine.forward(ids, Session())
@@ -138,12 +152,12 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, smol_meta):
 def test_unsupported_tensor_type_names_the_supported_ones(tmp_path):
     p = tmp_path / "k.gguf"
     w = GGUFWriter(str(p), "llama")
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((1, 110), dtype=np.uint8), raw_dtype=Q.Q3_K)  # one 256-block
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((1, 66), dtype=np.uint8), raw_dtype=Q.IQ2_XXS)  # one 256-block
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedModelError, match="blk.0.attn_q.weight is Q3_K; supported: F32, F16"):
+    with pytest.raises(UnsupportedModelError, match="blk.0.attn_q.weight is IQ2_XXS; supported: F32, F16"):
         open_gguf(p)
 
 
