@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from kernels.dequant import dequantize
@@ -24,13 +25,16 @@ else:
 # What the C kernels keep keys and values in (kv_t in kernels/cpu/cpu.h).
 KV_DTYPE = np.float16
 
-# The formats the C kernels read straight from their blocks.
-NATIVE_TYPES = frozenset({Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K})
+# The formats the C kernels read straight from their blocks (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K and the IQ4s
+# through the portable C in every variant: kernels/cpu/generic.c).
+NATIVE_TYPES = frozenset(
+    {Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS}
+)
 
 
 def block_size(qtype: Q) -> int:
     """Values per block of a format: a matrix's row length must be a multiple of it."""
-    return 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0) else 1
+    return GGML_QUANT_SIZES[qtype][0]
 
 
 def available() -> bool:

@@ -30,6 +30,14 @@ def model_path() -> Path:
     return ModelStore().get()
 
 
+@pytest.fixture(scope="session")
+def smol_meta(model_path) -> dict:
+    """The default model's metadata: SmolLM2's tokenizer for the small files tests write."""
+    from models.gguf_file import open_gguf
+
+    return open_gguf(model_path).metadata
+
+
 @pytest.fixture()
 def ca(tmp_path, monkeypatch) -> CertificateAuthority:
     """A fresh APPLIANCE_HOME for this test, and the certificate authority the appliance makes there."""

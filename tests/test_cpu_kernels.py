@@ -17,9 +17,16 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=native.why_missin
 LAYOUT = {
     Q.Q4_0: (32, 18, [0]),
     Q.Q4_1: (32, 20, [0, 2]),
+    Q.Q5_0: (32, 22, [0]),
+    Q.Q5_1: (32, 24, [0, 2]),
     Q.Q8_0: (32, 34, [0]),
+    Q.IQ4_NL: (32, 18, [0]),
+    Q.Q2_K: (256, 84, [80, 82]),
+    Q.Q3_K: (256, 110, [108]),
     Q.Q4_K: (256, 144, [0, 2]),
+    Q.Q5_K: (256, 176, [0, 2]),
     Q.Q6_K: (256, 210, [208]),
+    Q.IQ4_XS: (256, 136, [0]),
 }
 
 
@@ -41,7 +48,7 @@ def reference(raw: np.ndarray, qtype: Q, rows: int, cols: int, x: np.ndarray) ->
 
 
 FLOAT = (Q.F32, Q.F16)
-TYPES = [Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K]
+TYPES = sorted(native.NATIVE_TYPES)
 
 
 @pytest.fixture(params=native.isas() if native.available() else [])
@@ -63,7 +70,7 @@ def threads(request):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matmul_matches_reference(qtype, isa, threads):
     rng = np.random.default_rng(int(qtype))
-    per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+    per_block = native.block_size(qtype) if qtype not in FLOAT else 32
     for rows, cols, batch in [(37, 2 * per_block, 1), (5, 3 * per_block, 9), (131, per_block, 4)]:
         raw = random_weight(qtype, rows, cols, rng)
         x = rng.standard_normal((batch, cols)).astype(np.float32)
@@ -82,7 +89,7 @@ def test_matmul_matches_reference(qtype, isa, threads):
 def test_variants_agree_with_portable_c(qtype):
     """Each variant sums the same integers as the portable C: only float rounding may differ."""
     rng = np.random.default_rng(7)
-    per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+    per_block = native.block_size(qtype) if qtype not in FLOAT else 32
     raw = random_weight(qtype, 19, 4 * per_block, rng)
     x = rng.standard_normal((5, 4 * per_block)).astype(np.float32)  # 4 rows a kernel call, then 1
     before = native.isa()
@@ -142,7 +149,7 @@ def test_attention_matches_reference(shape, isa, threads):
 def test_a_row_does_not_depend_on_its_batch(qtype, isa):
     """Batches take 4 rows per kernel call: each row's sums in the one-row kernel's order, bit for bit."""
     rng = np.random.default_rng(11)
-    per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+    per_block = native.block_size(qtype) if qtype not in FLOAT else 32
     raw = random_weight(qtype, 7, 3 * per_block, rng)
     x = rng.standard_normal((6, 3 * per_block)).astype(np.float32)
     together = native.matmul(raw, qtype, (7, 3 * per_block), x)

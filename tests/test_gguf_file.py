@@ -15,11 +15,6 @@ from models.llama import LlamaConfig, Session
 from tests.gguf_factory import write_tiny_llama
 
 
-@pytest.fixture(scope="module")
-def smol_meta(model_path):
-    return open_gguf(model_path).metadata
-
-
 def test_hyperparameters_from_metadata(model_path):
     cfg = LlamaConfig.from_metadata(open_gguf(model_path).metadata)
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (576, 30, 9, 3, 64)

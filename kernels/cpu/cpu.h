@@ -18,10 +18,17 @@ enum {
     T_F16 = 1,
     T_Q4_0 = 2,
     T_Q4_1 = 3,
+    T_Q5_0 = 6,
+    T_Q5_1 = 7,
     T_Q8_0 = 8,
+    T_Q2_K = 10,
+    T_Q3_K = 11,
     T_Q4_K = 12,
+    T_Q5_K = 13,
     T_Q6_K = 14,
-    T_COUNT = 15
+    T_IQ4_NL = 20,
+    T_IQ4_XS = 23,
+    T_COUNT = 24
 };
 
 #define QK 32
@@ -36,9 +43,20 @@ typedef struct {
 /* Weight blocks, byte for byte as ggml-common.h lays them out. */
 typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;
 typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } block_q5_1;
 typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;
+typedef struct { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; } block_q2_K;
+typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; } block_q3_K;
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;
+typedef struct { uint16_t d; uint8_t qs[16]; } block_iq4_nl;
+typedef struct { uint16_t d, scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } block_iq4_xs;
+_Static_assert(sizeof(block_q5_0) == 22 && sizeof(block_q5_1) == 24 && sizeof(block_q2_K) == 84 &&
+                   sizeof(block_q3_K) == 110 && sizeof(block_q5_K) == 176 && sizeof(block_iq4_nl) == 18 &&
+                   sizeof(block_iq4_xs) == 136,
+               "block layouts as ggml-common.h's");
 
 /* One row of weights (n values) dotted with one activation row: q8 blocks for the quantized
  * formats, floats for F16/F32. */
@@ -61,8 +79,8 @@ typedef void (*attend_fn)(int E, int nq, const float *q, const kv_t *k, const kv
 /* Activations to q8 blocks (n a multiple of 32); every variant's must equal the portable C's bit for bit. */
 typedef void (*quantize_fn)(const float *x, block_q8 *y, int n);
 
-/* An instruction-set variant. Only dot is required: a NULL dot4, attend or quantize means the
- * portable C's (the callers fall back, so a variant may add them one at a time). */
+/* An instruction-set variant. A NULL dot, dot4, attend or quantize means the portable C's (the
+ * callers fall back, so a variant may add them one at a time). */
 typedef struct {
     const char *name;
     dot_fn dot[T_COUNT];
@@ -72,6 +90,8 @@ typedef struct {
 } isa_ops;
 
 extern const isa_ops isa_generic;
+/* Format t's dot product in the variant in use, else the portable C's (NULL: no kernel reads t). */
+dot_fn dot_for(int t);
 void attend_generic(int E, int nq, const float *q, const kv_t *k, const kv_t *v, size_t stride, int n, float scale,
                     float *out, float *scores);
 #if defined(__x86_64__)

@@ -10,6 +10,8 @@
 
 const isa_ops *cur_isa = &isa_generic;
 
+dot_fn dot_for(int t) { return cur_isa->dot[t] ? cur_isa->dot[t] : isa_generic.dot[t]; }
+
 void quantize_q8(const float *x, block_q8 *y, int n) {
     (cur_isa->quantize ? cur_isa->quantize : quantize_q8_generic)(x, y, n);
 }
@@ -22,7 +24,7 @@ const void *act_row(int t, const float *x, const void *xq, int n, int j) {
 }
 
 void matmul_rows(const matmul_args *a, int r0, int r1) {
-    dot_fn dot = cur_isa->dot[a->type];
+    dot_fn dot = dot_for(a->type);
     dot4_fn dot4 = cur_isa->dot4[a->type]; /* NULL: one row at a time */
     size_t rb = row_bytes(a->type, a->cols), ab = act_bytes(a->type, a->cols);
     for (int t0 = r0; t0 < r1; t0 += TILE) {

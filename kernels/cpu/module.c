@@ -60,7 +60,7 @@ static PyObject *py_row_bytes(PyObject *self, PyObject *args) {
 
 /* Checks shared by the entry points: a weight of `rows` rows of `cols` values of type t. */
 static int check_weight(int t, int rows, int cols, const Py_buffer *w) {
-    if (t < 0 || t >= T_COUNT || !cur_isa->dot[t]) {
+    if (t < 0 || t >= T_COUNT || !dot_for(t)) {
         PyErr_Format(PyExc_ValueError, "weight type %d has no native kernel", t);
         return -1;
     }
@@ -133,7 +133,7 @@ static void free_range(PyObject *capsule) {
 static int parse_weight(PyObject *tuple, int cols, weight_desc *w) {
     PyObject *buf;
     if (!PyArg_ParseTuple(tuple, "Oii", &buf, &w->type, &w->rows)) return -1;
-    if (w->type < 0 || w->type >= T_COUNT || !cur_isa->dot[w->type] || cols % block_size(w->type) != 0) {
+    if (w->type < 0 || w->type >= T_COUNT || !dot_for(w->type) || cols % block_size(w->type) != 0) {
         PyErr_Format(PyExc_ValueError, "weight type %d has no native kernel for %d columns", w->type, cols);
         return -1;
     }
