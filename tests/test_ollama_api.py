@@ -166,6 +166,9 @@ def test_the_client_sees_statuses(client, url, served):
     assert no_key.value.status_code == 401
     bad_json = httpx.post(f"{url}/api/chat", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
     assert bad_json.status_code == 400 and isinstance(bad_json.json()["error"], str)
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'appliance_requests_total{protocol="ollama"}' in metrics
+    assert 'appliance_errors_total{protocol="ollama",status="404"}' in metrics
 
 
 def test_a_stream_the_client_leaves_is_cancelled(url, http, served):

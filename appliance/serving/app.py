@@ -24,6 +24,7 @@ from appliance.serving.state import ServerState
 from models.errors import ContextLengthError, ModelError
 
 log = logging.getLogger("appliance")
+PROTOCOLS = (("/v1/", "openai"), ("/v2/", "kserve"), ("/api/", "ollama"))  # the metrics' label, by path
 
 
 class BodyLimit:
@@ -107,7 +108,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.middleware("http")
     async def count(request: Request, call_next):
         path = request.url.path
-        protocol = {"/v1/": "openai", "/v2/": "kserve", "/api/": "ollama"}.get(path[:4])
+        protocol = next((name for prefix, name in PROTOCOLS if path.startswith(prefix)), None)
         try:
             response = await call_next(request)
         except Exception as e:  # a bug: still an answer in the protocol's shape, and the traceback in the log
