@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -114,6 +115,14 @@ def test_options_are_honoured(client, served):
     assert a.response == b.response == served.generate(served.prompt_ids("Once upon a time"), ollama_defaults, 16).run()
     other = client.generate(served.name, "Once upon a time", raw=True, options={**ask, "seed": 12})
     assert other.response != a.response
+
+
+def test_a_body_is_json_whatever_its_content_type(http, served):
+    """As Ollama reads it: its documentation's `curl -d '{...}'` sends a form's Content-Type."""
+    body = json.dumps({"model": served.name, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    r = http.post("/api/generate", content=body, headers=form)
+    assert r.status_code == 200 and r.json()["done"], r.text
 
 
 def test_load_and_unload_answer_as_ollama_does(client, http, served):

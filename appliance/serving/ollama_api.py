@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from appliance.serving.auth import authorize
@@ -98,7 +99,22 @@ class ShowRequest(_Body):
     verbose: bool = False  # also the long arrays of the metadata (the vocabulary, the merges)
 
 
-router = APIRouter(prefix="/api", dependencies=[Depends(authorize)])
+class _JsonRoute(APIRoute):
+    """Bodies are read as JSON whatever their Content-Type, as Ollama reads them (its documentation's
+    `curl -d '{...}'` sends a form's type)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def as_json(request: Request) -> Response:
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            return await handler(Request(scope, request.receive))
+
+        return as_json
+
+
+router = APIRouter(prefix="/api", dependencies=[Depends(authorize)], route_class=_JsonRoute)
 State = Annotated[ServerState, Depends(server_state)]
 
 
