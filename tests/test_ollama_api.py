@@ -38,6 +38,7 @@ def http(url):
 
 def test_version_tags_show_ps(client, http, served, model_path):
     assert re.fullmatch(r"\d+\.\d+\.\d+", http.get("/api/version").json()["version"])
+    assert http.head("/api/version").status_code == http.head("/api/tags").status_code == 200
     (listed,) = client.list().models
     assert listed.model == f"{served.name}:latest"
     assert listed.size == model_path.stat().st_size and listed.digest == DEFAULT_MODEL.sha256

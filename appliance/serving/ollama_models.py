@@ -89,12 +89,17 @@ async def listed(state: ServerState) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=2)
+def _weight_bytes(engine: Engine) -> int:
+    """The weights this device holds for the model, as its backend prepared them (measured once: the
+    measure prepares a zero tensor of each kind)."""
+    model = engine.model
+    return model.fixed_nbytes + sum(model.layer_nbytes(i) for a, b in engine.ranges for i in range(a, b))
+
+
 def _held_bytes(state: ServerState) -> int:
-    """What the model holds here: its weights as the backend prepared them and the running requests' caches."""
-    model = state.engine.model
-    layers = sum(model.layer_nbytes(i) for a, b in state.engine.ranges for i in range(a, b))
-    caches = sum(t.job.session.nbytes for t in list(state.scheduler.active))
-    return model.fixed_nbytes + layers + caches
+    """What the model holds here: its weights and the running requests' caches."""
+    return _weight_bytes(state.engine) + sum(t.job.session.nbytes for t in list(state.scheduler.active))
 
 
 async def running(state: ServerState) -> dict:
