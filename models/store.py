@@ -129,6 +129,14 @@ class ModelStore:
             fsync_dir(self.root)
         return path
 
+    def sha256(self, path: Path) -> str:
+        """A model file's SHA-256: a known model's own when `path` is its file in this store (checked when it
+        was stored, and by `get`), else read from the file (seconds per GB)."""
+        for spec in KNOWN_MODELS.values():
+            if path.resolve() == self.path_for(spec).resolve() and path.stat().st_size == spec.size:
+                return spec.sha256
+        return sha256_of(path)
+
     @property
     def _lock_path(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
-from appliance.serving import admin, dashboard, embeddings, openai_api, pairing
+from appliance.serving import admin, dashboard, embeddings, ollama_api, openai_api, pairing
 from appliance.serving.auth import AuthError
 from appliance.serving.disconnect import ClientLeft
 from appliance.serving.errors import error_response
@@ -24,6 +24,7 @@ from appliance.serving.state import ServerState
 from models.errors import ContextLengthError, ModelError
 
 log = logging.getLogger("appliance")
+PROTOCOLS = (("/v1/", "openai"), ("/v2/", "kserve"), ("/api/", "ollama"))  # the metrics' label, by path
 
 
 class BodyLimit:
@@ -89,13 +90,14 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(
         title="appliance",
         version=__version__,
-        description="OpenAI-compatible REST and KServe v2 (Triton) for the home's language models.",
+        description="OpenAI-compatible REST, Ollama's API and KServe v2 (Triton) for the home's language models.",
     )
     app.state.appliance = state
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
     app.state.kserve = Repository(state)
     app.include_router(openai_api.router)
     app.include_router(embeddings.router)
+    app.include_router(ollama_api.router)
     app.include_router(pairing.router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
@@ -107,7 +109,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.middleware("http")
     async def count(request: Request, call_next):
         path = request.url.path
-        protocol = "openai" if path.startswith("/v1/") else "kserve" if path.startswith("/v2/") else None
+        protocol = next((name for prefix, name in PROTOCOLS if path.startswith(prefix)), None)
         try:
             response = await call_next(request)
         except Exception as e:  # a bug: still an answer in the protocol's shape, and the traceback in the log

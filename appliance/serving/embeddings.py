@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.serving.auth import authorize
 from appliance.serving.disconnect import unless_client_leaves
-from appliance.serving.openai_api import OpenAIError, Text, check_model, run_all
+from appliance.serving.fields import Text
+from appliance.serving.openai_api import OpenAIError, check_model
+from appliance.serving.scheduler import drain
 from appliance.serving.state import ServerState, server_state
 from models.engine import Embedding
 from models.errors import ContextLengthError
@@ -66,7 +68,7 @@ async def embeddings(request: Request, body: EmbeddingRequest, state: State) -> 
         jobs: list[Embedding] = [state.engine.embed(ids) for ids in _token_lists(state, body.input)]
     except ContextLengthError as e:
         raise OpenAIError(400, str(e), param="input", code="context_length_exceeded") from e
-    await unless_client_leaves(request, run_all(state.scheduler.streams(jobs)))
+    await unless_client_leaves(request, drain(state.scheduler.streams(jobs)))
     data = []
     for i, job in enumerate(jobs):
         vector = job.vector

@@ -1,4 +1,5 @@
-"""Each protocol's error shape, written once: OpenAI's on /v1 (and outside /v2), KServe/Triton's on /v2.
+"""Each protocol's error shape, written once: OpenAI's on /v1 (and outside the others), `{"error": "..."}`
+on /v2 (KServe/Triton) and /api (Ollama), which share it.
 
 gRPC's statuses are mapped in kserve/grpc.py (`status_of`).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 KSERVE_PREFIX = "/v2"
+OLLAMA_PREFIX = "/api"
 
 
 def printable(message: str) -> str:
@@ -22,17 +24,21 @@ def openai_error_body(
     return {"error": {"message": printable(message), "type": type_, "param": param, "code": code}}
 
 
-def kserve_error_body(message: str) -> dict:
-    """KServe v2 / Triton's shape: {"error": "..."}."""
+def plain_error_body(message: str) -> dict:
+    """KServe v2 / Triton's shape, and Ollama's: {"error": "..."}."""
     return {"error": printable(message)}
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def error_response(
     path: str, status: int, message: str, code: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
     """An error for a request to `path`, in the shape its protocol's clients parse."""
-    if path == KSERVE_PREFIX or path.startswith(KSERVE_PREFIX + "/"):
-        body = kserve_error_body(message)
+    if _under(path, KSERVE_PREFIX) or _under(path, OLLAMA_PREFIX):
+        body = plain_error_body(message)
     else:
         body = openai_error_body(message, "server_error" if status >= 500 else "invalid_request_error", code=code)
     return JSONResponse(body, status_code=status, headers=headers)

@@ -10,16 +10,17 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.serving.auth import authorize
 from appliance.serving.disconnect import unless_client_leaves
 from appliance.serving.errors import openai_error_body
-from appliance.serving.scheduler import GenerationError, TokenStream
+from appliance.serving.fields import Message, Text
+from appliance.serving.scheduler import GenerationError, TokenStream, drain
 from appliance.serving.state import ServerState, server_state
 from models.engine import Generation
 from models.sampling import SamplingParams
@@ -43,23 +44,6 @@ class OpenAIError(Exception):
     def response(self) -> JSONResponse:
         body = openai_error_body(str(self), self.type, self.param, self.code)
         return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def _unicode(text: str) -> str:
-    """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is no text the tokenizer can take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from e
-    return text
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
 
 
 class _Common(BaseModel):
@@ -120,16 +104,6 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int]) -> li
 def _usage(gens: list[Generation]) -> dict:
     prompt, completion = gens[0].prompt_tokens, sum(g.completion_tokens for g in gens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-async def run_all(streams: list[TokenStream]) -> None:
-    try:
-        for stream in streams:
-            async for _ in stream:
-                pass
-    finally:  # the client went away: stop generating for it
-        for stream in streams:
-            stream.cancel()
 
 
 def _sse(obj: dict | str) -> str:
@@ -198,7 +172,7 @@ async def _respond(request: Request, state: ServerState, body: _Common, prompt_i
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         chunks = _sse_chunks(streams, gens, {**envelope, "object": f"{kind}.chunk"}, chat, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream")
-    await unless_client_leaves(request, run_all(streams))
+    await unless_client_leaves(request, drain(streams))
     choices = [
         {
             "index": i,

@@ -80,6 +80,7 @@ class Ticket:
     job: Job
     deliver: Callable[[Event], None]
     submitted: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # when it joined the batch (monotonic, as the others)
     first_token_at: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     closed: bool = False  # finished or failed: the scheduler is done with it
@@ -110,6 +111,18 @@ class TokenStream:
     def cancel(self) -> None:
         """Stop generating (a no-op once done): frees the batch slot and the KV cache at the next step."""
         self.ticket.cancel()
+
+
+async def drain(streams: list[TokenStream]) -> None:
+    """Run streams to their end (a plain request's answer is read from its jobs after); if the awaiting
+    task is cancelled (its client left), the generations stop too."""
+    try:
+        for stream in streams:
+            async for _ in stream:
+                pass
+    finally:
+        for stream in streams:
+            stream.cancel()
 
 
 class Scheduler:
@@ -212,7 +225,8 @@ class Scheduler:
             self.waiting = collections.deque(t for t in self.waiting if not t.closed)
             while self.waiting and len(self.active) < self.max_batch:
                 ticket = self.waiting.popleft()
-                self.metrics.queue_seconds.observe(time.monotonic() - ticket.submitted)
+                ticket.admitted_at = time.monotonic()
+                self.metrics.queue_seconds.observe(ticket.admitted_at - ticket.submitted)
                 self.active.append(ticket)
             self.metrics.active.set(len(self.active))
             self.metrics.kv_bytes.set(sum(t.job.session.nbytes for t in self.active))

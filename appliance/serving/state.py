@@ -33,12 +33,14 @@ class ServerState:
         max_tokens: int | None,
         stop: list[str],
         ignore_eos: bool = False,
+        max_tokens_field: str = "max_tokens",
     ) -> Generation:
-        """A generation within this server's limits (every protocol's requests pass through here)."""
+        """A generation within this server's limits (every protocol's requests pass through here);
+        max_tokens_field: what the protocol calls max_tokens, for the error that names it."""
         max_tokens = min(self.default_max_tokens, self.max_tokens_limit) if max_tokens is None else max_tokens
         if max_tokens > self.max_tokens_limit:
             raise InvalidParameterError(
-                f"max_tokens is {max_tokens}; this server allows at most {self.max_tokens_limit}"
+                f"{max_tokens_field} is {max_tokens}; this server allows at most {self.max_tokens_limit}"
             )
         if len(stop) > 16:
             raise InvalidParameterError("at most 16 stop strings")

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from appliance.serving.auth import authorize, authorize_admin
 from appliance.serving.disconnect import unless_client_leaves
-from appliance.serving.errors import kserve_error_body
+from appliance.serving.errors import plain_error_body
 from appliance.serving.kserve.repository import (
     MODEL_VERSION,
     KServeError,
@@ -229,7 +229,7 @@ async def generate_stream(request: Request, repo: Repo, name: str, version: str 
             async for r in responses:
                 yield f"data: {json.dumps(_as_json(name, r))}\n\n"
         except GenerationError as e:  # the headers are gone: the failure is the last event
-            yield f"data: {json.dumps(kserve_error_body(str(e)))}\n\n"
+            yield f"data: {json.dumps(plain_error_body(str(e)))}\n\n"
         finally:
             await responses.aclose()
 

@@ -19,6 +19,7 @@ import numpy as np
 from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, serialize_byte_tensor, triton_to_np_dtype
 
 from appliance import __version__
+from appliance.serving.scheduler import drain
 from appliance.serving.state import ServerState
 from models.sampling import SamplingParams
 
@@ -314,12 +315,7 @@ class Repository:
         if len(ids) > engine.model.config.context_length:
             raise KServeError(400, f"{len(ids)} ids exceed the context window of {engine.model.config.context_length}")
         scoring = engine.score(ids)
-        stream = self.state.scheduler.stream(scoring)
-        try:
-            async for _ in stream:
-                pass
-        finally:
-            stream.cancel()  # a client that left frees the slot and cache at the next step
+        await drain([self.state.scheduler.stream(scoring)])  # a client that left frees its slot and cache
         logits = scoring.logits
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
