@@ -20,7 +20,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +133,9 @@ def pairing_mac(code: str, *parts: bytes) -> str:
 class CertificateAuthority:
     """Lives in APPLIANCE_HOME/pki: the CA key, the appliance's own client identity, codes, revocations."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, clock: Callable[[], float] = time.time):
+        """clock: the wall clock codes and lockouts are measured by (tests move it instead of waiting)."""
+        self.folder, self.clock = folder, clock
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._locked():  # two first starts at once must not make two CAs
             if not (folder / "ca.key").is_file():
@@ -191,7 +192,7 @@ class CertificateAuthority:
         """Sign and record (the caller holds the lock)."""
         cert = self._certificate(csr, name, days)
         issued = self._json("issued.json")
-        entry = issued.setdefault(name, {"serials": [], "paired": time.time()})
+        entry = issued.setdefault(name, {"serials": [], "paired": self.clock()})
         entry["serials"].append(str(x509.load_pem_x509_certificate(cert).serial_number))
         self._save_json("issued.json", issued)
         return cert
@@ -214,7 +215,7 @@ class CertificateAuthority:
             raise PairingError(f"a pairing code lives 1 to {MAX_CODE_TTL_S} seconds; {ttl_s} is out of range")
         code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(8))
         with self._locked():
-            state, now = self._codes(), time.time()
+            state, now = self._codes(), self.clock()
             # Spent and expired codes are kept a while, so that their use is refused with the right reason.
             state["codes"] = {h: c for h, c in state["codes"].items() if c["expires"] > now - MAX_CODE_TTL_S}
             state["codes"][_digest(code)] = {"expires": now + ttl_s, "used": False}
@@ -243,7 +244,7 @@ class CertificateAuthority:
 
     def _live_code(self, state: dict, code: str) -> dict:
         """The unused, unexpired entry of `code` (the caller holds the lock); unknown codes count towards lockout."""
-        now = time.time()
+        now = self.clock()
         if state["locked_until"] > now:
             raise PairingLocked(math.ceil(state["locked_until"] - now))
         entry = state["codes"].get(_digest(_normalize(code)))

@@ -106,8 +106,18 @@ def test_a_code_lifetime_out_of_range_is_refused(ca, ttl):
         ca.new_code(ttl)
 
 
-def test_wrong_codes_lock_pairing_then_the_lock_lifts(ca, monkeypatch):
-    monkeypatch.setattr(pki, "LOCKOUT_S", 1.0)
+class Clock:
+    """A wall clock the test moves: the CA's waits are measured by it, not slept through."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_wrong_codes_lock_pairing_then_the_lock_lifts(ca):
+    ca.clock = clock = Clock()
     code = ca.new_code()
     used = ca.new_code()
     ca.pair(used, csr("first").encode())
@@ -119,19 +129,22 @@ def test_wrong_codes_lock_pairing_then_the_lock_lifts(ca, monkeypatch):
             ca.pair("ZZZZ-ZZZZ", csr("guesser").encode())
     with pytest.raises(PairingLocked) as locked:  # even the right code waits
         ca.pair(code, csr("owner").encode())
-    assert locked.value.status == 429 and locked.value.retry_after == 1
-    time.sleep(1.1)
+    assert locked.value.status == 429 and locked.value.retry_after == pki.LOCKOUT_S
+    clock.now += pki.LOCKOUT_S - 1
+    with pytest.raises(PairingLocked):  # a second before the lock lifts: still locked
+        ca.pair(code, csr("owner").encode())
+    clock.now += 1.1
     assert ca.pair(code, csr("owner").encode())["certificate"]
 
 
-def test_wrong_codes_spread_out_do_not_lock(ca, monkeypatch):
-    monkeypatch.setattr(pki, "WRONG_WINDOW_S", 0.5)
+def test_wrong_codes_spread_out_do_not_lock(ca):
+    ca.clock = clock = Clock()
     code = ca.new_code()
     for _ in range(2):
         for _ in range(pki.MAX_WRONG_CODES - 1):
             with pytest.raises(PairingError, match="unknown pairing code"):
                 ca.pair("ZZZZ-ZZZZ", csr("guesser").encode())
-        time.sleep(0.6)
+        clock.now += pki.WRONG_WINDOW_S + 0.1
     assert ca.pair(code, csr("owner").encode())["certificate"]
 
 
