@@ -83,7 +83,7 @@ bench-offload: $(VENV)/.installed-test $(VENV)/llama-rpc/llama-bench
 
 ## chaos: 20 trials of a worker killed or frozen mid-generation under tight budgets; each text must be all-local's
 chaos: install-test
-	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m appliance.bench.chaos --trials 20
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python -m appliance.drills.chaos --trials 20
 
 ## crash: 21 trials of the server killed -9 mid key creation, pairing and model fetch, then restarted (state kept)
 crash: install-test
@@ -92,7 +92,7 @@ crash: install-test
 ## soak: 16 clients for 5 minutes mixing good, bad, cancelled and oversized requests over /v1, /v2 and gRPC
 soak: $(VENV)/.installed-test
 	$(BIN)/appliance-ctl models fetch --local
-	$(BIN)/python -m appliance.bench.soak --seconds $(or $(SOAK_SECONDS),300) --clients 16
+	$(BIN)/python -m appliance.drills.soak --seconds $(or $(SOAK_SECONDS),300) --clients 16
 
 # llama.cpp's RPC server, llama-bench, llama-server and llama-quantize, built from the sources inside the
 # llama-cpp-python sdist (never vendored); the sources stay unpacked: tests/hf_models.py runs its convert_hf_to_gguf.py

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.bench.launch import free_port, running
+from appliance.testbed.launch import free_port, running
 
 ADMIN_KEY = "admin-test-key"
 

@@ -10,10 +10,10 @@ import sys
 import httpx
 import pytest
 
-from appliance.bench.launch import free_port
-from appliance.bench.netsim import wait_listening
 from appliance.cli import serve_command
 from appliance.config import ConfigError, settings
+from appliance.testbed.launch import free_port
+from appliance.testbed.netsim import wait_listening
 from appliance.worker_cli import worker_command
 from tests.serving import running_server
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.bench.launch import free_port, running
 from appliance.serving.client_keys import ClientKeys
+from appliance.testbed.launch import free_port, running
 from models.store import DEFAULT_MODEL, ModelStore, verify
 from offload.pairing import pair_with_appliance
 from offload.pki import PairingError, certificate_authority

@@ -230,7 +230,7 @@ def test_failures_are_one_line_and_an_exit_code(server, home):
 def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_path, engine):
     """Two real workers hold the layers beyond 40 MB; draining one and revoking the other move or lose
     their layers, and requests keep their exact text while any worker is left."""
-    from appliance.bench.netsim import worker_process
+    from appliance.testbed.netsim import worker_process
     from offload.pki import certificate_authority, issue_identity
 
     ca = certificate_authority()
@@ -303,7 +303,7 @@ def test_devices_paired_by_ctl_then_one_revoked_mid_generation(tmp_path, model_p
     """Two laptops paired through `appliance-ctl devices pair` and `appliance-worker --pair`; the one holding
     the offloaded layers is revoked while streams run: no stream fails or changes its text, the revoked
     laptop is refused from then on, and its layers move to the other."""
-    from appliance.bench.netsim import free_port, worker_process
+    from appliance.testbed.netsim import free_port, worker_process
     from offload.client import WorkerClient
     from offload.errors import WorkerRefused
     from offload.pki import certificate_authority

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.bench.netsim import worker_process
+from appliance.testbed.netsim import worker_process
 from offload.pki import certificate_authority, issue_identity
 from tests.serving import running_server
 

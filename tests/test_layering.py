@@ -1,8 +1,10 @@
 """The direction of imports (docs/architecture.md, "Layout"), read from the source with `ast`.
 
 Layers, high to low: entry points -> serving -> offload -> models -> kernels. A module may import its
-own layer and any lower one, never a higher one. The harness (appliance.bench) sits beside the product:
-it may import anything, and only entry points may import it (`appliance bench-*` runs it). Imports
+own layer and any lower one, never a higher one. The harness (appliance.bench: benchmarks,
+appliance.testbed: processes and networks to run the product in, appliance.drills: chaos and soak)
+sits beside the product: it may import anything, and only entry points may import it (`appliance
+bench-*` runs it). Imports
 inside functions count as much as those at the top of a module.
 """
 
@@ -27,7 +29,7 @@ ENTRY_POINTS = (
 )
 # The package root holds only `__version__`, the one place of the version: every layer may read it.
 ROOT_MODULE = "appliance"
-HARNESS = "appliance.bench"
+HARNESS = ("appliance.bench", "appliance.testbed", "appliance.drills")
 RANKS = {"root": -1, "kernels": 0, "models": 1, "offload": 2, "serving": 3, "entry points": 4}
 
 # Known upward imports, each with why it is there; the test fails on any other, and on one listed
@@ -46,8 +48,8 @@ def within(module: str, package: str) -> bool:
 
 
 def layer(module: str) -> str | None:
-    """The layer of one of our modules ("harness" for the bench), None for anything not ours."""
-    if within(module, HARNESS):
+    """The layer of one of our modules ("harness" for the bench, testbed and drills), None for anything not ours."""
+    if any(within(module, package) for package in HARNESS):
         return "harness"
     if module == ROOT_MODULE:
         return "root"
@@ -117,7 +119,9 @@ def test_the_checker_sees_what_it_must():
     """A bad import is reported wherever it hides; the allowed directions are not."""
     inside_a_function = "def f():\n    from appliance.serving.app import create_app\n"
     assert violations("models.fake", inside_a_function) == [("models.fake", "appliance.serving.app")]
-    assert violations("offload.fake", "import appliance.bench.netsim\n") == [("offload.fake", "appliance.bench.netsim")]
+    assert violations("offload.fake", "import appliance.testbed.netsim\n") == [
+        ("offload.fake", "appliance.testbed.netsim")
+    ]
     assert violations("appliance.serving.fake", "from appliance import bench\n") == [
         ("appliance.serving.fake", "appliance.bench")
     ]
@@ -132,6 +136,8 @@ def test_the_checker_sees_what_it_must():
     assert violations("appliance.serving.fake", allowed) == []
     assert violations("appliance.cli", "from appliance.bench.engine import run\n") == []  # entry point -> harness
     assert violations("appliance.bench.fake", "from appliance.cli import app\n") == []  # the harness uses anything
+    assert violations("appliance.testbed.fake", "from appliance.cli import app\n") == []
+    assert violations("appliance.serving.fake", "from appliance.drills import soak\n") != []  # product -/-> harness
 
 
 def test_generate_loads_no_grpc():

@@ -10,9 +10,9 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 
-from appliance.bench.launch import free_port
-from appliance.bench.netsim import worker_process
 from appliance.startup import load_engine
+from appliance.testbed.launch import free_port
+from appliance.testbed.netsim import worker_process
 from models.engine import Engine
 from models.llama import Llama, Session
 from offload.coordinator import OffloadError, layer_costs

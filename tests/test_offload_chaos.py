@@ -3,7 +3,7 @@ or frozen at a random step, the text still the all-local text, the engine servin
 
 from __future__ import annotations
 
-from appliance.bench.chaos import run_chaos
+from appliance.drills.chaos import run_chaos
 
 
 def test_chaos_smoke(model_path):

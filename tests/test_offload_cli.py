@@ -11,7 +11,7 @@ import httpx
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.bench.netsim import worker_process
+from appliance.testbed.netsim import worker_process
 from offload import offload_pb2 as pb
 from offload.client import WorkerClient
 from offload.pki import issue_identity

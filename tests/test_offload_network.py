@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.bench.netsim import DelayRelay, can_build_lan, home_lan, worker_process
 from appliance.startup import load_engine
+from appliance.testbed.netsim import DelayRelay, can_build_lan, home_lan, worker_process
 from offload.pki import issue_identity
 from tests.test_offload import PROMPTS, TOKENS, greedy
 

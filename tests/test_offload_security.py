@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from appliance.bench.netsim import free_port, worker_process
+from appliance.testbed.netsim import free_port, worker_process
 from models.llama import Llama
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bench.launch import free_port, running
+from appliance.testbed.launch import free_port, running
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

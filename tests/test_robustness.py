@@ -19,8 +19,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from appliance.bench.launch import free_port
 from appliance.serving.scheduler import BROKEN_AFTER, Event, Scheduler
+from appliance.testbed.launch import free_port
 from tests.serving import running_server, serve_command
 
 KEY = "robust-key"

@@ -13,8 +13,8 @@ import pytest
 import torch
 import tritonclient.http as httpclient
 
-from appliance.bench.netsim import worker_process
 from appliance.startup import load_engine
+from appliance.testbed.netsim import worker_process
 from models.engine import Engine
 from models.errors import UnsupportedModelError
 from models.llama import Llama, LlamaConfig, Session

@@ -10,7 +10,7 @@ def test_soak_smoke(model_path):
     cmd = [
         sys.executable,
         "-m",
-        "appliance.bench.soak",
+        "appliance.drills.soak",
         "--seconds",
         "20",
         "--clients",

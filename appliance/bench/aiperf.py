@@ -72,7 +72,7 @@ def run(model: str, url: str, tokenizer: Path, key: str | None = None, concurren
 
 def main() -> None:
     from appliance.bench.engine import print_table
-    from appliance.bench.launch import bench_server
+    from appliance.testbed.launch import bench_server
     from models.store import ModelStore
 
     path = ModelStore().get()

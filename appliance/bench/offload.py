@@ -27,10 +27,10 @@ from pathlib import Path
 from rich.console import Console
 
 from appliance.bench.engine import FILLER, print_table
-from appliance.bench.launch import free_port
-from appliance.bench.netsim import relay_process, wait_listening, worker_process
 from appliance.bench.transport_floor import measure_floor
 from appliance.startup import load_engine
+from appliance.testbed.launch import free_port
+from appliance.testbed.netsim import relay_process, wait_listening, worker_process
 from models.engine import Engine
 from models.gguf_file import open_gguf
 from offload.client import WorkerClient

@@ -78,7 +78,7 @@ def run(
 
 def main() -> None:
     from appliance.bench.engine import print_table
-    from appliance.bench.launch import bench_server
+    from appliance.testbed.launch import bench_server
     from models.store import ModelStore
 
     path = ModelStore().get()

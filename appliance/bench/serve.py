@@ -21,7 +21,7 @@ import numpy as np
 from rich.console import Console
 
 from appliance.bench.engine import print_table
-from appliance.bench.launch import free_port, running
+from appliance.testbed.launch import free_port, running
 
 PROMPTS = [
     "Once upon a time",

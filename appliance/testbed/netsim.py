@@ -22,7 +22,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.bench.launch import free_port
+from appliance.testbed.launch import free_port
 
 
 class DelayRelay:
@@ -112,7 +112,7 @@ class DelayRelay:
 @contextmanager
 def relay_process(target: str, delay_ms: float = 0.0, jitter_ms: float = 0.0, listen: str = "127.0.0.1:0"):
     """A DelayRelay in a process of its own, so its work never competes with the measured process."""
-    cmd = [sys.executable, "-m", "appliance.bench.netsim", target, str(delay_ms), str(jitter_ms), listen]
+    cmd = [sys.executable, "-m", "appliance.testbed.netsim", target, str(delay_ms), str(jitter_ms), listen]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         address = proc.stdout.readline().strip()
@@ -279,7 +279,7 @@ def worker_process(
         log.close()
 
 
-if __name__ == "__main__":  # python -m appliance.bench.netsim TARGET DELAY_MS JITTER_MS LISTEN: a relay until killed
+if __name__ == "__main__":  # python -m appliance.testbed.netsim TARGET DELAY_MS JITTER_MS LISTEN: a relay until killed
     target, delay, jitter, listen = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT])  # for sigwait, in every thread
     with DelayRelay(target, delay, jitter, listen) as relay:

@@ -2,7 +2,7 @@
 over /v1 (streamed and not), /v2 and gRPC. Prints a table; exits 1 on any 5xx, hang, stream that ended
 without its proper end, or resident memory afterwards over 1.5x its idle level.
 
-    python -m appliance.bench.soak --seconds 300 --clients 16      (make soak)
+    python -m appliance.drills.soak --seconds 300 --clients 16      (make soak)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import httpx
 import psutil
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from appliance.bench.launch import free_port, running
+from appliance.testbed.launch import free_port, running
 
 KEY = "soak-key"
 DEADLINE_S = 120  # a request not answered within this is a hang

@@ -19,9 +19,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.bench.launch import free_port
-from appliance.bench.netsim import Worker, worker_process
 from appliance.startup import load_engine
+from appliance.testbed.launch import free_port
+from appliance.testbed.netsim import Worker, worker_process
 from models.engine import Engine
 from models.llama import Llama
 from models.store import ModelStore
