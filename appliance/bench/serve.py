@@ -118,10 +118,11 @@ def _ours(path: Path, max_batch: int) -> Subject:
 
 
 def _llama_server(path: Path, max_batch: int, binary: Path) -> Subject:
-    """llama.cpp's own server, continuous batching over max_batch slots of 1024 tokens each, on every core."""
+    """llama.cpp's own server, continuous batching over max_batch slots sharing one KV pool of 8192 tokens
+    (-kvu: a slot takes what its sequence needs, as our per-session caches do), on every core."""
     port = free_port()
     cmd = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-t", str(os.cpu_count())]
-    cmd += ["-np", str(max_batch), "-c", str(1024 * max_batch), "--cont-batching", "--no-webui"]
+    cmd += ["-np", str(max_batch), "-c", "8192", "-kvu", "--cont-batching", "--no-webui"]
     return Subject("llama.cpp llama-server", cmd, f"http://127.0.0.1:{port}", path.name)
 
 
