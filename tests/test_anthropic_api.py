@@ -21,7 +21,7 @@ GREEDY = {"extra_body": {"temperature": 0}}
 
 @pytest.fixture(scope="module")
 def url(model_path):
-    with running_server("--max-batch", "4", key=KEY) as server:
+    with running_server("--max-batch", "1", "--max-queue", "1", key=KEY) as server:  # one running, one waiting
         yield server.url
 
 
@@ -143,6 +143,10 @@ def test_errors_are_anthropic_s(client, url, served):
     )
     assert missing.status_code == 400 and "max_tokens" in missing.json()["error"]["message"]
 
+    with pytest.raises(anthropic.APIStatusError) as e:  # over the server's body limit (1 MiB)
+        client.messages.create(model=served.name, max_tokens=4, messages=[{"role": "user", "content": "x" * (2 << 20)}])
+    assert e.value.status_code == 413 and e.value.body["error"]["type"] == "request_too_large"
+
 
 def test_keys(url, served):
     wrong = anthropic.Anthropic(base_url=url, api_key="wrong-key", max_retries=0)
@@ -160,11 +164,20 @@ def test_keys(url, served):
     assert by_header.messages.create(model=served.name, max_tokens=2, messages=QUESTION).usage.output_tokens == 2
 
 
-def test_an_abandoned_stream_frees_its_slot(client, url, served):
-    long = [{"role": "user", "content": "Tell me a very long story."}]
-    with client.messages.stream(model=served.name, max_tokens=2000, messages=long) as stream:
-        next(iter(stream.text_stream))
+def test_a_full_queue_is_a_rate_limit_error_and_abandoned_streams_free_their_slots(client, url, served):
+    ask = dict(model=served.name, max_tokens=2000, messages=[{"role": "user", "content": "Tell me a very long story."}])
+    with client.messages.stream(**ask) as running, client.messages.stream(**ask):
+        next(iter(running.text_stream))
+        assert _load(url) == (1, 1)
+        with pytest.raises(anthropic.RateLimitError) as e:
+            client.messages.create(**ask)
+        assert e.value.body["error"]["type"] == "rate_limit_error" and e.value.response.headers["retry-after"]
     deadline = time.monotonic() + 20
-    while httpx.get(f"{url}/health").json()["active"] and time.monotonic() < deadline:
+    while sum(_load(url)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert httpx.get(f"{url}/health").json()["active"] == 0
+    assert _load(url) == (0, 0)
+
+
+def _load(url: str) -> tuple[int, int]:
+    health = httpx.get(f"{url}/health").json()
+    return health["active"], health["waiting"]
