@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -9,6 +10,8 @@ import anthropic
 import httpx
 import pytest
 
+from appliance.serving.anthropic_api import _events
+from appliance.serving.scheduler import Event, Ticket, TokenStream
 from models.sampling import SamplingParams
 from tests.serving import ADMIN_KEY, running_server
 
@@ -181,3 +184,24 @@ def test_a_full_queue_is_a_rate_limit_error_and_abandoned_streams_free_their_slo
 def _load(url: str) -> tuple[int, int]:
     health = httpx.get(f"{url}/health").json()
     return health["active"], health["waiting"]
+
+
+def test_a_failure_mid_stream_is_an_error_event(served):
+    """Once the headers are gone a failure cannot be a status: it is Anthropic's `error` event, and the last."""
+    gen = served.generate(served.chat_ids(QUESTION), SamplingParams(), 4)
+
+    async def events() -> list[str]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        for event in (Event("text", "Par"), Event("error", "generation failed: boom")):
+            queue.put_nowait(event)
+        return [e async for e in _events(TokenStream(Ticket(gen, lambda e: None), queue), gen, "msg_1", "m")]
+
+    sent = [_event(e.strip()) for e in asyncio.run(events())]
+    assert [name for name, _ in sent] == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "error",
+    ]
+    assert sent[-1][1] == {"type": "error", "error": {"type": "api_error", "message": "generation failed: boom"}}
