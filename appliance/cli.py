@@ -172,7 +172,8 @@ def serve(
     step_timeout: StepTimeoutOpt = 10.0,
     advertise: Annotated[bool, typer.Option(help="Announce this appliance on the LAN by mDNS (for pairing).")] = True,
 ) -> None:
-    """Serve the model to the home: OpenAI-compatible REST, Ollama's API, KServe v2 (Triton) over REST and gRPC."""
+    """Serve the model to the home: OpenAI-compatible REST, Anthropic's Messages API, Ollama's API, KServe v2
+    (Triton) over REST and gRPC."""
     import uvicorn
 
     from appliance.serving.app import create_app

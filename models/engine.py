@@ -247,6 +247,7 @@ class Generation(PromptRun):
         self.text = ""
         self._emitted = 0  # characters of text already handed out
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self.stop_sequence: str | None = None  # the stop string that ended the text, if one did
 
     @property
     def completion_tokens(self) -> int:
@@ -268,9 +269,11 @@ class Generation(PromptRun):
         self._history.append(token)
         self._decoder.add(token)
         text = self._decoder.text  # complete characters only: an unfinished UTF-8 sequence waits
-        found = [i for i in (text.find(s, max(0, self._emitted - self._hold)) for s in self.stop) if i >= 0]
+        start = max(0, self._emitted - self._hold)
+        found = [(i, s) for s in self.stop if (i := text.find(s, start)) >= 0]
         if found:
-            self.text = text[: min(found)]
+            at, self.stop_sequence = min(found, key=lambda f: f[0])  # the earliest; on a tie, the first listed
+            self.text = text[:at]
             return self._finish("stop")
         if len(self.token_ids) >= self.max_tokens:
             self.text = self._decoder.final()

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
-from appliance.serving import admin, dashboard, embeddings, ollama_api, openai_api, pairing
+from appliance.serving import admin, anthropic_api, dashboard, embeddings, ollama_api, openai_api, pairing
 from appliance.serving.auth import AuthError
 from appliance.serving.disconnect import ClientLeft
 from appliance.serving.errors import error_response
@@ -24,7 +24,8 @@ from appliance.serving.state import ServerState
 from models.errors import ContextLengthError, ModelError
 
 log = logging.getLogger("appliance")
-PROTOCOLS = (("/v1/", "openai"), ("/v2/", "kserve"), ("/api/", "ollama"))  # the metrics' label, by path
+# the metrics' label, by path (the first prefix that matches)
+PROTOCOLS = (("/v1/messages", "anthropic"), ("/v1/", "openai"), ("/v2/", "kserve"), ("/api/", "ollama"))
 
 
 class BodyLimit:
@@ -90,7 +91,8 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(
         title="appliance",
         version=__version__,
-        description="OpenAI-compatible REST, Ollama's API and KServe v2 (Triton) for the home's language models.",
+        description="OpenAI-compatible REST, Anthropic's Messages API, Ollama's API and KServe v2 (Triton) for the "
+        "home's language models.",
     )
     app.state.appliance = state
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
@@ -98,6 +100,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(embeddings.router)
     app.include_router(ollama_api.router)
+    app.include_router(anthropic_api.router)
     app.include_router(pairing.router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)

@@ -1,4 +1,5 @@
-"""Who may call: inference takes an API (or admin) key, administration the admin key; both as bearer tokens."""
+"""Who may call: inference takes an API (or admin) key, administration the admin key; both as bearer tokens
+(inference also as Anthropic's `x-api-key` header, the way its clients send a key)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ def check_key(state: ServerState, authorization: str, admin: bool = False) -> No
 
 
 def authorize(request: Request) -> None:
-    check_key(server_state(request), request.headers.get("authorization", ""))
+    """The bearer token, or else the `x-api-key` header: the same keys, checked the same way."""
+    authorization = request.headers.get("authorization")
+    if authorization is None and "x-api-key" in request.headers:
+        authorization = f"Bearer {request.headers['x-api-key']}"
+    check_key(server_state(request), authorization or "")
 
 
 def authorize_admin(request: Request) -> None:
