@@ -63,7 +63,7 @@ def test_curl_example(served):
     assert '"choices"' in r.stdout and '"content"' in r.stdout
 
 
-@pytest.mark.parametrize("marker", ["import openai", "import ollama", "tritonclient.grpc"])
+@pytest.mark.parametrize("marker", ["import openai", "import ollama", "import anthropic", "tritonclient.grpc"])
 def test_python_examples(served, marker):
     (code,) = [b for b in blocks("python") if marker in b]
     key = (Path(served.env["HOME"]) / ".cache" / "appliance" / "api-key").read_text().strip()
