@@ -873,7 +873,7 @@ class Kernel:
         parked: dict[int, np.ndarray] = {}  # lanes waiting at a barrier
         exited = np.zeros(n, bool)
         pc, mask = 0, np.ones(n, bool)
-        budget = int(os.environ.get("PTX_BUDGET", 20_000_000))
+        budget = int(os.environ.get("PTX_STEP_BUDGET", 1_000_000))  # lane-group steps; a hung kernel fails
         steps = 0
 
         def next_group():
