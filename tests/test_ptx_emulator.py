@@ -214,6 +214,11 @@ extern "C" __global__ void shared_ops(const int* mode, float* out) {
         if (t == 9) reinterpret_cast<unsigned short*>(s)[10] = 7;  // a narrower store: its own instruction
         __syncthreads();
         out[t] = t;
+    } else if (m == 7) {  // overwrites a slot others read, with no barrier between
+        s[t] = t;
+        __syncthreads();
+        out[t] = s[(t + 1) % 64];
+        s[t] = -t;
     } else if (m == 5) {  // past the end of the block's shared memory
         s[t + 1] = t;
         __syncthreads();
@@ -233,6 +238,7 @@ extern "C" __global__ void shared_ops(const int* mode, float* out) {
         (2, r"shared_ops: shared memory race \(two threads write one address in one instruction\) at 0x0"),
         (3, r"shared_ops: shared memory race \(read after write, no barrier between\) at 0x4: thread 1 wrote"),
         (4, r"shared_ops: shared memory race \(write after write, no barrier between\) at 0x14: threads 3 and \[9\]"),
+        (7, r"shared_ops: shared memory race \(write after read, no barrier between\) at 0x0: thread 63 read"),
         (5, r"shared_ops: out-of-bounds shared write of 4 bytes at 0x100 .* by lanes \[63\]"),
         (6, r"shared_ops: barrier .* not reached by all threads of block 0: threads \[32, 33, .*\(32 lanes\)"),
     ],

@@ -3,8 +3,8 @@
 Global memory is one growing byte arena; every allocation sits between red zones, so an access is
 valid only inside an allocation made through the fake driver (or a module variable). Shared memory
 is one window per block, with per-byte shadow state: written yet (uninitialised reads), and which
-lane wrote it in which barrier interval (two lanes writing one byte between barriers is a race, and
-so is a lane reading a byte another lane wrote in the same interval).
+lane wrote it and which lane (or lanes) read it in which barrier interval: between two barriers, a
+byte written by one thread and written or read by another is a race.
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ class SharedMemory:
         self.written = np.zeros(n, bool)
         self.writer = np.full(n, -1, np.int32)  # thread index in its block
         self.interval = np.full(n, -1, np.int32)  # the barrier interval of that write
+        self.reader = np.full(n, -1, np.int32)  # the thread that read it, -2 for several
+        self.read_interval = np.full(n, -1, np.int32)
 
     def check(self, addrs, nbytes, blocks, lanes, kernel, what) -> np.ndarray:
         addrs = addrs.astype(np.int64)
@@ -123,6 +125,13 @@ class SharedMemory:
                 f"{kernel}: shared memory race (read after write, no barrier between) at 0x{a % self.size:x}: "
                 f"thread {int(self.writer[a])} wrote, threads {lanes_text(np.unique(t[hazard]))} read"
             )
+        iv = np.repeat(intervals, nbytes)
+        again = (self.read_interval[idx] == iv) & (self.reader[idx] != t)
+        self.reader[idx] = np.where(again, -2, t)
+        order = np.argsort(idx, kind="stable")
+        several = (np.diff(idx[order]) == 0) & (np.diff(t[order]) != 0)
+        self.reader[idx[order][1:][several]] = -2
+        self.read_interval[idx] = iv
 
     def on_write(self, offs, nbytes, threads, intervals, kernel) -> None:
         idx = byte_indices(offs, nbytes)
@@ -142,6 +151,14 @@ class SharedMemory:
             raise SanitizerError(
                 f"{kernel}: shared memory race (write after write, no barrier between) at 0x{a % self.size:x}: "
                 f"threads {int(self.writer[a])} and {lanes_text(np.unique(t[hazard]))}"
+            )
+        hazard = (self.read_interval[idx] == iv) & (self.reader[idx] != t)
+        if hazard.any():
+            a = int(idx[hazard][0])
+            who = "several threads" if self.reader[a] == -2 else f"thread {int(self.reader[a])}"
+            raise SanitizerError(
+                f"{kernel}: shared memory race (write after read, no barrier between) at 0x{a % self.size:x}: "
+                f"{who} read, threads {lanes_text(np.unique(t[hazard]))} wrote"
             )
         self.written[idx] = True
         self.writer[idx] = t
