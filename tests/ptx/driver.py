@@ -36,6 +36,7 @@ class FakeGpu:
     memory: GlobalMemory = field(default_factory=GlobalMemory)
     launches: list[str] = field(default_factory=list)
     ptx: str | None = None  # None: the product's kernels
+    capture: list | None = None  # launches recorded while a stream capture is open
 
     def offset(self, ptr: int, nbytes: int) -> int:
         off = int(ptr) - GLOBAL_BASE
@@ -68,8 +69,16 @@ class Function:
 
     def prepared_async_call(self, grid, block, stream, *args, shared_size: int = 0) -> None:
         raw = [struct.pack(_ARG[t], int(a) if t in "PilI" else a) for t, a in zip(self.argtypes, args, strict=True)]
-        self.gpu.launches.append(self.name)
-        self.kernel.launch(self.gpu.memory, grid, block, self.kernel.pack_params(raw), shared_size)
+        params = self.kernel.pack_params(raw)
+
+        def run():
+            self.gpu.launches.append(self.name)
+            self.kernel.launch(self.gpu.memory, grid, block, params, shared_size)
+
+        if self.gpu.capture is not None:
+            self.gpu.capture.append(run)
+        else:
+            run()
 
     def prepared_call(self, grid, block, *args, shared_size: int = 0) -> None:
         self.prepared_async_call(grid, block, None, *args, shared_size=shared_size)
@@ -157,11 +166,38 @@ def make_driver(gpu: FakeGpu) -> types.ModuleType:
     return cuda
 
 
+def graph_class(gpu: FakeGpu) -> type:
+    """A stand-in for kernels.cuda_backend.CudaGraph (the one place the product calls libcuda itself):
+    launches inside `with graph:` are recorded, and replay() runs them again."""
+
+    class FakeGraph:
+        def __init__(self, stream_handle: int):
+            self.recorded: list = []
+
+        def __enter__(self):
+            if gpu.capture is not None:
+                raise RuntimeError("a stream capture is already open")
+            gpu.capture = self.recorded
+            return self
+
+        def __exit__(self, *exc) -> None:
+            gpu.capture = None
+
+        def replay(self) -> None:
+            for launch in self.recorded:
+                launch()
+
+    return FakeGraph
+
+
 def install(monkeypatch, gpu: FakeGpu) -> types.ModuleType:
-    """pycuda and pycuda.driver in sys.modules, for this test only."""
+    """pycuda and pycuda.driver in sys.modules, and the fake graph as CudaGraph, for this test only."""
+    from kernels import cuda_backend
+
     cuda = make_driver(gpu)
     pkg = types.ModuleType("pycuda")
     pkg.driver = cuda
     monkeypatch.setitem(sys.modules, "pycuda", pkg)
     monkeypatch.setitem(sys.modules, "pycuda.driver", cuda)
+    monkeypatch.setattr(cuda_backend, "CudaGraph", graph_class(gpu))
     return cuda
