@@ -85,7 +85,7 @@ def weights(rng, fmt: str, rows: int, cols: int) -> np.ndarray:
     """Random weights in a kernel format, as the file's bytes [rows, row_bytes]."""
     qt = FORMATS[fmt]
     if qt in K_FORMATS:
-        return random_k_blocks(rng, (rows, cols), qt, 1.0)
+        return random_k_blocks(rng, (rows, cols), qt, 16 / np.sqrt(cols))  # sums of order 1 at any width
     data = (rng.standard_normal((rows, cols)) * 0.5).astype(np.float32)
     return data.astype(np.float16).view(np.uint8) if qt == Q.F16 else quants.quantize(data, qt)
 
