@@ -357,3 +357,19 @@ def test_gpu_model_prefill_and_graph_replayed_decode_follow_the_reference(dev, g
         compared += 1
         logits = ref.next_logits([got[step]], session)
     assert len(got) == n_new and compared >= 1
+
+
+def test_gpu_model_batched_decode_equals_each_sequence_alone(dev, tmp_path):
+    """Three sequences in one width-4 step (a padding row, slots out of order) give each one's own token."""
+    from models.gguf_file import open_gguf
+    from tests.gguf_factory import byte_vocab, write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf", byte_vocab(), weight_type=Q.Q8_0, dim=256, seed=3)
+    model = cb.GpuModel(open_gguf(path), dev, max_batch=3, max_context=32)
+    prompts = {2: [5, 77, 12], 0: [200, 3], 1: [9, 41, 66, 7]}
+    firsts = {slot: model.prefill(ids, slot) for slot, ids in prompts.items()}
+    slots = list(prompts)
+    batched = model.decode([firsts[s] for s in slots], [len(prompts[s]) for s in slots], slots)
+    for slot, token in zip(slots, batched, strict=True):
+        # the same position again: its keys and values are overwritten with the same ones
+        assert model.decode([firsts[slot]], [len(prompts[slot])], [slot]) == [token], f"slot {slot}"

@@ -117,7 +117,8 @@ class Kernel:
             steps += 1
             if steps > budget:
                 raise EmulatorError(f"{self.name}: no progress after {steps} steps (an endless loop?)")
-            S.set_mask(mask)
+            if mask is not S.mask:
+                S.set_mask(mask)
             o = ops[pc]
             m = mask
             if o.guard is not None:

@@ -171,6 +171,11 @@ class Decoder:
         return [x.strip() for x in op.strip("{}").split(",")] if op.startswith("{") else [op]
 
 
+def _at(v, lanes: np.ndarray) -> np.ndarray:
+    """An operand's values at some lanes (an immediate is the same at every lane)."""
+    return v[lanes] if isinstance(v, np.ndarray) and v.ndim else np.full(len(lanes), v)
+
+
 def _full(S: Lanes, v, dt) -> np.ndarray:
     return np.broadcast_to(np.asarray(v, dt), (S.n,))
 
@@ -538,7 +543,7 @@ def _ldst(D, ins, parts):
 
     def access(S):
         lanes = S.lanes
-        a = np.broadcast_to(addr(S), (S.n,))[lanes]
+        a = _at(addr(S), lanes)
         if space == "shared":
             offs = S.smem.check(a, size * n, S.block[lanes], lanes, S.kernel, what)
             mem = S.smem.data
@@ -558,7 +563,7 @@ def _ldst(D, ins, parts):
             if space == "shared":
                 S.smem.on_write(offs, size * n, S.thread[lanes], S.interval[S.block[lanes]], S.kernel)
             for k, r in enumerate(readers):
-                view[first + k] = np.broadcast_to(r(S), (S.n,))[lanes]
+                view[first + k] = _at(r(S), lanes)
 
     return access
 
@@ -579,7 +584,7 @@ def _warp_check(S, lanes, member, what):
     base = lanes - lane
     if S.bsize % 32:
         raise EmulatorError(f"{S.kernel}: {what} in a block of {S.bsize} threads (not whole warps)")
-    bits = np.broadcast_to(member, (S.n,))[lanes].astype(np.uint64)
+    bits = _at(member, lanes).astype(np.uint64)
     if not ((bits >> lane.astype(np.uint64)) & np.uint64(1)).all():
         raise SanitizerError(f"{S.kernel}: {what} by lanes outside its member mask")
     k = np.arange(32)
@@ -607,8 +612,8 @@ def _shfl(D, ins, parts):
         lanes = S.lanes
         lane, base = _warp_check(S, lanes, m(S), "shfl.sync")
         lane = lane.astype(np.int64)
-        bv = np.broadcast_to(b(S), (S.n,))[lanes].astype(np.int64) & 31
-        cv = np.broadcast_to(c(S), (S.n,))[lanes].astype(np.int64)
+        bv = _at(b(S), lanes).astype(np.int64) & 31
+        cv = _at(c(S), lanes).astype(np.int64)
         seg, clamp = (cv >> 8) & 31, cv & 31
         max_lane = (lane & seg) | (clamp & ~seg)
         min_lane = lane & seg
@@ -656,7 +661,7 @@ def _vote(D, ins, parts):
         bits[lanes] = pred[lanes].astype(np.uint64) << lane.astype(np.uint64)
         ballot = bits.reshape(-1, 32).sum(axis=1).astype(np.uint32)
         mine = ballot[lanes // 32]
-        member = np.broadcast_to(m(S), (S.n,))[lanes].astype(np.uint32)
+        member = _at(m(S), lanes).astype(np.uint32)
         out = np.zeros(S.n, np.uint32 if mode == "ballot" else bool)
         if mode == "ballot":
             out[lanes] = mine
@@ -677,8 +682,8 @@ def _vote(D, ins, parts):
 
 
 def _wmma_offsets(S, lanes, addr, stride, which, layout, elem):
-    a = np.broadcast_to(addr(S), (S.n,))[lanes]
-    ld = np.broadcast_to(stride(S), (S.n,))[lanes].astype(np.int64)
+    a = _at(addr(S), lanes)
+    ld = _at(stride(S), lanes).astype(np.int64)
     lane = S.lane[lanes].astype(np.int64)
     if which == "d":
         r, c = (lane // 2)[:, None], ((lane % 2) * 8)[:, None] + np.arange(8)
@@ -731,7 +736,7 @@ def _wmma(D, ins, parts):
             blocks = np.repeat(S.block[lanes], 8)
             flat = S.smem.check(offs, 4, blocks, np.repeat(lanes, 8), S.kernel, "write")
             S.smem.on_write(flat, 4, np.repeat(S.thread[lanes], 8), S.interval[blocks], S.kernel)
-            vals = np.stack([np.broadcast_to(r(S), (S.n,))[lanes] for r in readers], axis=1)
+            vals = np.stack([_at(r(S), lanes) for r in readers], axis=1)
             S.smem.data.view(np.float32)[flat // 4] = vals.reshape(-1)
 
         return store
@@ -744,7 +749,7 @@ def _wmma(D, ins, parts):
         rc = [D.src(r, "f32") for r in cregs]
 
         def halves(S, lanes, readers):  # (warps, 16 lanes, 16 values)
-            v = np.stack([np.broadcast_to(r(S), (S.n,))[lanes] for r in readers], axis=1)
+            v = np.stack([_at(r(S), lanes) for r in readers], axis=1)
             return v.view(np.float16).astype(np.float32).reshape(-1, 32, 16)[:, :16]
 
         def mma(S):
@@ -752,7 +757,7 @@ def _wmma(D, ins, parts):
             _warp_check(S, lanes, np.uint32(0xFFFFFFFF), ins.opcode)
             a = halves(S, lanes, ra)  # [w, row, k]
             b = halves(S, lanes, rb)  # [w, col, k]
-            c = np.stack([np.broadcast_to(r(S), (S.n,))[lanes] for r in rc], axis=1).reshape(-1, 16, 16)
+            c = np.stack([_at(r(S), lanes) for r in rc], axis=1).reshape(-1, 16, 16)
             out = (np.einsum("wrk,wck->wrc", a.astype(np.float64), b.astype(np.float64)) + c).astype(np.float32)
             out = out.reshape(-1, 8)
             for k, w in enumerate(writers):
