@@ -170,7 +170,7 @@ def test_swiglu_vec_every_format(dev, fmt):
     raw_g, raw_u = weights(rng, fmt, rows, cols), weights(rng, fmt, rows, cols)
     wg, wu = (dequantize(r, FORMATS[fmt], (rows, cols)) for r in (raw_g, raw_u))
     gd, ud = upload_weights(dev, raw_g), upload_weights(dev, raw_u)
-    for width in (1, 8) if fmt != "q4_0" else cb.WIDTHS:
+    for width in cb.WIDTHS:
         x = rng.standard_normal((width, cols)).astype(np.float32)
         act = exact_sums(q8_1(x))
         out = dev.alloc(width * rows // 32 * 36)
