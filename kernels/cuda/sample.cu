@@ -33,16 +33,17 @@ __device__ float block_sum(float x, float* scratch) {
     return total;
 }
 
-// The largest threshold key whose kept mass (count, or sum of p) reaches `need`.
+// The largest threshold key whose kept mass (count, or sum of p) reaches `need`, a bit at a time from the
+// top: mass(key >= x) only falls as x grows. (A bisection of [0, 0xFFFFFFFF] computed its first middle
+// as lo + (hi - lo + 1) / 2, which overflows to lo: it never moved, and top-k or top-p sampling hung.)
 __device__ unsigned threshold(const float* z, int n, float zmax, bool by_mass, float need, float* scratch) {
-    unsigned lo = 0, hi = 0xFFFFFFFFu;  // invariant: mass(key >= lo) >= need
-    while (lo < hi) {
-        const unsigned mid = lo + (hi - lo + 1) / 2;
+    unsigned lo = 0;  // invariant: mass(key >= lo) >= need
+    for (int bit = 31; bit >= 0; --bit) {
+        const unsigned mid = lo | (1u << bit);
         float m = 0.0f;
         for (int i = threadIdx.x; i < n; i += blockDim.x)
             if (order_key(z[i]) >= mid) m += by_mass ? __expf(z[i] - zmax) : 1.0f;
         if (block_sum(m, scratch) >= need) lo = mid;
-        else hi = mid - 1;
     }
     return lo;
 }
@@ -55,7 +56,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample(float* __res
     __shared__ float best_v[SAMPLE_THREADS / WARP];
     __shared__ int best_i[SAMPLE_THREADS / WARP];
     __shared__ float chunk_mass[SAMPLE_THREADS];
-    const SampleParams p = params[blockIdx.x];
+    const SampleParams& p = params[blockIdx.x];  // read where used: fewer live registers (sm_100 spilled)
     float* z = logits + (long)blockIdx.x * vocab;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
