@@ -139,3 +139,34 @@ def test_bad_values(server, served, path, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and param in error["message"]
+
+
+def test_echo_in_chunks_equals_one_pass(served):
+    """The scheduler feeds a long prompt in chunks: each chunk's rows score the ids after them."""
+    ids = served.prompt_ids("One, two, three, four, five, six, seven, eight.")
+    whole = served.generate(ids, max_tokens=2, logprobs=1, echo=True)
+    whole.run()
+    chunked = served.generate(ids, max_tokens=2, logprobs=1, echo=True)
+    while not chunked.done:
+        step = chunked.next_input(prefill_chunk=3)
+        logits, hiddens = served.step([step], [chunked.session])
+        chunked.advance(len(step), logits[0], hiddens[0])
+    assert len(chunked.prompt_logprobs) == len(ids) and chunked.prompt_logprobs[0] is None
+    for a, b in zip(chunked.prompt_logprobs[1:], whole.prompt_logprobs[1:], strict=True):
+        assert a.id == b.id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    assert [lp.id for lp in chunked.logprobs] == chunked.token_ids == whole.token_ids
+
+
+def test_a_stop_string_drops_the_logprobs_past_it(served):
+    full = served.generate(served.prompt_ids(PROMPT), max_tokens=12, logprobs=0)
+    full.run()
+    cut = served.generate(served.prompt_ids(PROMPT), max_tokens=12, stop=["."], logprobs=0)
+    cut.run()
+    tok = served.tokenizer
+    assert "".join(tok.token_piece(lp.id) for lp in cut.logprobs) == cut.text == full.text[: full.text.index(".")]
+
+
+def test_nothing_is_computed_unless_asked(served):
+    g = served.generate(served.prompt_ids(PROMPT), max_tokens=3)
+    g.run()
+    assert g.logprobs == [] and g.piece_tokens == [] and g.prompt_logprobs == [None]
