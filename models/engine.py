@@ -16,6 +16,7 @@ from models.chat import ChatTemplate
 from models.detokenize import IncrementalDecoder
 from models.errors import ContextLengthError
 from models.llama import Llama, Session
+from models.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from models.memory import release_memory
 from models.sampling import InvalidParameterError, Sampler, SamplingParams
 from models.tokenizer import Tokenizer
@@ -120,11 +121,21 @@ class Engine:
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        logprobs: int | None = None,
+        echo: bool = False,
     ) -> Generation:
-        """ignore_eos: run on past the model's own end-of-generation tokens (fixed-length output, for benchmarks)."""
+        """ignore_eos: run on past the model's own end-of-generation tokens (fixed-length output, for benchmarks);
+        logprobs, echo: see Generation."""
         model_stops = frozenset() if ignore_eos else self.tokenizer.stop_ids
         return Generation(
-            self, prompt_ids, sampling or SamplingParams(), max_tokens, stop, model_stops | set(stop_token_ids)
+            self,
+            prompt_ids,
+            sampling or SamplingParams(),
+            max_tokens,
+            stop,
+            model_stops | set(stop_token_ids),
+            logprobs,
+            echo,
         )
 
 
@@ -213,7 +224,13 @@ class Embedding(PromptRun):
 
 
 class Generation(PromptRun):
-    """One streamed completion: iterate for text pieces; afterwards read the ids, text and why it ended."""
+    """One streamed completion: iterate for text pieces; afterwards read the ids, text and why it ended.
+
+    logprobs: None for none, else how many alternatives (0 to MAX_TOP) each generated token's
+    `TokenLogprob` carries (in `logprobs`; `piece_tokens[i]` is how many of them the i-th text piece
+    covers). echo: also the prompt's tokens' logprobs (`prompt_logprobs`, the first None): the head
+    then runs on every prompt position of this request, not just the last; with echo, max_tokens may
+    be 0 (score the prompt, sample nothing)."""
 
     def __init__(
         self,
@@ -223,10 +240,16 @@ class Generation(PromptRun):
         max_tokens: int | None,
         stop: Sequence[str],
         stop_ids: set[int],
+        logprobs: int | None = None,
+        echo: bool = False,
     ):
         ctx = engine.model.config.context_length
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise InvalidParameterError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        least = 0 if echo else 1  # echo with max_tokens 0 scores the prompt only
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < least):
+            kind = "an integer >= 0 with echo" if echo else "a positive integer"
+            raise InvalidParameterError(f"max_tokens must be {kind}, got {max_tokens!r}")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP:
+            raise InvalidParameterError(f"logprobs takes 0 to {MAX_TOP} alternatives, got {logprobs!r}")
         if not prompt_ids:
             raise InvalidParameterError("the prompt is empty")
         if len(prompt_ids) >= ctx:
@@ -237,7 +260,12 @@ class Generation(PromptRun):
         if any(not s for s in stop):
             raise InvalidParameterError("stop strings must not be empty")
         super().__init__(engine, prompt_ids)
-        self.max_tokens = min(max_tokens or ctx, ctx - len(prompt_ids))
+        self.max_tokens = min(ctx if max_tokens is None else max_tokens, ctx - len(prompt_ids))
+        self.n_top = logprobs
+        self.echo = echo
+        self.logprobs: list[TokenLogprob] = []
+        self.piece_tokens: list[int] = []
+        self.prompt_logprobs: list[TokenLogprob | None] = [None]
         self.stop = list(stop)
         self.stop_ids = stop_ids
         self.sampler = Sampler(sampling)
@@ -259,12 +287,19 @@ class Generation(PromptRun):
 
     def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str:
         """Take the logits after running next_input(); sample once the prompt is in; return new text."""
-        if not self.prompt_done and not self._fed(n_fed):
-            return ""  # a prompt chunk: nothing to sample yet
+        if not self.prompt_done:
+            if self.echo and self.n_top is not None:
+                self._score_prompt(hidden)
+            if not self._fed(n_fed):
+                return ""  # a prompt chunk: nothing to sample yet
+            if self.max_tokens == 0:
+                return self._finish("length")
         token = self.sampler(logits, self._history)
-        if token in self.stop_ids:
+        if token in self.stop_ids:  # not part of the text, so no logprob of its own (as OpenAI's)
             self.text = self._decoder.final()
             return self._finish("stop")
+        if self.n_top is not None:
+            self.logprobs.append(token_logprob(logits, token, self.n_top))
         self.token_ids.append(token)
         self._history.append(token)
         self._decoder.add(token)
@@ -274,6 +309,7 @@ class Generation(PromptRun):
         if found:
             at, self.stop_sequence = min(found, key=lambda f: f[0])  # the earliest; on a tie, the first listed
             self.text = text[:at]
+            self._drop_logprobs_past_text()
             return self._finish("stop")
         if len(self.token_ids) >= self.max_tokens:
             self.text = self._decoder.final()
@@ -281,9 +317,33 @@ class Generation(PromptRun):
         self.text = text
         return self._emit(len(text) - self._hold)  # a stop string may still be forming in the last _hold chars
 
+    def _score_prompt(self, hidden: np.ndarray | None) -> None:
+        """The logprobs of the prompt ids this chunk's positions predict (the last prompt position
+        predicts the first generated token, which advance() scores from its own row)."""
+        if hidden is None:
+            raise ValueError("echo needs the hidden states of the prompt's positions")
+        start = self._prefilled
+        targets = self.prompt_ids[start + 1 : start + len(hidden) + 1]
+        if not targets:
+            return
+        rows = self.engine.model.head(hidden[: len(targets)])
+        self.prompt_logprobs += [token_logprob(row, t, self.n_top or 0) for row, t in zip(rows, targets, strict=True)]
+
+    def _drop_logprobs_past_text(self) -> None:
+        """A stop string cut the text: the logprobs of tokens that begin past the cut go too."""
+        kept, length = 0, 0
+        for lp in self.logprobs:
+            if length >= len(self.text):
+                break
+            length += len(self.engine.tokenizer.token_piece(lp.id))
+            kept += 1
+        del self.logprobs[kept:]
+
     def _emit(self, upto: int) -> str:
         piece = self.text[self._emitted : upto] if upto > self._emitted else ""
         self._emitted = max(self._emitted, upto)
+        if piece and self.n_top is not None:
+            self.piece_tokens.append(len(self.logprobs))
         return piece
 
     def _finish(self, reason: str) -> str:
@@ -294,7 +354,8 @@ class Generation(PromptRun):
     def __iter__(self) -> Iterator[str]:
         while not self.done:
             ids = self.next_input()
-            piece = self.advance(len(ids), self.engine.next_logits(ids, self.session))
+            logits, hiddens = self.engine.step([ids], [self.session])
+            piece = self.advance(len(ids), logits[0], hiddens[0])
             if piece:
                 yield piece
 

@@ -118,3 +118,30 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.tokens[token_id]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (a piece of a UTF-8 character too): byte-level BPE spells
+        each byte as one character of GPT-2's table; special tokens are their own text."""
+        piece = self.tokens[token_id]
+        if token_id in self.special_ids or any(ch not in _BYTE_OF for ch in piece):
+            return piece.encode("utf-8")
+        return bytes(_BYTE_OF[ch] for ch in piece)
+
+    def token_piece(self, token_id: int) -> str:
+        """A token's text as decoded alone; a token that is part of a UTF-8 character is its piece."""
+        text = self.decode([token_id], skip_special=False)
+        return self.tokens[token_id] if "\ufffd" in text and "\ufffd" not in self.tokens[token_id] else text
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE's alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_OF = {ch: b for b, ch in _gpt2_bytes_to_unicode().items()}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as Q
-from gguf import quants
 
 from kernels.backend import NumpyBackend
 from kernels.reference import rope_tables
@@ -50,7 +50,7 @@ def matmul_jobs(rng: np.random.Generator) -> list[tuple]:
     """Every format at test_cpu_kernels.py's odd sizes, each size on its own thread count."""
     jobs = []
     for qtype in TYPES:
-        per_block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 32
+        per_block = GGML_QUANT_SIZES[qtype][0] if qtype not in FLOAT else 32
         for threads, (rows, cols, batch) in enumerate(
             [(37, 2 * per_block, 1), (5, 3 * per_block, 9), (131, per_block, 4)], 1
         ):

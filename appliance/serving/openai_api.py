@@ -1,7 +1,9 @@
 """OpenAI-compatible REST: /v1/models, /v1/chat/completions, /v1/completions (plain and SSE streaming).
 
 Request fields follow OpenAI's API, so the official `openai` client works unchanged. Sampling
-defaults are OpenAI's (temperature 1, top_p 1); `seed` fixes the text.
+defaults are OpenAI's (temperature 1, top_p 1); `seed` fixes the text. `logprobs` (chat: with
+`top_logprobs`; completions: with `echo`, and `max_tokens: 0` to score a prompt only) are shaped in
+openai_logprobs.py.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from appliance.serving.auth import authorize
 from appliance.serving.disconnect import unless_client_leaves
 from appliance.serving.errors import openai_error_body
 from appliance.serving.fields import Message, Text
+from appliance.serving.openai_logprobs import ChoiceLogprobs
 from appliance.serving.scheduler import GenerationError, TokenStream, drain
 from appliance.serving.state import ServerState, server_state
 from models.engine import Generation
+from models.logprobs import MAX_TOP
 from models.sampling import SamplingParams
 
 
@@ -52,8 +56,8 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
 
     model: Text
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo (completions): score the prompt
+    max_completion_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0 keeps all
@@ -65,13 +69,29 @@ class _Common(BaseModel):
     stream_options: dict | None = None
     ignore_eos: bool = False  # vLLM's extension: fixed-length output for benchmarks
 
+    def logprob_options(self) -> tuple[int | None, bool]:
+        """(alternatives per token, or None for no logprobs; whether the prompt is echoed)."""
+        return None, False
+
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
+
+    def logprob_options(self) -> tuple[int | None, bool]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        return ((self.top_logprobs or 0) if self.logprobs else None), False
 
 
 class CompletionRequest(_Common):
     prompt: Text
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+
+    def logprob_options(self) -> tuple[int | None, bool]:
+        return self.logprobs, self.echo
 
 
 def _new_id(prefix: str) -> str:
@@ -82,6 +102,10 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int]) -> li
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise OpenAIError(400, "stop takes up to 4 strings", param="stop")
+    n_top, echo = body.logprob_options()
+    max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    if max_tokens == 0 and not echo:
+        raise OpenAIError(400, "max_tokens 0 needs echo (it scores the prompt only)", param="max_tokens")
     # choice i draws from seed + i, so n choices differ from each other yet repeat with the seed
     return [
         state.generation(
@@ -93,9 +117,11 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int]) -> li
                 repetition_penalty=body.repetition_penalty,
                 seed=None if body.seed is None else body.seed + i,
             ),
-            body.max_completion_tokens or body.max_tokens,
+            max_tokens,
             stop,
             body.ignore_eos,
+            logprobs=n_top,
+            echo=echo,
         )
         for i in range(body.n)
     ]
@@ -111,26 +137,39 @@ def _sse(obj: dict | str) -> str:
 
 
 async def _sse_chunks(
-    streams: list[TokenStream], gens: list[Generation], envelope: dict, chat: bool, include_usage: bool
+    streams: list[TokenStream],
+    gens: list[Generation],
+    logprobs: list[ChoiceLogprobs],
+    envelope: dict,
+    chat: bool,
+    include_usage: bool,
+    echo: str | None,
 ) -> AsyncIterator[str]:
-    """One SSE chunk per text piece of each choice, then finish chunks, usage and [DONE]."""
+    """One SSE chunk per text piece of each choice (after the echoed prompt, if any), each with the
+    logprobs of the tokens it covers; then finish chunks, usage and [DONE]."""
 
-    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def chunk(index: int, text: str | None, finish: str | None, lps: dict | None = None, first: bool = False) -> dict:
         if chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lps}
         else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lps}
         return {**envelope, "choices": [choice]}
 
     try:
         try:
-            for i, (stream, g) in enumerate(zip(streams, gens, strict=True)):
+            for i, (stream, g, lp) in enumerate(zip(streams, gens, logprobs, strict=True)):
                 if chat:
                     yield _sse(chunk(i, None, None, first=True))
+                echoed = echo is None
                 async for piece in stream:
-                    yield _sse(chunk(i, piece, None))
-                final = chunk(i, None, g.finish_reason)
+                    if not echoed:  # the prompt's logprobs are known once the first token is
+                        echoed = True
+                        yield _sse(chunk(i, echo, None, lp.prompt()))
+                    yield _sse(chunk(i, piece, None, lp.next_piece()))
+                if not echoed:
+                    yield _sse(chunk(i, echo, None, lp.prompt()))
+                final = chunk(i, None, g.finish_reason, lp.rest())
                 if i == len(gens) - 1:
                     final["usage"] = _usage(gens)
                 yield _sse(final)
@@ -168,19 +207,22 @@ async def _respond(request: Request, state: ServerState, body: _Common, prompt_i
     streams = state.scheduler.streams(gens)  # admitted now, all or none: a full queue is a 429, not a broken stream
     kind = "chat.completion" if chat else "text_completion"
     envelope = {"id": _new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": state.model_name}
+    logprobs = [ChoiceLogprobs(state.engine.tokenizer, g, chat) for g in gens]
+    echo = body.prompt if isinstance(body, CompletionRequest) and body.echo else None
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        chunks = _sse_chunks(streams, gens, {**envelope, "object": f"{kind}.chunk"}, chat, include_usage)
+        envelope = {**envelope, "object": f"{kind}.chunk"}
+        chunks = _sse_chunks(streams, gens, logprobs, envelope, chat, include_usage, echo)
         return StreamingResponse(chunks, media_type="text/event-stream")
     await unless_client_leaves(request, drain(streams))
     choices = [
         {
             "index": i,
             "finish_reason": g.finish_reason,
-            "logprobs": None,
-            **({"message": {"role": "assistant", "content": g.text}} if chat else {"text": g.text}),
+            "logprobs": lp.whole(),
+            **({"message": {"role": "assistant", "content": g.text}} if chat else {"text": (echo or "") + g.text}),
         }
-        for i, g in enumerate(gens)
+        for i, (g, lp) in enumerate(zip(gens, logprobs, strict=True))
     ]
     return {**envelope, "object": kind, "choices": choices, "usage": _usage(gens)}
 

@@ -34,9 +34,12 @@ class ServerState:
         stop: list[str],
         ignore_eos: bool = False,
         max_tokens_field: str = "max_tokens",
+        logprobs: int | None = None,
+        echo: bool = False,
     ) -> Generation:
         """A generation within this server's limits (every protocol's requests pass through here);
-        max_tokens_field: what the protocol calls max_tokens, for the error that names it."""
+        max_tokens_field: what the protocol calls max_tokens, for the error that names it; logprobs,
+        echo: models.engine.Generation's."""
         max_tokens = min(self.default_max_tokens, self.max_tokens_limit) if max_tokens is None else max_tokens
         if max_tokens > self.max_tokens_limit:
             raise InvalidParameterError(
@@ -44,7 +47,9 @@ class ServerState:
             )
         if len(stop) > 16:
             raise InvalidParameterError("at most 16 stop strings")
-        return self.engine.generate(prompt_ids, sampling, max_tokens, stop, ignore_eos=ignore_eos)
+        return self.engine.generate(
+            prompt_ids, sampling, max_tokens, stop, ignore_eos=ignore_eos, logprobs=logprobs, echo=echo
+        )
 
 
 def server_state(request: Request) -> ServerState:
