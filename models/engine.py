@@ -65,8 +65,8 @@ class Engine:
         return self.tokenizer.encode(prompt)
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        # The template writes the BOS text itself where the model wants one.
-        return self.tokenizer.encode(self.chat_template.render(messages), add_bos=False)
+        # The template writes the BOS (and any EOS) text itself where the model wants one.
+        return self.tokenizer.encode(self.chat_template.render(messages), add_bos=False, add_eos=False)
 
     def forward(self, ids: list[int], session: Session) -> np.ndarray:
         """Logits [T, vocab] for the next T tokens of a session, through every layer range."""
@@ -227,7 +227,7 @@ class Generation(PromptRun):
         if token in self.stop_ids:
             return self._finish("stop")
         self.token_ids.append(token)
-        text = self.engine.tokenizer.decode(self.token_ids)
+        text = self.engine.tokenizer.decode(self.token_ids, continuation=True)
         found = [i for i in (text.find(s, max(0, self._emitted - self._hold)) for s in self.stop) if i >= 0]
         if found:
             self.text = text[: min(found)]
