@@ -2,9 +2,9 @@
 
 GGUF keeps the vocabulary under llama.cpp's key names, in one of two families:
 
-- `tokenizer.ggml.model = gpt2`: byte-level BPE (SmolLM, Llama 3, Qwen2). The pre-tokenizer is
-  named by `tokenizer.ggml.pre` and must split text exactly as it was split when the merges were
-  learned, or ids drift from the model's.
+- `tokenizer.ggml.model = gpt2`: byte-level BPE (SmolLM, Llama 3 and 4, Qwen2 and 3, Mistral Nemo).
+  The pre-tokenizer is named by `tokenizer.ggml.pre` and must split text exactly as it was split
+  when the merges were learned, or ids drift from the model's.
 - `tokenizer.ggml.model = llama`: a SentencePiece vocabulary (Llama 2, Mistral v0.1, TinyLlama,
   Gemma): pieces with scores, `<0xNN>` byte tokens for byte fallback, spaces written as `▁` and one
   put in front of the text. llama.cpp encodes it as SentencePiece's BPE does (merge the adjacent pair
@@ -23,12 +23,23 @@ from models.errors import ModelFileError, UnsupportedModelError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
 
-# Each family's split, as its tokenizer.json has it (llama.cpp's src/llama-vocab.cpp has the same).
+# Each family's split, as its tokenizer.json has it (llama.cpp's src/llama-vocab.cpp names the families).
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_TEKKEN_SPLIT = (  # Mistral Nemo's: words split at case changes
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*|\p{{N}}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (  # o200k's, which Llama 4 has too
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {"llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT, "gpt-4o": _GPT4O_SPLIT}
 
 _BYTE_LEVEL_PRE = {  # tokenizer.ggml.pre -> family, with llama.cpp's aliases
     "default": "gpt2",
@@ -39,16 +50,13 @@ _BYTE_LEVEL_PRE = {  # tokenizer.ggml.pre -> family, with llama.cpp's aliases
     "llama3": "llama3",
     "llama-v3": "llama3",
     "qwen2": "qwen2",
+    "tekken": "tekken",
+    "gpt-4o": "gpt-4o",
+    "llama4": "gpt-4o",
 }
-
-
-def _split_then_bytes(regex: str) -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+# What llama.cpp does for these families besides their split: a word that is itself a token is taken
+# as is (as Llama 3's tokenizer.json says, `ignore_merges`), and a BOS where the file does not say.
+_WHOLE_WORDS = _ADDS_BOS = {"llama3", "tekken"}
 
 
 def _byte_level_backend(metadata: dict[str, Any], tokens: list[str]) -> _Backend:
@@ -62,19 +70,19 @@ def _byte_level_backend(metadata: dict[str, Any], tokens: list[str]) -> _Backend
             f"pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(_BYTE_LEVEL_PRE))}"
         )
     merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
-    # Llama 3's tokenizer.json (and llama.cpp for it) takes a word that is itself a token as is.
     vocab = {t: i for i, t in enumerate(tokens)}
-    backend = _Backend(models.BPE(vocab, merges, ignore_merges=family == "llama3"))
+    backend = _Backend(models.BPE(vocab, merges, ignore_merges=family in _WHOLE_WORDS))
     gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if family == "smollm":  # every digit on its own, then GPT-2's split (SmolLM's tokenizer.json)
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
-    elif family == "llama3":
-        backend.pre_tokenizer = _split_then_bytes(_LLAMA3_SPLIT)
-    elif family == "qwen2":  # Qwen2's tokenizer.json composes the text (NFC) first
-        backend.normalizer = normalizers.NFC()
-        backend.pre_tokenizer = _split_then_bytes(_QWEN2_SPLIT)
+    elif family in _SPLITS:
+        split = pre_tokenizers.Split(Regex(_SPLITS[family]), behavior="isolated")
+        bytes_ = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([split, bytes_])
     else:
         backend.pre_tokenizer = gpt2
+    if family == "qwen2":  # Qwen2's tokenizer.json composes the text (NFC) first
+        backend.normalizer = normalizers.NFC()
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -180,7 +188,7 @@ class Tokenizer:
 
         self.bos_id, self.eos_id = special("bos"), special("eos")
         # llama.cpp's defaults where the file does not say: a BOS for SentencePiece and Llama 3
-        adds_bos = kind == "llama" or _BYTE_LEVEL_PRE.get(metadata.get("tokenizer.ggml.pre", "")) == "llama3"
+        adds_bos = kind == "llama" or _BYTE_LEVEL_PRE.get(metadata.get("tokenizer.ggml.pre", "")) in _ADDS_BOS
         self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", adds_bos))
         self.add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
         named_stops = {special("eos"), special("eot"), special("eom")} - {None}

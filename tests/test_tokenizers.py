@@ -7,11 +7,12 @@ then saved by transformers beside a tiny random model and written as GGUF by lla
 - SentencePiece (Llama 2, Mistral v0.1, TinyLlama): models trained with the `sentencepiece` library,
   BPE and unigram (byte fallback, digits split, no normalization, as Llama 2's was trained), wrapped
   in transformers' LlamaTokenizer. The converter reads `tokenizer.model` itself.
-- Byte-level BPE (Llama 3, Qwen2): trained with `tokenizers` on each family's exact split regex and
-  wrapped in PreTrainedTokenizerFast. The converter names the pre-tokenizer by hashing the ids of a
-  fixed text, which only the published vocabularies match, so it is run with that one lookup answering
-  the family's name (`hf_models.convert(pre=...)`) rather than writing the keys ourselves: the tokens,
-  types, merges and special tokens in the file are its own `_set_vocab_gpt2`'s.
+- Byte-level BPE (Llama 3, Qwen2, Mistral Nemo's tekken, o200k's gpt-4o): trained with `tokenizers`
+  on each family's exact split regex and wrapped in PreTrainedTokenizerFast. The converter names the
+  pre-tokenizer by hashing the ids of a fixed text, which only the published vocabularies match, so
+  it is run with that one lookup answering the family's name (`hf_models.convert(pre=...)`) rather
+  than writing the keys ourselves: the tokens, types, merges and special tokens in the file are its
+  own `_set_vocab_gpt2`'s.
 
 Our ids are compared, on a fixed list and on generated strings, with each family's reference:
 SentencePiece's own encoder (spm-bpe); for a unigram vocabulary, whose Viterbi segmentation GGUF does
@@ -78,6 +79,17 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "[INST]{{ message['content'] }}[/INST]{% elif message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+LLAMA4_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>\n\n"
+    "{{ m['content'] | trim }}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+UPPER, LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
 BPE_FAMILIES = {
     "llama-bpe": dict(
         architecture="llama",
@@ -98,6 +110,29 @@ BPE_FAMILIES = {
         bos=None,
         eos="<|im_end|>",
         template=QWEN2_TEMPLATE,
+    ),
+    "tekken": dict(  # Mistral Nemo
+        architecture="llama",
+        split=rf"[^\r\n\p{{L}}\p{{N}}]?{UPPER}*{LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{UPPER}+{LOWER}*|\p{{N}}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        nfc=False,
+        ignore_merges=True,
+        specials=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+        bos="<s>",
+        eos="</s>",
+        template=MISTRAL_TEMPLATE,
+    ),
+    "gpt-4o": dict(  # o200k's split, as Llama 4's
+        architecture="llama",
+        split=rf"[^\r\n\p{{L}}\p{{N}}]?{UPPER}*{LOWER}+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        rf"|[^\r\n\p{{L}}\p{{N}}]?{UPPER}+{LOWER}*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        nfc=False,
+        ignore_merges=False,
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>"],
+        bos="<|begin_of_text|>",
+        eos="<|eot|>",
+        template=LLAMA4_TEMPLATE,
     ),
 }
 
@@ -134,6 +169,8 @@ TEXTS = [
     "tabs\tand\ttabs\t\t\t",
     "\U0001f600\U0001f601\U0001f602 \U0001f9d1\u200d\U0001f4bb",
     "x" * 300,
+    "HelloWorld camelCase XMLHttpRequest iPhone ÉtéÀ DON'T don't We'Ve a'lL",
+    "path/to/file.txt\n/usr/bin/env -- python3 a//b",
     "🦙🦙 3 33 333 3333 33333 333333 3.3 3..3 3...3 ------======= '''''' ```````",
 ]
 
@@ -422,7 +459,7 @@ def byte_level_family(tmp: Path, pre: str) -> Family:
     return Family(pre, meta, PreTrainedTokenizerFast.from_pretrained(tok_dir))
 
 
-FAMILIES = ["spm-bpe", "spm-unigram", "llama-bpe", "qwen2"]
+FAMILIES = ["spm-bpe", "spm-unigram", *BPE_FAMILIES]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -468,6 +505,19 @@ def test_ids_match_the_reference_on_generated_strings(family, text):
 def test_special_tokens_in_text_are_their_ids(family, parts):
     text = "".join(parts)
     assert family.ours.encode(text, add_bos=False, add_eos=False) == family.reference(text)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_the_split_is_the_family_s(family, text):
+    """The pre-tokenizer alone, vocabulary aside: a vocabulary trained on one split often gives the
+    same ids under a coarser one, so the ids alone would not show a wrong split."""
+    if family.name.startswith("spm-"):
+        pytest.skip("SentencePiece vocabularies are not split")
+    theirs = family.hf.backend_tokenizer
+    ours = family.ours._backend
+    normalized = theirs.normalizer.normalize_str(text) if theirs.normalizer else text
+    assert (ours.normalizer.normalize_str(text) if ours.normalizer else text) == normalized
+    assert ours.pre_tokenizer.pre_tokenize_str(normalized) == theirs.pre_tokenizer.pre_tokenize_str(normalized)
 
 
 def test_bos_and_eos_as_the_file_says(family):
@@ -533,8 +583,8 @@ def test_chat_template_renders_as_transformers(family, messages):
 def test_an_unknown_pre_tokenizer_is_refused_naming_the_supported_ones(family):
     if family.name.startswith("spm-"):
         pytest.skip("SentencePiece vocabularies have no pre-tokenizer")
-    with pytest.raises(UnsupportedModelError, match=r"pre-tokenizer 'tekken' is not supported; supported: .*qwen2"):
-        Tokenizer({**family.meta, "tokenizer.ggml.pre": "tekken"})
+    with pytest.raises(UnsupportedModelError, match=r"pre-tokenizer 'jais' is not supported; supported: .*qwen2"):
+        Tokenizer({**family.meta, "tokenizer.ggml.pre": "jais"})
 
 
 def test_the_space_prefix_as_the_file_says(family):
