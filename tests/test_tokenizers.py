@@ -628,3 +628,45 @@ def test_a_model_file_with_the_vocabulary_generates(family):
     assert family.ours.decode(ids + gen.token_ids) == prompt + gen.text
     rendered = engine.chat_template.render(CONVERSATIONS[1])
     assert engine.chat_ids(CONVERSATIONS[1]) == family.reference(rendered)
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_vocab(family):
+    """llama.cpp's own tokenizer on the same file, through llama-cpp-python (the bench extra)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (built by `make bench`) is not installed")
+    return llama_cpp.Llama(str(family.path), vocab_only=True, verbose=False)
+
+
+def _as_llama_cpp_reads_it(family, text: str) -> str:
+    """Text on which llama.cpp means what the family's tokenizer.json means. Qwen2's composes text first
+    (NFC, as we do) and llama.cpp does not, so it is given composed text. tekken's and gpt-4o's split
+    words at a capital (`\\p{Lu}`); llama.cpp's regex engine lacks the classes and counts only A-Z as
+    capitals, so capitals outside A-Z are lowered."""
+    import unicodedata
+
+    if family.name == "qwen2":
+        return unicodedata.normalize("NFC", text)
+    if family.name in ("tekken", "gpt-4o"):
+        return "".join(
+            c.lower() if unicodedata.category(c) in ("Lu", "Lt") and not "A" <= c <= "Z" else c for c in text
+        )
+    return text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_and_text_match_llama_cpp(family, llama_cpp_vocab, text):
+    text = _as_llama_cpp_reads_it(family, text)
+    ids = family.ours.encode(text, add_bos=False, add_eos=False)
+    assert ids == llama_cpp_vocab.tokenize(text.encode(), add_bos=False, special=True)
+    # llama.cpp's pieces, as it streams them: SentencePiece's leading `▁` is a space there
+    assert family.ours.decode(ids, continuation=True) == llama_cpp_vocab.detokenize(ids).decode("utf-8", "replace")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.one_of(STRINGS, st.sampled_from(["<s>", "</s>", "<|im_start|>", "<|eot_id|>"])), max_size=6))
+def test_ids_match_llama_cpp_on_generated_strings(family, llama_cpp_vocab, parts):
+    text = _as_llama_cpp_reads_it(family, "".join(parts))
+    ids = family.ours.encode(text)
+    assert ids == llama_cpp_vocab.tokenize(text.encode(), add_bos=family.ours.add_bos, special=True) + (
+        [family.ours.eos_id] if family.ours.add_eos else []
+    )
