@@ -10,18 +10,15 @@ grows past a few ids.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
 REPLACEMENT = "\ufffd"  # what an unfinished UTF-8 sequence decodes to
 
 
-class Decodes(Protocol):
-    def decode(self, ids: list[int]) -> str: ...
-
-
 class IncrementalDecoder:
-    def __init__(self, tokenizer: Decodes):
-        self.tokenizer = tokenizer
+    def __init__(self, decode: Callable[[list[int]], str]):
+        """decode: ids to text (the tokenizer's, as a continuation of the prompt)."""
+        self.decode = decode
         self.ids: list[int] = []
         self.text = ""  # the complete text so far; equals tokenizer.decode(ids) once `pending` is empty
         self._prefix = 0  # ids[_prefix:_read] decoded to the last complete piece
@@ -35,10 +32,10 @@ class IncrementalDecoder:
     def add(self, token: int) -> str:
         """Take one id; return the text it completes ("" while a character is unfinished)."""
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        after = self.tokenizer.decode(self.ids[self._prefix :])
+        before = self.decode(self.ids[self._prefix : self._read])
+        after = self.decode(self.ids[self._prefix :])
         if not after.endswith(REPLACEMENT) and not after.startswith(before):  # context changed the prefix's
-            before, after = self.text, self.tokenizer.decode(self.ids)  # text (rare): take the whole instead
+            before, after = self.text, self.decode(self.ids)  # text (rare): take the whole instead
         if after.endswith(REPLACEMENT) or not after.startswith(before):
             return ""  # unfinished: wait for the next id (or `final` at the end)
         piece = after[len(before) :]
@@ -49,6 +46,6 @@ class IncrementalDecoder:
     def final(self) -> str:
         """The whole text, unfinished characters included (as REPLACEMENT): the generation has ended."""
         if self.pending:
-            self.text = self.tokenizer.decode(self.ids)
+            self.text = self.decode(self.ids)
             self._prefix = self._read = len(self.ids)
         return self.text

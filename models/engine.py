@@ -7,6 +7,7 @@ Prefill sends the whole prompt through in one pass; decode then sends one token 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -67,8 +68,8 @@ class Engine:
         return self.tokenizer.encode(prompt)
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        # The template writes the BOS text itself where the model wants one.
-        return self.tokenizer.encode(self.chat_template.render(messages), add_bos=False)
+        # The template writes the BOS (and any EOS) text itself where the model wants one.
+        return self.tokenizer.encode(self.chat_template.render(messages), add_bos=False, add_eos=False)
 
     def forward(self, ids: list[int], session: Session) -> np.ndarray:
         """Logits [T, vocab] for the next T tokens of a session, through every layer range."""
@@ -271,7 +272,8 @@ class Generation(PromptRun):
         self.sampler = Sampler(sampling)
         self.token_ids: list[int] = []
         self._history = list(prompt_ids)  # what the repetition penalty looks at: prompt and output
-        self._decoder = IncrementalDecoder(engine.tokenizer)
+        self._decoder = IncrementalDecoder(partial(engine.tokenizer.decode, continuation=True))  # llama.cpp keeps
+        # a SentencePiece reply's leading space
         self.text = ""
         self._emitted = 0  # characters of text already handed out
         self._hold = max((len(s) for s in self.stop), default=1) - 1

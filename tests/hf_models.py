@@ -8,7 +8,6 @@ uniform ones that any bug would still "match").
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import subprocess
@@ -61,12 +60,18 @@ def scale_like_trained(model, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * (2 if "lm_head" in name else 1) / math.sqrt(p.shape[1]))
 
 
-def random_llama(folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = None, seed: int = 0, **config):
-    """A small random Llama saved in `folder` (config, safetensors and the tokenizer): the model, in eval mode."""
+def random_llama(
+    folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = None, seed: int = 0, architecture="llama", **config
+):
+    """A small random Llama (or Qwen2, `architecture="qwen2"`) saved in `folder` (config, safetensors and the
+    tokenizer): the model, in eval mode."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        architecture
+    ]
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     defaults = dict(
         vocab_size=vocab,
         hidden_size=64,
@@ -80,9 +85,9 @@ def random_llama(folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = 
         bos_token_id=1,
         eos_token_id=2,
     )
-    cfg = LlamaConfig(**{**defaults, **config}, rope_scaling=rope_scaling)
+    cfg = config_class(**{**defaults, **config}, rope_scaling=rope_scaling)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = model_class(cfg).to(torch.float32)
     scale_like_trained(model, seed)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -92,11 +97,28 @@ def random_llama(folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = 
     return model.eval()
 
 
-def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
-    """convert_hf_to_gguf.py, as a user runs it; a failure shows its output."""
+# The converter run with its pre-tokenizer lookup answering `pre`: everything else is its own code.
+_CONVERT_AS = """
+import os, runpy, sys
+script, pre = sys.argv[1], sys.argv[2]
+sys.path[:0] = [os.path.dirname(script), os.path.join(os.path.dirname(script), "gguf-py")]
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def convert(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = None) -> Path:
+    """convert_hf_to_gguf.py, as a user runs it; a failure shows its output.
+
+    The converter names a byte-level BPE vocabulary's pre-tokenizer by hashing the ids it gives a fixed
+    text, which only the published vocabularies match; `pre` names it for a home-made vocabulary (its
+    `get_vocab_base_pre` answers `pre`, the rest of the conversion is unchanged)."""
     script = llama_cpp_dir() / "convert_hf_to_gguf.py"
+    run = [sys.executable, str(script)] if pre is None else [sys.executable, "-c", _CONVERT_AS, str(script), pre]
     done = subprocess.run(
-        [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype],
+        [*run, str(hf_dir), "--outfile", str(out), "--outtype", outtype],
         capture_output=True,
         text=True,
     )

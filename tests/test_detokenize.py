@@ -31,7 +31,7 @@ class Counting:
 
 
 def check_stream(tokenizer, ids: list[int]) -> IncrementalDecoder:
-    decoder, streamed = IncrementalDecoder(tokenizer), ""
+    decoder, streamed = IncrementalDecoder(tokenizer.decode), ""
     for k, token in enumerate(ids, 1):
         streamed += decoder.add(token)
         whole = tokenizer.decode(ids[:k])
@@ -57,7 +57,7 @@ def test_each_id_costs_a_short_window(engine):
     """A 2000-token text decodes in windows of a few ids, not the whole history each time."""
     ids = engine.tokenizer.encode(" ".join(TEXTS) * 60)[:2000]
     counting = Counting(engine.tokenizer)
-    decoder = IncrementalDecoder(counting)
+    decoder = IncrementalDecoder(counting.decode)
     for token in ids:
         decoder.add(token)
     assert decoder.final() == engine.tokenizer.decode(ids)
