@@ -30,6 +30,11 @@ class NativeWeight:
         return self.raw.nbytes
 
 
+# What the fused C pass (kernels/cpu/layer.c) runs beyond the plain Llama block (models/arch.py's features);
+# a model needing more runs on the per-operation path: the C matmul, the reference's other formulas.
+FUSED_FEATURES: frozenset[str] = frozenset()
+
+
 class CpuBackend(OwnMatmulBackend):
     name = "cpu"
 
@@ -55,7 +60,10 @@ class CpuBackend(OwnMatmulBackend):
         return reference.linear(x, w)
 
     def fused_range(self, config, layers: list) -> native.NativeRange | None:
-        """The layers as one C pass, or None when a weight is not in a form the kernels read."""
+        """The layers as one C pass, or None when a weight is not in a form the kernels read or the
+        architecture needs what the pass does not do (then LayerRange runs the per-operation path)."""
+        if not set(config.features) <= FUSED_FEATURES:
+            return None
         parts = []
         for L in layers:
             norms = [L.attn_norm, L.ffn_norm]

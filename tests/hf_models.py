@@ -61,10 +61,11 @@ def scale_like_trained(model, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * (2 if "lm_head" in name else 1) / math.sqrt(p.shape[1]))
 
 
-def random_llama(folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = None, seed: int = 0, **config):
-    """A small random Llama saved in `folder` (config, safetensors and the tokenizer): the model, in eval mode."""
+def random_model(folder: Path, tokenizer_dir: Path, arch: str = "Llama", seed: int = 0, **config):
+    """A small random transformers model saved in `folder` (config, safetensors and the tokenizer): the
+    model, in eval mode. arch names the classes, `{arch}Config` and `{arch}ForCausalLM` ("Qwen3Moe")."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
     defaults = dict(
@@ -80,9 +81,9 @@ def random_llama(folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = 
         bos_token_id=1,
         eos_token_id=2,
     )
-    cfg = LlamaConfig(**{**defaults, **config}, rope_scaling=rope_scaling)
+    cfg = getattr(transformers, f"{arch}Config")(**{**defaults, **config})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).to(torch.float32)
     scale_like_trained(model, seed)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -92,11 +93,30 @@ def random_llama(folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = 
     return model.eval()
 
 
+def random_llama(folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = None, seed: int = 0, **config):
+    """A small random Llama (random_model), with the RoPE scaling given."""
+    return random_model(folder, tokenizer_dir, "Llama", seed, rope_scaling=rope_scaling, **config)
+
+
+# transformers 5 loads a qwen2 folder's tokenizer as Qwen2Tokenizer whatever tokenizer_config.json says
+# (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), which rebuilds the pre-tokenizer, so the converter would
+# not recognise SmolLM2's tokenizer.json. The converter runs with that override lifted: its tokenizer is
+# then the one saved, and the weights' path is untouched.
+_RUN_CONVERTER = """
+import runpy, sys
+from transformers.models.auto import tokenization_auto
+tokenization_auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS.discard("qwen2")
+sys.argv = sys.argv[1:]
+sys.path[0] = sys.argv[0].rsplit("/", 1)[0]  # as `python convert_hf_to_gguf.py` has it
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
     """convert_hf_to_gguf.py, as a user runs it; a failure shows its output."""
     script = llama_cpp_dir() / "convert_hf_to_gguf.py"
     done = subprocess.run(
-        [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype],
+        [sys.executable, "-c", _RUN_CONVERTER, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype],
         capture_output=True,
         text=True,
     )
