@@ -122,3 +122,28 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
     )
     assert done.returncode == 0, f"convert_hf_to_gguf.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return out
+
+
+def with_metadata(src: Path, out: Path, **keys: int) -> Path:
+    """A copy of a GGUF file declaring more integer keys (e.g. llama.attention.sliding_window, which the
+    converter does not write for Mistral), copied the way gguf-py's gguf_new_metadata.py copies."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for name, value in keys.items():
+        writer.add_key_value(name, value, gguf.GGUFValueType.UINT32)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+    writer.close()
+    return out
