@@ -32,7 +32,7 @@ class NativeWeight:
 
 # What the fused C pass (kernels/cpu/layer.c) runs beyond the plain Llama block (models/arch.py's features);
 # a model needing more runs on the per-operation path: the C matmul, the reference's other formulas.
-FUSED_FEATURES: frozenset[str] = frozenset()
+FUSED_FEATURES = frozenset({"qkv_bias", "qk_norm", "rope_halves", "sliding_window"})
 
 
 class CpuBackend(OwnMatmulBackend):
@@ -70,6 +70,17 @@ class CpuBackend(OwnMatmulBackend):
             mats = [L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down]
             if not all(isinstance(m, NativeWeight) for m in mats):
                 return None
-            parts.append([(n, Q.F32, n.shape) for n in norms] + [(m.raw, m.qtype, m.shape) for m in mats])
+            vectors = [getattr(L, name) for name in native.OPTIONAL_PARTS]
+            parts.append([(n, Q.F32, n.shape) for n in norms] + [(m.raw, m.qtype, m.shape) for m in mats] + vectors)
         c = config
-        return native.NativeRange((c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.norm_eps), parts)
+        dims = (
+            c.dim,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.hidden_dim,
+            c.norm_eps,
+            c.spec.rope_halves,
+            c.sliding_window,
+        )
+        return native.NativeRange(dims, parts)
