@@ -37,8 +37,9 @@ class NumpyBackend:
     name = "numpy"
 
     def weight(self, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
+        """A matrix as W^T; a stack of experts' matrices [n, out, in] as [n, in, out], so w[e] is one W^T."""
         w = dequantize(raw, qtype, shape)
-        return np.ascontiguousarray(w.T if w.ndim == 2 else w, dtype=np.float32)
+        return np.ascontiguousarray(np.swapaxes(w, -1, -2) if w.ndim >= 2 else w, dtype=np.float32)
 
     rmsnorm = staticmethod(reference.rmsnorm)
     linear = staticmethod(reference.linear)

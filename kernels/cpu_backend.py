@@ -30,6 +30,21 @@ class NativeWeight:
         return self.raw.nbytes
 
 
+@dataclass(frozen=True)
+class NativeExperts:
+    """A stack of expert matrices [n, rows, cols] left in their blocks: experts[e] is expert e's matrix,
+    a view of its own blocks, so a token's chosen experts are all that is read."""
+
+    experts: tuple[NativeWeight, ...]
+
+    def __getitem__(self, e: int) -> NativeWeight:
+        return self.experts[e]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.experts)
+
+
 # What the fused C pass (kernels/cpu/layer.c) runs beyond the plain Llama block (models/arch.py's features);
 # a model needing more runs on the per-operation path: the C matmul, the reference's other formulas.
 FUSED_FEATURES = frozenset({"qkv_bias", "qk_norm", "rope_halves", "sliding_window"})
@@ -49,10 +64,14 @@ class CpuBackend(OwnMatmulBackend):
         return f"cpu ({native.isa()}, {native.threads()} threads)"
 
     def weight(self, raw: np.ndarray, qtype: Q, shape: tuple[int, ...]):
-        if len(shape) == 2 and qtype in native.NATIVE_TYPES and shape[1] % native.block_size(qtype) == 0:
+        native_blocks = qtype in native.NATIVE_TYPES and shape[-1] % native.block_size(qtype) == 0
+        if len(shape) == 2 and native_blocks:
             return NativeWeight(raw, qtype, (int(shape[0]), int(shape[1])))
+        if len(shape) == 3 and native_blocks:
+            rows = (int(shape[1]), int(shape[2]))
+            return NativeExperts(tuple(NativeWeight(e, qtype, rows) for e in raw.reshape(shape[0], -1)))
         w = dequantize(raw, qtype, shape)  # norms, and formats without a kernel: the reference's form
-        return np.ascontiguousarray(w.T if w.ndim == 2 else w, dtype=np.float32)
+        return np.ascontiguousarray(np.swapaxes(w, -1, -2) if w.ndim >= 2 else w, dtype=np.float32)
 
     def linear(self, x, w):
         if isinstance(w, NativeWeight):

@@ -10,7 +10,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from kernels.dequant import DEQUANT, SUPPORTED_TYPES
-from models.arch import ARCHITECTURES, supported
+from models.arch import ARCH_NAMES, supported
 from models.errors import ModelFileError, UnsupportedModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -77,7 +77,7 @@ def open_gguf(path: str | Path) -> GGUFModelFile:
 
     metadata = _read_metadata(reader)
     arch = metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in ARCH_NAMES:
         raise UnsupportedModelError(f"{path.name}: architecture {arch!r} is not supported; supported: {supported()}")
 
     tensors = {}

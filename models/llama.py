@@ -4,7 +4,8 @@
     for each layer:   q, k, v = Wq·n(h) + bq, Wk·n(h) + bk, Wv·n(h) + bv            n = RMSNorm
                       q, k = rope(nq(q)), rope(nk(k))                               nq, nk per head
                       h = h + Wo · attn(q, k, v)            (over the last `window` keys if declared)
-                      h = h + W2 · (silu(W1·n(h)) * W3·n(h))
+                      h = h + W2 · (silu(W1·n(h)) * W3·n(h))       or, with experts (Mixtral, Qwen3-MoE),
+                      h = h + sum over the router's top k experts e of p_e · W2e · (silu(W1e·n(h)) * W3e·n(h))
     logits = Wout · n(h)
 
 The biases (Qwen2) and the per-head norms (Qwen3) are there only where the architecture has them
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from kernels import reference
 from kernels.backend import Backend, select_backend
 from kernels.dequant import dequantize
 from models import rope
@@ -50,10 +52,13 @@ class LlamaConfig:
     rope_scaling: str = "none"
     arch: str = "llama"  # general.architecture: its ArchSpec says which tensors a layer has
     sliding_window: int = 0  # keys a query sees (its own included); 0: all before it
+    n_experts: int = 0  # a mixture of experts in place of the MLP: how many, and how many each token uses
+    n_experts_used: int = 0
+    experts_norm: bool = True  # the chosen experts' router weights rescaled to sum to 1
 
     @property
     def spec(self) -> ArchSpec:
-        return spec_of(self.arch)
+        return spec_of(self.arch, self.n_experts > 0)
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -87,7 +92,10 @@ class LlamaConfig:
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], rope_freq_factors: np.ndarray | None = None) -> LlamaConfig:
         arch = meta["general.architecture"]
-        spec_of(arch)  # an architecture we do not run is refused before any of its keys is read
+        n_experts = int(meta.get(f"{arch}.expert_count") or 0)
+        spec_of(arch, n_experts > 0)  # an architecture we do not run is refused before any of its keys is read
+        if int(meta.get(f"{arch}.expert_gating_func", 1)) != 1:
+            raise UnsupportedModelError("expert gating other than softmax is not supported")
         if meta.get(f"{arch}.attention.sliding_window_pattern") is not None:
             raise UnsupportedModelError("per-layer sliding-window patterns are not supported")
 
@@ -109,7 +117,7 @@ class LlamaConfig:
             n_heads=n_heads,
             n_kv_heads=int(get("attention.head_count_kv", n_heads)),
             head_dim=head_dim,
-            hidden_dim=int(get("feed_forward_length")),
+            hidden_dim=int(get("expert_feed_forward_length", 0) or get("feed_forward_length")),
             vocab_size=int(meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])),
             context_length=int(get("context_length")),
             norm_eps=float(get("attention.layer_norm_rms_epsilon")),
@@ -119,6 +127,9 @@ class LlamaConfig:
             rope_scaling=sched.kind,
             arch=arch,
             sliding_window=int(meta.get(f"{arch}.attention.sliding_window") or 0),
+            n_experts=n_experts,
+            n_experts_used=int(get("expert_used_count")) if n_experts else 0,
+            experts_norm=bool(meta.get(f"{arch}.expert_weights_norm", True)),  # llama.cpp's default for both
         )
 
 
@@ -130,9 +141,13 @@ class LayerWeights:
     wv: Any
     wo: Any
     ffn_norm: Any
-    w_gate: Any
-    w_up: Any
-    w_down: Any
+    w_gate: Any = None  # the MLP, or with experts a router [n_experts, D] and each matrix per expert
+    w_up: Any = None
+    w_down: Any = None
+    router: Any = None
+    w_gate_exps: Any = None
+    w_up_exps: Any = None
+    w_down_exps: Any = None
     # Only where the architecture has them (models/arch.py): q/k/v biases, per-head q/k norms.
     bq: Any = None
     bk: Any = None
@@ -290,7 +305,8 @@ class LayerRange:
                 keys, values = cache.store(i, k[row], v[row])
                 attended.append(ops.attention(q[row], keys, values, start, c.sliding_window))
             x = x + ops.linear(np.concatenate(attended).reshape(T, H * E), L.wo)
-            x = x + ops.swiglu(ops.rmsnorm(x, L.ffn_norm, c.norm_eps), L.w_gate, L.w_up, L.w_down)
+            h = ops.rmsnorm(x, L.ffn_norm, c.norm_eps)
+            x = x + (ops.swiglu(h, L.w_gate, L.w_up, L.w_down) if L.router is None else self._experts(h, L))
         for cache, n in zip(caches, sizes, strict=True):
             cache.advance(n)
         return [x[row] for row in rows]
@@ -304,6 +320,22 @@ class LayerRange:
             y = y + bias
         y = y.reshape(h.shape[0], n_heads, c.head_dim)
         return y if norm is None else ops.rmsnorm(y, norm, c.norm_eps)
+
+    def _experts(self, h: np.ndarray, L: LayerWeights) -> np.ndarray:
+        """Each token through the k experts its router scores highest, weighted by the router's softmax
+        (renormalised over those k where the file says so). Only the chosen experts' weights are read."""
+        ops, k = self.backend, self.config.n_experts_used
+        probs = reference.softmax(ops.linear(h, L.router))  # [T, n_experts]
+        chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        weights = np.take_along_axis(probs, chosen, axis=-1)
+        if self.config.experts_norm:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(h)
+        for e in np.unique(chosen):
+            tokens, slot = np.nonzero(chosen == e)
+            y = ops.swiglu(h[tokens], L.w_gate_exps[e], L.w_up_exps[e], L.w_down_exps[e])
+            out[tokens] += weights[tokens, slot, None] * y
+        return out
 
 
 class Llama:
