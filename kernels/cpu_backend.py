@@ -30,6 +30,26 @@ class NativeWeight:
         return self.raw.nbytes
 
 
+@dataclass(frozen=True)
+class NativeExperts:
+    """A stack of expert matrices [n, rows, cols] left in their blocks: experts[e] is expert e's matrix,
+    a view of its own blocks, so a token's chosen experts are all that is read."""
+
+    experts: tuple[NativeWeight, ...]
+
+    def __getitem__(self, e: int) -> NativeWeight:
+        return self.experts[e]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.experts)
+
+
+# What the fused C pass (kernels/cpu/layer.c) runs beyond the plain Llama block (models/arch.py's features);
+# a model needing more runs on the per-operation path: the C matmul, the reference's other formulas.
+FUSED_FEATURES = frozenset({"qkv_bias", "qk_norm", "rope_halves", "sliding_window"})
+
+
 class CpuBackend(OwnMatmulBackend):
     name = "cpu"
 
@@ -44,10 +64,14 @@ class CpuBackend(OwnMatmulBackend):
         return f"cpu ({native.isa()}, {native.threads()} threads)"
 
     def weight(self, raw: np.ndarray, qtype: Q, shape: tuple[int, ...]):
-        if len(shape) == 2 and qtype in native.NATIVE_TYPES and shape[1] % native.block_size(qtype) == 0:
+        native_blocks = qtype in native.NATIVE_TYPES and shape[-1] % native.block_size(qtype) == 0
+        if len(shape) == 2 and native_blocks:
             return NativeWeight(raw, qtype, (int(shape[0]), int(shape[1])))
+        if len(shape) == 3 and native_blocks:
+            rows = (int(shape[1]), int(shape[2]))
+            return NativeExperts(tuple(NativeWeight(e, qtype, rows) for e in raw.reshape(shape[0], -1)))
         w = dequantize(raw, qtype, shape)  # norms, and formats without a kernel: the reference's form
-        return np.ascontiguousarray(w.T if w.ndim == 2 else w, dtype=np.float32)
+        return np.ascontiguousarray(np.swapaxes(w, -1, -2) if w.ndim >= 2 else w, dtype=np.float32)
 
     def linear(self, x, w):
         if isinstance(w, NativeWeight):
@@ -55,13 +79,27 @@ class CpuBackend(OwnMatmulBackend):
         return reference.linear(x, w)
 
     def fused_range(self, config, layers: list) -> native.NativeRange | None:
-        """The layers as one C pass, or None when a weight is not in a form the kernels read."""
+        """The layers as one C pass, or None when a weight is not in a form the kernels read or the
+        architecture needs what the pass does not do (then LayerRange runs the per-operation path)."""
+        if not set(config.features) <= FUSED_FEATURES:
+            return None
         parts = []
         for L in layers:
             norms = [L.attn_norm, L.ffn_norm]
             mats = [L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down]
             if not all(isinstance(m, NativeWeight) for m in mats):
                 return None
-            parts.append([(n, Q.F32, n.shape) for n in norms] + [(m.raw, m.qtype, m.shape) for m in mats])
+            vectors = [getattr(L, name) for name in native.OPTIONAL_PARTS]
+            parts.append([(n, Q.F32, n.shape) for n in norms] + [(m.raw, m.qtype, m.shape) for m in mats] + vectors)
         c = config
-        return native.NativeRange((c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.norm_eps), parts)
+        dims = (
+            c.dim,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.hidden_dim,
+            c.norm_eps,
+            c.spec.rope_halves,
+            c.sliding_window,
+        )
+        return native.NativeRange(dims, parts)

@@ -213,6 +213,8 @@ class GpuModel:
 
         self.dev, self.file = device, file
         c = self.config = LlamaConfig.from_file(file)
+        if c.features:  # the GPU kernels are the plain Llama block's (models/arch.py)
+            raise UnsupportedModelError(f"the GPU kernels do not run {', '.join(c.features)} ({c.arch})")
         if c.head_dim not in HEAD_DIMS or c.n_heads // c.n_kv_heads > 8 or c.dim % 32 or c.hidden_dim % 32:
             raise UnsupportedModelError(f"the GPU kernels do not support this model's shapes ({c})")
         self.max_batch, self.max_context = max_batch, min(max_context, c.context_length)

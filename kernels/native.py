@@ -98,29 +98,34 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
     return out
 
 
-# The order prepare_range takes a layer's tensors in.
+# The order prepare_range takes a layer's tensors in: norms, matrices, then the vectors only some
+# architectures have (None where absent).
 LAYER_PARTS = ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+OPTIONAL_PARTS = ("bq", "bk", "bv", "q_norm", "k_norm")
 
 
 class NativeRange:
     """A layer range prepared for the fused C forward pass: its weights read in place from the file.
 
-    dims: (D, H, G, E, F, eps). layers: per layer, LAYER_PARTS as (raw blocks, type, logical shape).
-    Holds every array the C side points into, so they live as long as it does.
+    dims: (D, H, G, E, F, eps, rope_halves, window). layers: per layer, LAYER_PARTS as (raw blocks,
+    type, logical shape), then OPTIONAL_PARTS as float32 vectors or None. Holds every array the C side
+    points into, so they live as long as it does.
     """
 
     kv_dtype = KV_DTYPE
 
-    def __init__(self, dims: tuple[int, int, int, int, int, float], layers: list[tuple]):
+    def __init__(self, dims: tuple[int, int, int, int, int, float, int, int], layers: list[tuple]):
         self._keep = []
         spec = []
+        n = len(LAYER_PARTS)
         for parts in layers:
             norms = [
                 np.ascontiguousarray(dequantize(raw, qtype, shape), dtype=np.float32) for raw, qtype, shape in parts[:2]
             ]
-            weights = [(raw, int(qtype), shape[0]) for raw, qtype, shape in parts[2:]]
-            self._keep.append((norms, [w[0] for w in weights]))
-            spec.append((*norms, *weights))
+            weights = [(raw, int(qtype), shape[0]) for raw, qtype, shape in parts[2:n]]
+            vectors = [None if v is None else np.ascontiguousarray(v, dtype=np.float32) for v in parts[n:]]
+            self._keep.append((norms, [w[0] for w in weights], vectors))
+            spec.append((*norms, *weights, *vectors))
         self._handle = _cpu.prepare_range(dims, spec)
 
     def forward(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, seqs: list[tuple]) -> np.ndarray:

@@ -30,17 +30,21 @@ def rope_tables(positions: np.ndarray, inv_freq: np.ndarray, scale: float = 1.0)
     return (scale * np.cos(angles)).astype(np.float32), (scale * np.sin(angles)).astype(np.float32)
 
 
-def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its angle.
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, halves: bool = False) -> np.ndarray:
+    """Rotate each pair of every head by its angle: pair i is (x[2i], x[2i+1]), or with `halves`
+    (x[i], x[i + E/2]).
 
-    GGUF files store Llama's q/k weights permuted for this pairwise layout (llama.cpp's
-    "normal" RoPE), so no rotate-half shuffle is needed. x: [T, heads, E]; cos, sin: [T, E/2].
+    GGUF files store Llama's q/k weights permuted for adjacent pairs (llama.cpp's "normal" RoPE), so
+    no rotate-half shuffle is needed; Qwen's are stored as trained, for halves ("NeoX").
+    x: [T, heads, E]; cos, sin: [T, E/2].
     """
-    x0, x1 = x[..., 0::2], x[..., 1::2]
+    E = x.shape[-1]
+    first, second = (slice(0, E // 2), slice(E // 2, E)) if halves else (slice(0, E, 2), slice(1, E, 2))
+    x0, x1 = x[..., first], x[..., second]
     c, s = cos[:, None, :], sin[:, None, :]
     out = np.empty_like(x)
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x0 * s + x1 * c
+    out[..., first] = x0 * c - x1 * s
+    out[..., second] = x0 * s + x1 * c
     return out
 
 
@@ -49,11 +53,12 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int = 0) -> np.ndarray:
     """Causal grouped-query attention of T new queries over S = start + T cached keys.
 
     q: [T, H, E]; k, v: [S, G, E], H a multiple of G (each key head serves H/G query heads).
-    Query t sits at position start + t and sees keys 0 .. start + t. Returns [T, H, E].
+    Query t sits at position start + t and sees keys 0 .. start + t, or with a sliding window only
+    the last `window` of them (Mistral's). Returns [T, H, E].
     """
     T, H, E = q.shape
     S, G, _ = k.shape
@@ -61,7 +66,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
     qg = q.reshape(T, G, group, E).transpose(1, 2, 0, 3)  # [G, group, T, E]
     kg, vg = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [G, S, E]
     scores = qg @ kg[:, None].swapaxes(-1, -2) / math.sqrt(E)  # [G, group, T, S]
-    visible = np.arange(S)[None, :] <= (start + np.arange(T))[:, None]
+    behind = (start + np.arange(T))[:, None] - np.arange(S)[None, :]  # query position - key position
+    visible = (behind >= 0) & ((behind < window) if window else True)
     scores = np.where(visible, scores, -np.inf)
     out = softmax(scores) @ vg[:, None]  # [G, group, T, E]
     return out.transpose(2, 0, 1, 3).reshape(T, H, E)

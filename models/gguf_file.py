@@ -10,9 +10,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from kernels.dequant import DEQUANT, SUPPORTED_TYPES
+from models.arch import ARCH_NAMES, supported
 from models.errors import ModelFileError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
 GGUF_MAGIC = b"GGUF"
 
 
@@ -77,10 +77,8 @@ def open_gguf(path: str | Path) -> GGUFModelFile:
 
     metadata = _read_metadata(reader)
     arch = metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{path.name}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    if arch not in ARCH_NAMES:
+        raise UnsupportedModelError(f"{path.name}: architecture {arch!r} is not supported; supported: {supported()}")
 
     tensors = {}
     for t in reader.tensors:

@@ -1,9 +1,15 @@
 """The Llama decoder, as a stack of layer ranges.
 
     h = embed(ids)                                   # [T, D]
-    for each layer:   h = h + Wo · attn(rope(Wq·n(h)), rope(Wk·n(h)), Wv·n(h))    n = RMSNorm
-                      h = h + W2 · (silu(W1·n(h)) * W3·n(h))
+    for each layer:   q, k, v = Wq·n(h) + bq, Wk·n(h) + bk, Wv·n(h) + bv            n = RMSNorm
+                      q, k = rope(nq(q)), rope(nk(k))                               nq, nk per head
+                      h = h + Wo · attn(q, k, v)            (over the last `window` keys if declared)
+                      h = h + W2 · (silu(W1·n(h)) * W3·n(h))       or, with experts (Mixtral, Qwen3-MoE),
+                      h = h + sum over the router's top k experts e of p_e · W2e · (silu(W1e·n(h)) * W3e·n(h))
     logits = Wout · n(h)
+
+The biases (Qwen2) and the per-head norms (Qwen3) are there only where the architecture has them
+(models/arch.py): one block, its variations as data.
 
 The unit of execution is a layer range [a, b) with its own KV cache per session: the appliance runs
 some ranges and LAN workers run others, so a range touches nothing but its own weights and cache.
@@ -12,15 +18,18 @@ some ranges and LAN workers run others, so a range touches nothing but its own w
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from kernels import reference
 from kernels.backend import Backend, select_backend
 from kernels.dequant import dequantize
 from models import rope
+from models.arch import LAYER_TENSORS, LLAMA, ArchSpec, check_layout, spec_of
 from models.errors import ContextLengthError, UnsupportedModelError
 from models.gguf_file import GGUFModelFile, StoredTensor, open_gguf
 
@@ -41,6 +50,20 @@ class LlamaConfig:
     rope_inv_freq: tuple[float, ...] = ()
     rope_attn_factor: float = 1.0
     rope_scaling: str = "none"
+    arch: str = "llama"  # general.architecture: its ArchSpec says which tensors a layer has
+    sliding_window: int = 0  # keys a query sees (its own included); 0: all before it
+    n_experts: int = 0  # a mixture of experts in place of the MLP: how many, and how many each token uses
+    n_experts_used: int = 0
+    experts_norm: bool = True  # the chosen experts' router weights rescaled to sum to 1
+
+    @property
+    def spec(self) -> ArchSpec:
+        return spec_of(self.arch, self.n_experts > 0)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """What this model adds to the plain Llama block: what a fused backend pass must support."""
+        return (*self.spec.features, *(("sliding_window",) if self.sliding_window else ()))
 
     @property
     def inv_freq(self) -> np.ndarray:
@@ -59,13 +82,22 @@ class LlamaConfig:
 
     @classmethod
     def from_file(cls, file: GGUFModelFile) -> LlamaConfig:
-        """The config of a model file: its metadata, and Llama 3.1+'s per-pair RoPE factors where it has them."""
+        """The config of a model file: its metadata, and Llama 3.1+'s per-pair RoPE factors where it has
+        them; a file whose layers are not its architecture's tensors is refused here, at load."""
         t = file.tensors.get("rope_freqs.weight")
-        return cls.from_metadata(file.metadata, None if t is None else dequantize(t.raw, t.qtype, t.shape))
+        config = cls.from_metadata(file.metadata, None if t is None else dequantize(t.raw, t.qtype, t.shape))
+        check_layout(config.spec, config.n_layers, file.tensors)
+        return config
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], rope_freq_factors: np.ndarray | None = None) -> LlamaConfig:
         arch = meta["general.architecture"]
+        n_experts = int(meta.get(f"{arch}.expert_count") or 0)
+        spec_of(arch, n_experts > 0)  # an architecture we do not run is refused before any of its keys is read
+        if int(meta.get(f"{arch}.expert_gating_func", 1)) != 1:
+            raise UnsupportedModelError("expert gating other than softmax is not supported")
+        if meta.get(f"{arch}.attention.sliding_window_pattern") is not None:
+            raise UnsupportedModelError("per-layer sliding-window patterns are not supported")
 
         def get(key: str, default: Any = None) -> Any:
             value = meta.get(f"{arch}.{key}", default)
@@ -85,7 +117,7 @@ class LlamaConfig:
             n_heads=n_heads,
             n_kv_heads=int(get("attention.head_count_kv", n_heads)),
             head_dim=head_dim,
-            hidden_dim=int(get("feed_forward_length")),
+            hidden_dim=int(get("expert_feed_forward_length", 0) or get("feed_forward_length")),
             vocab_size=int(meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])),
             context_length=int(get("context_length")),
             norm_eps=float(get("attention.layer_norm_rms_epsilon")),
@@ -93,6 +125,11 @@ class LlamaConfig:
             rope_inv_freq=sched.inv_freq,
             rope_attn_factor=sched.attn_factor,
             rope_scaling=sched.kind,
+            arch=arch,
+            sliding_window=int(meta.get(f"{arch}.attention.sliding_window") or 0),
+            n_experts=n_experts,
+            n_experts_used=int(get("expert_used_count")) if n_experts else 0,
+            experts_norm=bool(meta.get(f"{arch}.expert_weights_norm", True)),  # llama.cpp's default for both
         )
 
 
@@ -104,35 +141,36 @@ class LayerWeights:
     wv: Any
     wo: Any
     ffn_norm: Any
-    w_gate: Any
-    w_up: Any
-    w_down: Any
+    w_gate: Any = None  # the MLP, or with experts a router [n_experts, D] and each matrix per expert
+    w_up: Any = None
+    w_down: Any = None
+    router: Any = None
+    w_gate_exps: Any = None
+    w_up_exps: Any = None
+    w_down_exps: Any = None
+    # Only where the architecture has them (models/arch.py): q/k/v biases, per-head q/k norms.
+    bq: Any = None
+    bk: Any = None
+    bv: Any = None
+    q_norm: Any = None
+    k_norm: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in (getattr(self, f.name) for f in fields(self)) if w is not None)
 
 
-# Each LayerWeights field and the GGUF tensor it is read from (blk.{i}.<part>.weight): the one map the
-# model, the worker and the coordinator use, so reordering the dataclass cannot swap wq and wk.
-LAYER_TENSORS = {
-    "attn_norm": "attn_norm",
-    "wq": "attn_q",
-    "wk": "attn_k",
-    "wv": "attn_v",
-    "wo": "attn_output",
-    "ffn_norm": "ffn_norm",
-    "w_gate": "ffn_gate",
-    "w_up": "ffn_up",
-    "w_down": "ffn_down",
-}
-assert set(LAYER_TENSORS) == {f.name for f in fields(LayerWeights)}
+assert {f.name for f in fields(LayerWeights)} == set(LAYER_TENSORS), "a LayerWeights field no architecture reads"
 
 
-def layer_tensor_name(layer: int, field_name: str) -> str:
-    """The GGUF name of one LayerWeights field of a layer, e.g. (7, "wq") -> blk.7.attn_q.weight."""
-    return f"blk.{layer}.{LAYER_TENSORS[field_name]}.weight"
+def layer_tensor_names(layer: int, spec: ArchSpec = LLAMA) -> dict[str, str]:
+    """Every tensor of a layer of this architecture, by LayerWeights field (7, "wq" -> blk.7.attn_q.weight)."""
+    return {name: f"blk.{layer}.{suffix}" for name, suffix in spec.tensors.items()}
 
 
-def layer_tensor_names(layer: int) -> dict[str, str]:
-    """Every tensor of a layer, by LayerWeights field."""
-    return {name: layer_tensor_name(layer, name) for name in LAYER_TENSORS}
+def read_layer(spec: ArchSpec, layer: int, weight: Callable[[str], Any]) -> LayerWeights:
+    """A layer's weights, each GGUF tensor (by name) prepared by `weight`: the model's and the worker's."""
+    return LayerWeights(**{f: weight(name) for f, name in layer_tensor_names(layer, spec).items()})
 
 
 _HELD: dict[tuple[str, int, tuple[int, ...]], int] = {}
@@ -256,21 +294,48 @@ class LayerRange:
             for cache, n in zip(caches, sizes, strict=True):
                 cache.advance(n)
             return [x[row] for row in rows]
-        T = x.shape[0]
+        T, halves = x.shape[0], c.spec.rope_halves
         for i, L in enumerate(self.layers):
             h = ops.rmsnorm(x, L.attn_norm, c.norm_eps)
-            q = ops.rope(ops.linear(h, L.wq).reshape(T, H, E), cos, sin)
-            k = ops.rope(ops.linear(h, L.wk).reshape(T, G, E), cos, sin)
-            v = ops.linear(h, L.wv).reshape(T, G, E)
+            q = ops.rope(self._heads(h, L.wq, L.bq, L.q_norm, H), cos, sin, halves=halves)
+            k = ops.rope(self._heads(h, L.wk, L.bk, L.k_norm, G), cos, sin, halves=halves)
+            v = self._heads(h, L.wv, L.bv, None, G)
             attended = []
             for row, cache, start in zip(rows, caches, starts, strict=True):
                 keys, values = cache.store(i, k[row], v[row])
-                attended.append(ops.attention(q[row], keys, values, start))
+                attended.append(ops.attention(q[row], keys, values, start, c.sliding_window))
             x = x + ops.linear(np.concatenate(attended).reshape(T, H * E), L.wo)
-            x = x + ops.swiglu(ops.rmsnorm(x, L.ffn_norm, c.norm_eps), L.w_gate, L.w_up, L.w_down)
+            h = ops.rmsnorm(x, L.ffn_norm, c.norm_eps)
+            x = x + (ops.swiglu(h, L.w_gate, L.w_up, L.w_down) if L.router is None else self._experts(h, L))
         for cache, n in zip(caches, sizes, strict=True):
             cache.advance(n)
         return [x[row] for row in rows]
+
+    def _heads(self, h: np.ndarray, w: Any, bias: Any, norm: Any, n_heads: int) -> np.ndarray:
+        """h's projection split into heads [T, n_heads, E], plus its bias and each head RMS-normed where
+        the architecture has them (Qwen2's biases, Qwen3's q/k norms)."""
+        ops, c = self.backend, self.config
+        y = ops.linear(h, w)
+        if bias is not None:
+            y = y + bias
+        y = y.reshape(h.shape[0], n_heads, c.head_dim)
+        return y if norm is None else ops.rmsnorm(y, norm, c.norm_eps)
+
+    def _experts(self, h: np.ndarray, L: LayerWeights) -> np.ndarray:
+        """Each token through the k experts its router scores highest, weighted by the router's softmax
+        (renormalised over those k where the file says so). Only the chosen experts' weights are read."""
+        ops, k = self.backend, self.config.n_experts_used
+        probs = reference.softmax(ops.linear(h, L.router))  # [T, n_experts]
+        chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        weights = np.take_along_axis(probs, chosen, axis=-1)
+        if self.config.experts_norm:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(h)
+        for e in np.unique(chosen):
+            tokens, slot = np.nonzero(chosen == e)
+            y = ops.swiglu(h[tokens], L.w_gate_exps[e], L.w_up_exps[e], L.w_down_exps[e])
+            out[tokens] += weights[tokens, slot, None] * y
+        return out
 
 
 class Llama:
@@ -302,7 +367,7 @@ class Llama:
 
     def _layer(self, i: int) -> LayerWeights:
         if i not in self._layers:
-            self._layers[i] = LayerWeights(**{f: self._weight(name) for f, name in layer_tensor_names(i).items()})
+            self._layers[i] = read_layer(self.config.spec, i, self._weight)
         return self._layers[i]
 
     def layer_range(self, start: int, stop: int) -> LayerRange:
@@ -317,7 +382,8 @@ class Llama:
         """What layer i's weights take once this model's backend has prepared them."""
         tensors = self.file.tensors
         return sum(
-            held_nbytes(self.backend, tensors[n].qtype, tensors[n].shape) for n in layer_tensor_names(i).values()
+            held_nbytes(self.backend, tensors[n].qtype, tensors[n].shape)
+            for n in layer_tensor_names(i, self.config.spec).values()
         )
 
     @property

@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from kernels.dequant import dequantize
+from models.errors import UnsupportedModelError
 from models.gguf_file import GGUFModelFile
 from models.llama import LlamaConfig
 
@@ -86,6 +87,8 @@ def _attention(g: _Graph, q: str, k: str, v: str, mask: str, c: LlamaConfig) -> 
 def export_range(file: GGUFModelFile, start: int, stop: int, weight_dtype: type = np.float32) -> onnx.ModelProto:
     """Layers [start, stop) of the model in `file` as one ONNX graph (see the module docstring)."""
     c = LlamaConfig.from_file(file)
+    if c.features:  # the graph is the plain Llama block's (models/arch.py)
+        raise UnsupportedModelError(f"the ONNX export does not write {', '.join(c.features)} ({c.arch})")
     if not 0 <= start < stop <= c.n_layers:
         raise ValueError(f"layer range [{start}, {stop}) is outside [0, {c.n_layers})")
     g = _Graph(weight_dtype)

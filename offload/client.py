@@ -186,7 +186,7 @@ def layer_manifest(model: Llama, start: int, stop: int) -> list[pb.TensorSpec]:
     tensors = model.file.tensors
     specs = []
     for i in range(start, stop):
-        for name in layer_tensor_names(i).values():
+        for name in layer_tensor_names(i, model.config.spec).values():
             t = tensors[name]
             specs.append(tensor_spec(t.name, t.qtype, t.shape, t.raw))
     return specs

@@ -2,7 +2,7 @@
 
 Its name, the gRPC channel both ends open (mutual TLS under the appliance's CA), and the metadata
 key a chain uses to name a worker at fault. What crosses the wire is in `wire.py`; which tensors
-make a layer is `models.llama.LAYER_TENSORS`.
+make a layer is its architecture's `models.arch.ArchSpec.tensors`.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ import typer
 from gguf import GGMLQuantizationType
 
 from kernels.backend import Backend, describe, select_backend
-from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig, held_nbytes, layer_tensor_names
+from models.errors import UnsupportedModelError
+from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig, held_nbytes, read_layer
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.pki import Identity, PairingError, certificate_name
@@ -252,24 +253,24 @@ class WorkerService(rpc.OffloadServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"tensors not pushed yet: {', '.join(missing[:3])}")
         try:
             config = LlamaConfig.from_json(request.config_json)
-            layers = [self._layer(i, specs) for i in range(request.layer_start, request.layer_stop)]
-        except (TypeError, ValueError, KeyError) as e:
+            layers = [self._layer(config, i, specs) for i in range(request.layer_start, request.layer_stop)]
+        except (TypeError, ValueError, KeyError, UnsupportedModelError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot build layers from this request: {e}")
-        held = sum(getattr(w, name).nbytes for w in layers for name in LayerWeights.__dataclass_fields__)
+        held = sum(w.nbytes for w in layers)
         with self.lock:
             layer_range = LayerRange(config, self.backend, request.layer_start, layers)
             self.ranges[key] = LoadedRange(layer_range, held, {request.owner: request.generation})
         return pb.LoadReply(bytes=held)
 
-    def _layer(self, i: int, specs: dict[str, pb.TensorSpec]) -> LayerWeights:
-        parts = {}
-        for field_name, tensor_name in layer_tensor_names(i).items():
-            spec = specs[tensor_name]
-            raw = self.tensors.read(spec)
-            parts[field_name] = self.backend.weight(
-                raw, GGMLQuantizationType(spec.ggml_type), tuple(int(n) for n in spec.shape)
-            )
-        return LayerWeights(**parts)
+    def _layer(self, config: LlamaConfig, i: int, specs: dict[str, pb.TensorSpec]) -> LayerWeights:
+        """Layer i of the config's architecture from the pushed tensors (a missing one: KeyError)."""
+
+        def weight(name: str):
+            spec = specs[name]
+            shape = tuple(int(n) for n in spec.shape)
+            return self.backend.weight(self.tensors.read(spec), GGMLQuantizationType(spec.ggml_type), shape)
+
+        return read_layer(config.spec, i, weight)
 
     def Forward(self, request_iterator, context):
         """Requests and the next hop's failure arrive in one inbox, so a failure downstream ends this

@@ -60,18 +60,13 @@ def scale_like_trained(model, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * (2 if "lm_head" in name else 1) / math.sqrt(p.shape[1]))
 
 
-def random_llama(
-    folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = None, seed: int = 0, architecture="llama", **config
-):
-    """A small random Llama (or Qwen2, `architecture="qwen2"`) saved in `folder` (config, safetensors and the
-    tokenizer): the model, in eval mode."""
+def random_model(folder: Path, tokenizer_dir: Path, arch: str = "Llama", seed: int = 0, **config):
+    """A small random transformers model saved in `folder` (config, safetensors and the tokenizer): the
+    model, in eval mode. arch names the classes, `{arch}Config` and `{arch}ForCausalLM` ("Qwen3Moe")."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        architecture
-    ]
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    vocab = len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
     defaults = dict(
         vocab_size=vocab,
         hidden_size=64,
@@ -85,9 +80,9 @@ def random_llama(
         bos_token_id=1,
         eos_token_id=2,
     )
-    cfg = config_class(**{**defaults, **config}, rope_scaling=rope_scaling)
+    cfg = getattr(transformers, f"{arch}Config")(**{**defaults, **config})
     torch.manual_seed(seed)
-    model = model_class(cfg).to(torch.float32)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).to(torch.float32)
     scale_like_trained(model, seed)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -97,13 +92,25 @@ def random_llama(
     return model.eval()
 
 
-# The converter run with its pre-tokenizer lookup answering `pre`: everything else is its own code.
-_CONVERT_AS = """
+def random_llama(folder: Path, tokenizer_dir: Path, rope_scaling: dict | None = None, seed: int = 0, **config):
+    """A small random Llama (random_model), with the RoPE scaling given."""
+    return random_model(folder, tokenizer_dir, "Llama", seed, rope_scaling=rope_scaling, **config)
+
+
+# The converter, run as `python convert_hf_to_gguf.py` runs it, with two lookups changed and the rest its own
+# code. transformers 5 loads a qwen2 folder's tokenizer as Qwen2Tokenizer whatever tokenizer_config.json
+# says (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), which rebuilds the pre-tokenizer, so the converter would
+# not recognise the tokenizer.json saved there: that override is lifted. And with `pre`, its pre-tokenizer
+# lookup answers `pre` (see convert).
+_RUN_CONVERTER = """
 import os, runpy, sys
+from transformers.models.auto import tokenization_auto
+tokenization_auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS.discard("qwen2")
 script, pre = sys.argv[1], sys.argv[2]
 sys.path[:0] = [os.path.dirname(script), os.path.join(os.path.dirname(script), "gguf-py")]
-from conversion.base import TextModel
-TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+if pre:
+    from conversion.base import TextModel
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
 sys.argv = [script, *sys.argv[3:]]
 runpy.run_path(script, run_name="__main__")
 """
@@ -116,11 +123,46 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = Non
     text, which only the published vocabularies match; `pre` names it for a home-made vocabulary (its
     `get_vocab_base_pre` answers `pre`, the rest of the conversion is unchanged)."""
     script = llama_cpp_dir() / "convert_hf_to_gguf.py"
-    run = [sys.executable, str(script)] if pre is None else [sys.executable, "-c", _CONVERT_AS, str(script), pre]
     done = subprocess.run(
-        [*run, str(hf_dir), "--outfile", str(out), "--outtype", outtype],
+        [
+            sys.executable,
+            "-c",
+            _RUN_CONVERTER,
+            str(script),
+            pre or "",
+            str(hf_dir),
+            "--outfile",
+            str(out),
+            "--outtype",
+            outtype,
+        ],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, f"convert_hf_to_gguf.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return out
+
+
+def with_metadata(src: Path, out: Path, **keys: int) -> Path:
+    """A copy of a GGUF file declaring more integer keys (e.g. llama.attention.sliding_window, which the
+    converter does not write for Mistral), copied the way gguf-py's gguf_new_metadata.py copies."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for name, value in keys.items():
+        writer.add_key_value(name, value, gguf.GGUFValueType.UINT32)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+    writer.close()
     return out

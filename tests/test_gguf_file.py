@@ -139,8 +139,11 @@ def test_truncated_file(tmp_path, model_path, keep):
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path, smol_meta):
-    p = write_tiny_llama(tmp_path / "qwen.gguf", smol_meta, arch="qwen2")
-    with pytest.raises(UnsupportedModelError, match="'qwen2' is not supported; supported: llama"):
+    p = write_tiny_llama(tmp_path / "gemma.gguf", smol_meta, arch="gemma2")
+    with pytest.raises(
+        UnsupportedModelError,
+        match="'gemma2' is not supported; supported: llama, llama with experts, qwen2, qwen3",
+    ):
         open_gguf(p)
 
 

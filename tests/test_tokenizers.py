@@ -320,10 +320,10 @@ def read_metadata(path: Path) -> dict:
 
 def tiny_model(hf_dir: Path, tokenizer_dir: Path, out: Path, architecture="llama", pre=None, **config) -> dict:
     """The tokenizer beside a 1-layer random model, converted; the GGUF file's metadata."""
-    hf_models.random_llama(
+    hf_models.random_model(
         hf_dir,
         tokenizer_dir,
-        architecture=architecture,
+        {"llama": "Llama", "qwen2": "Qwen2"}[architecture],
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,

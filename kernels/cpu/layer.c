@@ -1,4 +1,5 @@
-/* A whole Llama layer range in one call: for each layer, RMSNorm, Q/K/V with RoPE (K and V written
+/* A whole Llama layer range in one call: for each layer, RMSNorm, Q/K/V (with the biases and per-head
+ * norms of the architectures that have them) and RoPE (K and V written
  * straight into each sequence's cache), attention over the cache, output projection and residual,
  * RMSNorm, gate/up with SiLU, down projection and residual. All threads run the whole range in one
  * pool task; the tokens of every sequence in the batch share each pass over a weight.
@@ -80,16 +81,18 @@ static int next_unit(const ctx_t *c, int layer, int phase, int n_units) {
     return u < n_units ? u : -1;
 }
 
-static void rope_pairs(float *v, const float *cs, const float *sn, int E) {
+/* Rotate pair i of a head, (v[2i], v[2i+1]) or with halves (v[i], v[i + E/2]), by its angle. */
+static void rope(float *v, const float *cs, const float *sn, int E, int halves) {
     for (int i = 0; i < E / 2; i++) {
-        float a = v[2 * i], b = v[2 * i + 1];
-        v[2 * i] = a * cs[i] - b * sn[i];
-        v[2 * i + 1] = a * sn[i] + b * cs[i];
+        int i0 = halves ? i : 2 * i, i1 = halves ? i + E / 2 : 2 * i + 1;
+        float a = v[i0], b = v[i1];
+        v[i0] = a * cs[i] - b * sn[i];
+        v[i1] = a * sn[i] + b * cs[i];
     }
 }
 
-/* Heads as the unit of work for Q, K and V: a unit computes one head for every token, so it can
- * rotate it and file K and V in the caches without waiting for the others. */
+/* Heads as the unit of work for Q, K and V: a unit computes one head for every token, so it can add
+ * its bias, norm and rotate it and file K and V in the caches without waiting for the others. */
 static void qkv(const ctx_t *c, const layer_desc *L, int layer, const float *h, const void *hq) {
     const range_desc *r = c->r;
     const batch_desc *b = c->b;
@@ -97,12 +100,17 @@ static void qkv(const ctx_t *c, const layer_desc *L, int layer, const float *h, 
     while ((u = next_unit(c, layer, PH_QKV, H + 2 * G)) >= 0) {
         const weight_desc *w = u < H ? &L->wq : u < H + G ? &L->wk : &L->wv;
         int head = u < H ? u : u < H + G ? u - H : u - H - G;
+        const float *bias = u < H ? L->bq : u < H + G ? L->bk : L->bv;
+        const float *norm = u < H ? L->q_norm : u < H + G ? L->k_norm : NULL;
         float *out = u < H ? c->q : c->kv + (u < H + G ? 0 : G * E);
         int ldo = u < H ? H * E : 2 * G * E;
         mm(c, w, h, hq, r->dim, out, ldo, head * E, (head + 1) * E);
         for (int t = 0; t < T; t++) {
             float *v = out + (size_t)t * ldo + head * E;
-            if (u < H + G) rope_pairs(v, b->cos + (size_t)t * E / 2, b->sin + (size_t)t * E / 2, E);
+            if (bias)
+                for (int e = 0; e < E; e++) v[e] += bias[head * E + e];
+            if (norm) rmsnorm_row(v, norm, v, E, r->eps);
+            if (u < H + G) rope(v, b->cos + (size_t)t * E / 2, b->sin + (size_t)t * E / 2, E, r->rope_halves);
             if (u >= H) { /* file it in its sequence's cache at its position */
                 int s = b->seq_of[t];
                 const seq_desc *sq = &b->seqs[s];
@@ -116,7 +124,8 @@ static void qkv(const ctx_t *c, const layer_desc *L, int layer, const float *h, 
 
 /* A unit is a token and a KV head with the query heads that share it (its K and V rows are read
  * once for all of them: the cache is most of what decode reads besides the weights), or a single
- * query head when that leaves fewer units than threads.
+ * query head when that leaves fewer units than threads. With a sliding window a token reads only
+ * the last `window` keys.
  * The last tokens see the most keys, so units go out from the last token back. Each unit quantizes
  * its own heads' output when they are whole q8 blocks (else a separate pass does, after a barrier). */
 static void attention(const ctx_t *c, int layer, int ith, int nth) {
@@ -131,9 +140,10 @@ static void attention(const ctx_t *c, int layer, int ith, int nth) {
         u = T * units_per_token - 1 - u;
         int t = u / units_per_token, h0 = (u % units_per_token) * per, g = h0 / group;
         const seq_desc *sq = &b->seqs[b->seq_of[t]];
-        int n_keys = sq->start + (t - sq->first) + 1;
-        const kv_t *k = sq->k + ((size_t)layer * sq->capacity * G + g) * E;
-        const kv_t *v = sq->v + ((size_t)layer * sq->capacity * G + g) * E;
+        int n_keys = sq->start + (t - sq->first) + 1, first = 0;
+        if (r->window && n_keys > r->window) first = n_keys - r->window, n_keys = r->window;
+        const kv_t *k = sq->k + ((size_t)layer * sq->capacity + first) * stride + (size_t)g * E;
+        const kv_t *v = sq->v + ((size_t)layer * sq->capacity + first) * stride + (size_t)g * E;
         float *o = c->att + (size_t)t * HE + (size_t)h0 * E;
         attend(E, per, c->q + (size_t)t * HE + (size_t)h0 * E, k, v, stride, n_keys, scale, o, sc);
         if (E % QK == 0) quantize_q8(o, q8_at(c->attq, HE, t) + h0 * E / QK, per * E);

@@ -12,11 +12,16 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *ffn_norm;
     weight_desc wq, wk, wv, wo, w_gate, w_up, w_down;
+    /* NULL where the architecture has none: q/k/v biases [H*E], [G*E], [G*E] (Qwen2), and RMSNorm
+     * weights [E] applied to each q and k head before RoPE (Qwen3). */
+    const float *bq, *bk, *bv, *q_norm, *k_norm;
 } layer_desc;
 
 typedef struct {
     int dim, n_heads, n_kv_heads, head_dim, hidden_dim, n_layers;
     float eps;
+    int rope_halves; /* RoPE turns (v[i], v[i + E/2]) (Qwen's "NeoX" layout), else adjacent pairs */
+    int window;      /* keys a query sees, its own included (a sliding window); 0: all before it */
     layer_desc *layers;
 } range_desc;
 

@@ -141,14 +141,21 @@ static int parse_weight(PyObject *tuple, int cols, weight_desc *w) {
     return w->data ? 0 : -1;
 }
 
-/* prepare_range((dim, heads, kv_heads, head_dim, hidden, eps), layers): layers is a list of
- * (attn_norm, ffn_norm, wq, wk, wv, wo, w_gate, w_up, w_down), norms float32 arrays, each weight
- * (blocks, type, rows). Returns an opaque handle for range_forward. */
+/* A float32 vector of n values, or NULL for None (a tensor the architecture does not have). */
+static int optional_vector(PyObject *obj, int n, const float **out) {
+    *out = obj == Py_None ? NULL : address(obj, (Py_ssize_t)n * 4, 0);
+    return obj == Py_None || *out ? 0 : -1;
+}
+
+/* prepare_range((dim, heads, kv_heads, head_dim, hidden, eps, rope_halves, window), layers): layers is
+ * a list of (attn_norm, ffn_norm, wq, wk, wv, wo, w_gate, w_up, w_down, bq, bk, bv, q_norm, k_norm),
+ * norms and biases float32 arrays (the last five None where absent), each weight (blocks, type, rows).
+ * Returns an opaque handle for range_forward. */
 static PyObject *py_prepare_range(PyObject *self, PyObject *args) {
     range_desc spec = {0};
     PyObject *layers;
-    if (!PyArg_ParseTuple(args, "(iiiiif)O!", &spec.dim, &spec.n_heads, &spec.n_kv_heads, &spec.head_dim,
-                          &spec.hidden_dim, &spec.eps, &PyList_Type, &layers))
+    if (!PyArg_ParseTuple(args, "(iiiiifii)O!", &spec.dim, &spec.n_heads, &spec.n_kv_heads, &spec.head_dim,
+                          &spec.hidden_dim, &spec.eps, &spec.rope_halves, &spec.window, &PyList_Type, &layers))
         return NULL;
     if (spec.n_kv_heads < 1 || spec.n_heads % spec.n_kv_heads || spec.head_dim % 2 || spec.dim % QK ||
         spec.hidden_dim % QK || (spec.n_heads * spec.head_dim) % QK) {
@@ -163,9 +170,12 @@ static PyObject *py_prepare_range(PyObject *self, PyObject *args) {
     int HE = r->n_heads * r->head_dim, GE = r->n_kv_heads * r->head_dim;
     for (int i = 0; i < r->n_layers; i++) {
         layer_desc *L = &r->layers[i];
-        PyObject *an, *fn, *w[7];
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "OOOOOOOOO", &an, &fn, &w[0], &w[1], &w[2], &w[3], &w[4],
-                              &w[5], &w[6]))
+        PyObject *an, *fn, *w[7], *bq, *bk, *bv, *qn, *kn;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "OOOOOOOOOOOOOO", &an, &fn, &w[0], &w[1], &w[2], &w[3],
+                              &w[4], &w[5], &w[6], &bq, &bk, &bv, &qn, &kn))
+            goto fail;
+        if (optional_vector(bq, HE, &L->bq) || optional_vector(bk, GE, &L->bk) || optional_vector(bv, GE, &L->bv) ||
+            optional_vector(qn, r->head_dim, &L->q_norm) || optional_vector(kn, r->head_dim, &L->k_norm))
             goto fail;
         if (!(L->attn_norm = address(an, (Py_ssize_t)r->dim * 4, 0))) goto fail;
         if (!(L->ffn_norm = address(fn, (Py_ssize_t)r->dim * 4, 0))) goto fail;

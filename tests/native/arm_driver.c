@@ -48,7 +48,7 @@ static void run_layer(char *args) {
     static const char *parts[7] = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"};
     char dir[2048];
     range_desc r = {.n_layers = 1};
-    layer_desc L;
+    layer_desc L = {0}; /* no biases or per-head norms */
     weight_desc *ws[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down};
     int n_seqs, used;
     if (sscanf(args, "%2047s %d %d %d %d %d %f %d %d %d %d %d %d %d %d%n", dir, &r.dim, &r.n_heads, &r.n_kv_heads,

@@ -1,0 +1,343 @@
+"""The architectures of models/arch.py (Mistral with and without a declared sliding window, Qwen2, Qwen3,
+Mixtral, Qwen3-MoE), each checked against transformers on a file written by llama.cpp's own converter
+(random weights scaled like a trained model's, SmolLM2's tokenizer), on both backends, split over a
+real worker process, and through a real `appliance serve`; and what we do not run is refused at load,
+by name.
+
+`python -m tests.test_architectures [CASE...]` prints each file's error against transformers per backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as httpclient
+from appliance.bench.netsim import worker_process
+
+from appliance.startup import load_engine
+from models.arch import ARCHITECTURES, check_layout, markdown_table
+from models.engine import Engine
+from models.errors import UnsupportedModelError
+from models.llama import LayerRange, Session
+from offload.coordinator import layer_costs
+from offload.pki import certificate_authority, issue_identity
+from tests import hf_models
+from tests.serving import running_server
+
+SUPPORTED = "llama, llama with experts, qwen2, qwen3, qwen3moe"
+WINDOW = 16  # keys a query sees in the sliding-window case: well under the prompt's length
+TOKENS = 64
+
+# name: (transformers class prefix, its config, keys added to the converted file)
+CASES = {
+    "qwen2": ("Qwen2", {}, {}),
+    "qwen3": ("Qwen3", {"head_dim": 32}, {}),  # heads of 32 in a model 64 wide: key_length, not dim / heads
+    "mistral": ("Mistral", {"sliding_window": None}, {}),
+    "mistral-window": ("Mistral", {"sliding_window": WINDOW}, {"llama.attention.sliding_window": WINDOW}),
+    "mixtral": ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, {}),
+    # norm_topk_prob as Qwen3-30B-A3B's config has it, and as llama.cpp runs every qwen3moe file (the
+    # converter writes no key for it): the chosen experts' router weights sum to 1.
+    "qwen3moe": (
+        "Qwen3Moe",
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True},
+        {},
+    ),
+}
+ARCH_OF = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3moe"}  # the rest are llama
+# The C backend's rounding, measured by `python -m tests.test_architectures`: on these float32 files
+# (multiplied in float32; the fused pass's float16 KV cache) at most 1.8e-4 relative against
+# transformers (3e-7 on the per-operation path the mixtures of experts take); on Q8_0 files, where
+# activations are rounded to int8 per 32 values, 0.8-1.2e-2 against the reference on the same blocks,
+# as the plain Llama block's (mistral) is, argmax equal at 98-100%.
+C_BOUND = 2e-3
+Q8_BOUND = 3e-2
+
+
+def tokenizer_folder(model_path: Path, folder: Path) -> Path:
+    return hf_models.save_smollm2_tokenizer(model_path, folder)
+
+
+def build(name: str, tokenizer_dir: Path, folder: Path, outtype: str = "f32"):
+    """(transformers' model, the converted file) for a case."""
+    arch, config, keys = CASES[name]
+    hf = hf_models.random_model(folder / "hf", tokenizer_dir, arch, **config)
+    path = hf_models.convert(folder / "hf", folder / f"{name}.{outtype}.gguf", outtype)
+    if keys:
+        path = hf_models.with_metadata(path, folder / f"{name}.{outtype}.declared.gguf", **keys)
+    return hf, path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(model_path, tmp_path_factory):
+    return tokenizer_folder(model_path, tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def files(tokenizer_dir, tmp_path_factory):
+    """A case by name: (name, transformers' model, the file, our NumPy engine on it), built on first use."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            hf, path = build(name, tokenizer_dir, tmp_path_factory.mktemp(name))
+            built[name] = name, hf, path, Engine.load(path, "numpy")
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request, files):
+    return files(request.param)
+
+
+def prompt_ids(engine: Engine) -> list[int]:
+    ids = engine.tokenizer.encode("The appliance runs large language models at home; " * 12)[:TOKENS]
+    assert len(ids) == TOKENS
+    return ids
+
+
+def hf_logits(hf, ids: list[int]) -> np.ndarray:
+    with torch.inference_mode():
+        return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_the_file_is_read_as_its_architecture(case):
+    name, hf, _, engine = case
+    c = engine.model.config
+    assert c.arch == ARCH_OF.get(name, "llama")
+    assert (c.n_experts, c.n_experts_used) == ((4, 2) if name in ("mixtral", "qwen3moe") else (0, 0))
+    assert c.head_dim == (
+        getattr(hf.config, "head_dim", None) or hf.config.hidden_size // hf.config.num_attention_heads
+    )
+    assert c.sliding_window == (WINDOW if name == "mistral-window" else 0)
+    layer = engine.model.layer_range(0, 1).layers[0]
+    assert (layer.bq is not None) == (name == "qwen2") and (layer.q_norm is not None) == name.startswith("qwen3")
+    assert (layer.router is not None) == (layer.w_gate is None) == (c.n_experts > 0)
+
+
+def test_numpy_logits_match_transformers_at_every_position(case):
+    _, hf, _, engine = case
+    ids = prompt_ids(engine)
+    ours, theirs = prefill_then_decode(engine, ids), hf_logits(hf, ids)
+    assert theirs.std() > 1.5  # far from uniform: a wrong model would not match by chance
+    assert rel_err(ours, theirs) < 1e-3
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+# What each case adds to the plain block, and how to take it away: (config changes, LayerWeights changes).
+WITHOUT = {
+    "qwen2: no biases": ("qwen2", {}, {"bq": None, "bk": None, "bv": None}),
+    "qwen2: adjacent-pair RoPE": ("qwen2", {"arch": "llama"}, {}),
+    "qwen3: no q/k norms": ("qwen3", {}, {"q_norm": None, "k_norm": None}),
+    "qwen3: adjacent-pair RoPE": ("qwen3", {"arch": "llama"}, {}),
+    "mistral-window: no window": ("mistral-window", {"sliding_window": 0}, {}),
+    "mixtral: router weights not renormalised": ("mixtral", {"experts_norm": False}, {}),
+}
+
+
+@pytest.mark.parametrize("without", sorted(WITHOUT))
+def test_each_difference_matters(without, files):
+    """The file run without one of its architecture's additions is far off: the checks have teeth."""
+    name, config_change, layer_change = WITHOUT[without]
+    _, hf, _, engine = files(name)
+    m = engine.model
+    config = dataclasses.replace(m.config, **config_change)
+    layers = [dataclasses.replace(m.layer_range(i, i + 1).layers[0], **layer_change) for i in range(config.n_layers)]
+    r = LayerRange(config, m.backend, 0, layers)
+    ids = prompt_ids(engine)
+    wrong = m.head(r.forward([m.embed(ids)], [r.new_cache()])[0])
+    assert rel_err(wrong, hf_logits(hf, ids)) > 1e-2
+
+
+def prefill_then_decode(engine: Engine, ids: list[int], decode: int = 16) -> np.ndarray:
+    """Logits at every position: a prefill, then one token a step (the C pass's few-rows path), so
+    the last positions read keys past the sliding window from the cache."""
+    session = Session()
+    steps = [engine.forward(ids[: len(ids) - decode], session)]
+    steps += [engine.forward([token], session) for token in ids[len(ids) - decode :]]
+    return np.concatenate(steps)
+
+
+def test_the_c_backend_matches_transformers_within_its_rounding(case):
+    _, hf, path, _ = case
+    engine = Engine.load(path, "cpu")
+    fused = engine.model.layer_range(0, engine.model.config.n_layers).fused
+    assert (fused is None) == (engine.model.config.n_experts > 0)  # one C pass, or with experts per operation
+    ids = prompt_ids(engine)
+    ours, theirs = prefill_then_decode(engine, ids), hf_logits(hf, ids)
+    assert rel_err(ours, theirs) < C_BOUND
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_c_backend_on_quantized_blocks_matches_the_reference(name, tokenizer_dir, tmp_path_factory):
+    """On a Q8_0 file the C pass reads the blocks in place (int8 dot products); the NumPy reference
+    dequantizes the same blocks: what is left is the C backend's own rounding."""
+    _, path = build(name, tokenizer_dir, tmp_path_factory.mktemp(f"q8-{name}"), "q8_0")
+    reference, engine = Engine.load(path, "numpy"), Engine.load(path, "cpu")
+    ids = prompt_ids(engine)
+    ours, want = prefill_then_decode(engine, ids), reference.forward(ids, Session())
+    assert rel_err(ours, want) < Q8_BOUND
+    assert (ours.argmax(-1) == want.argmax(-1)).mean() > 0.95
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APPLIANCE_HOME", str(tmp_path_factory.mktemp("appliance")))
+        ca = certificate_authority()
+        folder = tmp_path_factory.mktemp("worker")
+        issue_identity(ca, folder, "w1")
+        with worker_process(folder, "100MB") as w:
+            yield w
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral-window", "qwen3moe"])
+def test_split_over_a_worker_gives_all_local_hidden_states(name, tokenizer_dir, tmp_path_factory, worker):
+    """A budget that holds the embedding, the head and one layer: the second layer runs on the worker,
+    which builds it from the tensors pushed to it by the architecture's map."""
+    _, path = build(name, tokenizer_dir, tmp_path_factory.mktemp(f"split-{name}"))
+    local = Engine.load(path, "numpy")
+    costs = layer_costs(local.model)
+    budget = local.model.fixed_nbytes + costs[0] + costs[1] // 2
+    split = load_engine(path, "numpy", f"{budget}B", [worker.address])
+    try:
+        assert split.offload.first_remote_layer == 1
+        ids = prompt_ids(local)
+        remote, here = Session(), Session()
+        assert_close(split.hidden_states(ids, remote), local.hidden_states(ids, here))
+        for token in (42, 1337, 7):  # then one token per message, through the worker's KV cache
+            assert_close(split.hidden_states([token], remote), local.hidden_states([token], here))
+    finally:
+        split.offload.close()
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float = 1e-5) -> None:
+    assert actual.shape == expected.shape
+    error = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert error <= tolerance, f"relative error {error:.2e} > {tolerance:.0e}"
+
+
+def test_served_logits_match_transformers(tokenizer_dir, tmp_path_factory):
+    """KServe `NAME-logits` of a Qwen3 file through a real `appliance serve`, by the real tritonclient."""
+    hf, path = build("qwen3", tokenizer_dir, tmp_path_factory.mktemp("served"))
+    ids = prompt_ids(Engine.load(path, "numpy"))
+    with running_server("--model", str(path), "--backend", "numpy", "--no-advertise", "--no-discover") as s:
+        client = httpclient.InferenceServerClient(s.url.removeprefix("http://"), network_timeout=120)
+        t = httpclient.InferInput("input_ids", [len(ids)], "INT64")
+        t.set_data_from_numpy(np.array(ids, dtype=np.int64))
+        r = client.infer(f"{path.stem}-logits", [t], headers={"authorization": "Bearer test-key"})
+    assert rel_err(r.as_numpy("logits"), hf_logits(hf, ids)[-1]) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "arch, config, message",
+    [
+        ("Qwen2Moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}, "'qwen2moe'"),
+    ],
+)
+def test_a_model_we_do_not_run_is_refused_at_load(arch, config, message, tokenizer_dir, tmp_path):
+    """Refused when the file is opened, naming what is supported, not at the first request."""
+    hf_models.random_model(tmp_path / "hf", tokenizer_dir, arch, **config)
+    path = hf_models.convert(tmp_path / "hf", tmp_path / "moe.gguf")
+    with pytest.raises(
+        UnsupportedModelError,
+        match=f"{message}.* not supported; supported: {SUPPORTED}",
+    ):
+        Engine.load(path, "numpy")
+
+
+def test_a_missing_or_unknown_layer_tensor_is_named():
+    qwen2, n = ARCHITECTURES[("qwen2", False)], 2
+    names = [f"blk.{i}.{suffix}" for i in range(n) for suffix in qwen2.tensors.values()]
+    check_layout(qwen2, n, names)
+    with pytest.raises(UnsupportedModelError, match="lacks tensor blk.1.attn_k.bias"):
+        check_layout(qwen2, n, [x for x in names if x != "blk.1.attn_k.bias"])
+    with pytest.raises(UnsupportedModelError, match="tensor blk.0.attn_q_norm.weight: this tensor is not supported"):
+        check_layout(qwen2, n, [*names, "blk.0.attn_q_norm.weight"])
+
+
+def test_only_the_chosen_experts_are_read(tokenizer_dir, tmp_path_factory):
+    """On a Q8_0 file the C backend keeps each expert's blocks in place, and a decode step reads the k
+    experts its router picks, not all of them."""
+    from kernels.cpu_backend import NativeExperts
+
+    _, path = build("qwen3moe", tokenizer_dir, tmp_path_factory.mktemp("q8-experts"), "q8_0")
+    engine = Engine.load(path, "cpu")
+    m, read = engine.model, []
+    layers = m.layer_range(0, m.config.n_layers).layers
+    stored = m.file.tensors["blk.0.ffn_up_exps.weight"].raw
+    assert isinstance(layers[0].w_up_exps, NativeExperts) and np.shares_memory(layers[0].w_up_exps[3].raw, stored)
+
+    class Recording:
+        def __init__(self, experts):
+            self.experts = experts
+
+        def __getitem__(self, e: int):
+            read.append(int(e))
+            return self.experts[e]
+
+    for layer in layers:
+        layer.w_up_exps = Recording(layer.w_up_exps)
+    session = Session()
+    engine.forward(prompt_ids(engine)[:8], session)
+    read.clear()
+    engine.forward([42], session)  # one token: k = 2 experts in each of the 2 layers
+    assert len(read) == m.config.n_layers * m.config.n_experts_used
+
+
+def test_the_supported_table_has_every_architecture_and_backend():
+    from kernels.cpu_backend import FUSED_FEATURES
+
+    table = markdown_table({"cpu": FUSED_FEATURES})
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == [spec.label for spec in ARCHITECTURES.values()]
+    assert "`numpy`" in table and "`cpu`" in table
+
+
+def main() -> None:
+    """Each case's relative error against transformers per backend, and the C backend's against the
+    reference on a Q8_0 file (the figures C_BOUND and Q8_BOUND rest on)."""
+    import tempfile
+
+    from models.store import ModelStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tokenizer_folder(ModelStore().get(), Path(tmp) / "tokenizer")
+        for name in sys.argv[1:] or sorted(CASES):
+            hf, path = build(name, tok, Path(tmp) / name)
+            for backend in ("numpy", "cpu"):
+                engine = Engine.load(path, backend)
+                ids = prompt_ids(engine)
+                ours, theirs = engine.forward(ids, Session()), hf_logits(hf, ids)
+                fused = engine.model.layer_range(0, engine.model.config.n_layers).fused is not None
+                same = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+                print(
+                    f"{name:15} {backend:6} {'fused' if fused else 'per-op':7} f32 vs transformers: "
+                    f"relative error {rel_err(ours, theirs):.1e}  argmax equal {same:.0%}"
+                )
+            _, path = build(name, tok, Path(tmp) / f"{name}-q8", "q8_0")
+            ids = prompt_ids(Engine.load(path, "numpy"))
+            engine = Engine.load(path, "cpu")
+            fused = engine.model.layer_range(0, engine.model.config.n_layers).fused is not None
+            ours = prefill_then_decode(engine, ids)
+            want = Engine.load(path, "numpy").forward(ids, Session())
+            same = (ours.argmax(-1) == want.argmax(-1)).mean()
+            print(
+                f"{name:15} cpu    {'fused' if fused else 'per-op':7} q8_0 vs the reference: "
+                f"relative error {rel_err(ours, want):.1e}  argmax equal {same:.0%}"
+            )
+
+
+if __name__ == "__main__":
+    main()
