@@ -616,8 +616,6 @@ def test_an_unknown_tokenizer_model_is_refused():
 def test_a_model_file_with_the_vocabulary_generates(family):
     """The whole path: prompt ids as the file says, streamed pieces that add up to the text, and a
     continuation that reads on from the prompt (SentencePiece's `▁` becomes the space it is)."""
-    if family.meta["general.architecture"] not in ("llama",):
-        pytest.skip(f"architecture {family.meta['general.architecture']!r} is not one the engine runs yet")
     engine = Engine.load(family.path, backend="numpy")
     prompt = "The capital of France is"
     ids = engine.prompt_ids(prompt)
