@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
-from appliance.bench.netsim import worker_process
 
 from appliance.startup import load_engine
+from appliance.testbed.netsim import worker_process
 from models.arch import ARCHITECTURES, check_layout, markdown_table
 from models.engine import Engine
 from models.errors import UnsupportedModelError
