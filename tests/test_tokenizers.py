@@ -38,9 +38,6 @@ from models.errors import UnsupportedModelError
 from models.tokenizer import Tokenizer
 from tests import hf_models
 
-pytest.importorskip("transformers")
-pytest.importorskip("sentencepiece")
-
 LLAMA2_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
     "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
@@ -459,15 +456,33 @@ def byte_level_family(tmp: Path, pre: str) -> Family:
     return Family(pre, meta, PreTrainedTokenizerFast.from_pretrained(tok_dir))
 
 
-FAMILIES = ["spm-bpe", "spm-unigram", *BPE_FAMILIES]
+SPM_FAMILIES = ["spm-bpe", "spm-unigram"]
+FAMILIES = [*SPM_FAMILIES, *BPE_FAMILIES]
+_made: dict[str, Family] = {}
+
+
+def _family(name: str, tmp_path_factory) -> Family:
+    """Each family's files are made once for the module, whichever fixture asks first."""
+    if name not in _made:
+        tmp = tmp_path_factory.mktemp(name)
+        made = sentencepiece_family(tmp, name.removeprefix("spm-")) if name in SPM_FAMILIES else None
+        _made[name] = made or byte_level_family(tmp, name)
+    return _made[name]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory) -> Family:
-    tmp = tmp_path_factory.mktemp(request.param)
-    if request.param.startswith("spm-"):
-        return sentencepiece_family(tmp, request.param.removeprefix("spm-"))
-    return byte_level_family(tmp, request.param)
+    return _family(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=SPM_FAMILIES)
+def spm_family(request, tmp_path_factory) -> Family:
+    return _family(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=list(BPE_FAMILIES))
+def bpe_family(request, tmp_path_factory) -> Family:
+    return _family(request.param, tmp_path_factory)
 
 
 def test_the_file_is_what_the_converter_writes_for_the_family(family):
@@ -508,13 +523,11 @@ def test_special_tokens_in_text_are_their_ids(family, parts):
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_the_split_is_the_family_s(family, text):
+def test_the_split_is_the_family_s(bpe_family, text):
     """The pre-tokenizer alone, vocabulary aside: a vocabulary trained on one split often gives the
     same ids under a coarser one, so the ids alone would not show a wrong split."""
-    if family.name.startswith("spm-"):
-        pytest.skip("SentencePiece vocabularies are not split")
-    theirs = family.hf.backend_tokenizer
-    ours = family.ours._backend
+    theirs = bpe_family.hf.backend_tokenizer
+    ours = bpe_family.ours._backend
     normalized = theirs.normalizer.normalize_str(text) if theirs.normalizer else text
     assert (ours.normalizer.normalize_str(text) if ours.normalizer else text) == normalized
     assert ours.pre_tokenizer.pre_tokenize_str(normalized) == theirs.pre_tokenizer.pre_tokenize_str(normalized)
@@ -537,15 +550,14 @@ def test_bos_and_eos_as_the_file_says(family):
     assert ours.encode("Hello world", add_bos=True, add_eos=True)[-1] == ours.eos_id
 
 
-def test_sentencepiece_and_transformers_agree_given_the_space_prefix(family):
+def test_sentencepiece_and_transformers_agree_given_the_space_prefix(spm_family):
     """What makes SentencePiece's own encoder and transformers' one reference (spm-bpe) or the other (spm-unigram)."""
+    family = spm_family
     if family.name == "spm-bpe":
         for text in TEXTS:
             assert family.stretch(text) == with_space_prefix(family.hf)(text) if text else True
-    elif family.name == "spm-unigram":  # its likeliest pieces are not always what merging by score finds
+    else:  # unigram: its likeliest pieces are not always what merging by score finds
         assert any(family.sp.encode(t) != family.ours.encode(t, add_bos=False, add_eos=False) for t in TEXTS)
-    else:
-        pytest.skip("a byte-level BPE vocabulary")
 
 
 @pytest.mark.parametrize("text", [t for t in TEXTS if t])
@@ -580,17 +592,14 @@ def test_chat_template_renders_as_transformers(family, messages):
     assert ours == family.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def test_an_unknown_pre_tokenizer_is_refused_naming_the_supported_ones(family):
-    if family.name.startswith("spm-"):
-        pytest.skip("SentencePiece vocabularies have no pre-tokenizer")
+def test_an_unknown_pre_tokenizer_is_refused_naming_the_supported_ones(bpe_family):
     with pytest.raises(UnsupportedModelError, match=r"pre-tokenizer 'jais' is not supported; supported: .*qwen2"):
-        Tokenizer({**family.meta, "tokenizer.ggml.pre": "jais"})
+        Tokenizer({**bpe_family.meta, "tokenizer.ggml.pre": "jais"})
 
 
-def test_the_space_prefix_as_the_file_says(family):
+def test_the_space_prefix_as_the_file_says(spm_family):
     """Gemma's files say `add_space_prefix = false`: no `▁` is put in front, and none taken off."""
-    if not family.name.startswith("spm-"):
-        pytest.skip("byte-level BPE puts no space in front")
+    family = spm_family
     plain = Tokenizer({**family.meta, "tokenizer.ggml.add_space_prefix": False})
     for text in ("Hello world", " Hello", "日本語 🤖", "a  b\n"):
         ids = plain.encode(text, add_bos=False, add_eos=False)
@@ -601,11 +610,9 @@ def test_the_space_prefix_as_the_file_says(family):
         assert plain.decode(ids) == text == plain.decode(ids, continuation=True)
 
 
-def test_a_sentencepiece_vocabulary_that_collapses_whitespace_is_refused(family):
-    if not family.name.startswith("spm-"):
-        pytest.skip("a byte-level BPE vocabulary")
+def test_a_sentencepiece_vocabulary_that_collapses_whitespace_is_refused(spm_family):
     with pytest.raises(UnsupportedModelError, match="collapse whitespace"):
-        Tokenizer({**family.meta, "tokenizer.ggml.remove_extra_whitespaces": True})
+        Tokenizer({**spm_family.meta, "tokenizer.ggml.remove_extra_whitespaces": True})
 
 
 def test_an_unknown_tokenizer_model_is_refused():
@@ -651,13 +658,15 @@ def _as_llama_cpp_reads_it(family, text: str) -> str:
     return text
 
 
-@pytest.mark.parametrize("text", TEXTS)
-def test_ids_and_text_match_llama_cpp(family, llama_cpp_vocab, text):
-    text = _as_llama_cpp_reads_it(family, text)
-    ids = family.ours.encode(text, add_bos=False, add_eos=False)
-    assert ids == llama_cpp_vocab.tokenize(text.encode(), add_bos=False, special=True)
-    # llama.cpp's pieces, as it streams them: SentencePiece's leading `▁` is a space there
-    assert family.ours.decode(ids, continuation=True) == llama_cpp_vocab.detokenize(ids).decode("utf-8", "replace")
+def test_ids_and_text_match_llama_cpp(family, llama_cpp_vocab):
+    """Every fixed string (one test per family: where llama-cpp-python is absent, one skip says so)."""
+    for text in TEXTS:
+        text = _as_llama_cpp_reads_it(family, text)
+        ids = family.ours.encode(text, add_bos=False, add_eos=False)
+        assert ids == llama_cpp_vocab.tokenize(text.encode(), add_bos=False, special=True), text
+        # llama.cpp's pieces, as it streams them: SentencePiece's leading `▁` is a space there
+        pieces = llama_cpp_vocab.detokenize(ids).decode("utf-8", "replace")
+        assert family.ours.decode(ids, continuation=True) == pieces, text
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
