@@ -71,3 +71,13 @@ def test_python_examples(served, marker):
     r = subprocess.run([sys.executable, "-c", program], env=served.env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_the_architecture_table_is_the_registry_s():
+    """README's supported table is what the code's registry renders, so it cannot drift."""
+    from kernels.cpu_backend import FUSED_FEATURES
+    from models.arch import markdown_table
+
+    lines = [line.strip() for line in markdown_table({"cpu": FUSED_FEATURES}).splitlines() if line.strip()]
+    readme = [line.strip() for line in README.read_text().splitlines()]
+    assert all(line in readme for line in lines)
