@@ -166,3 +166,18 @@ def with_metadata(src: Path, out: Path, **keys: int) -> Path:
         writer.write_tensor_data(t.data)
     writer.close()
     return out
+
+
+def hf_logits(hf, ids: list[int]):
+    """transformers' logits [T, vocab] for ids, as NumPy."""
+    import torch
+
+    with torch.inference_mode():
+        return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+def rel_err(a, b) -> float:
+    """Relative L2 error of a against b."""
+    import numpy as np
+
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))

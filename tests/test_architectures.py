@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.http as httpclient
 
 from appliance.startup import load_engine
@@ -27,6 +26,7 @@ from models.llama import LayerRange, Session
 from offload.coordinator import layer_costs
 from offload.pki import certificate_authority, issue_identity
 from tests import hf_models
+from tests.hf_models import hf_logits, rel_err
 from tests.serving import running_server
 
 SUPPORTED = "llama, llama with experts, qwen2, qwen3, qwen3moe"
@@ -100,15 +100,6 @@ def prompt_ids(engine: Engine) -> list[int]:
     ids = engine.tokenizer.encode("The appliance runs large language models at home; " * 12)[:TOKENS]
     assert len(ids) == TOKENS
     return ids
-
-
-def hf_logits(hf, ids: list[int]) -> np.ndarray:
-    with torch.inference_mode():
-        return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_the_file_is_read_as_its_architecture(case):

@@ -10,7 +10,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.http as httpclient
 
 from appliance.startup import load_engine
@@ -21,6 +20,7 @@ from models.llama import Llama, LlamaConfig, Session
 from offload.coordinator import layer_costs
 from offload.pki import issue_identity
 from tests import hf_models
+from tests.hf_models import hf_logits, rel_err
 from tests.serving import running_server
 
 SCALINGS = {
@@ -56,15 +56,6 @@ def scaled(request, tokenizer_dir, tmp_path_factory):
 def prompt_ids(engine: Engine) -> list[int]:
     text = "The appliance runs large language models at home; " * 40
     return engine.tokenizer.encode(text)[:TOKENS]
-
-
-def hf_logits(hf, ids: list[int]) -> np.ndarray:
-    with torch.inference_mode():
-        return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_the_file_declares_the_scaling_and_we_read_it(scaled):
