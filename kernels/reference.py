@@ -53,12 +53,15 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int = 0) -> np.ndarray:
+def attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int = 0, softcap: float = 0.0
+) -> np.ndarray:
     """Causal grouped-query attention of T new queries over S = start + T cached keys.
 
     q: [T, H, E]; k, v: [S, G, E], H a multiple of G (each key head serves H/G query heads).
     Query t sits at position start + t and sees keys 0 .. start + t, or with a sliding window only
-    the last `window` of them (Mistral's). Returns [T, H, E].
+    the last `window` of them (Mistral's). With `softcap` c, each score s is c·tanh(s/c) (Gemma 2).
+    Returns [T, H, E].
     """
     T, H, E = q.shape
     S, G, _ = k.shape
@@ -66,6 +69,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
     qg = q.reshape(T, G, group, E).transpose(1, 2, 0, 3)  # [G, group, T, E]
     kg, vg = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [G, S, E]
     scores = qg @ kg[:, None].swapaxes(-1, -2) / math.sqrt(E)  # [G, group, T, S]
+    if softcap:
+        scores = softcap * np.tanh(scores / softcap)
     behind = (start + np.arange(T))[:, None] - np.arange(S)[None, :]  # query position - key position
     visible = (behind >= 0) & ((behind < window) if window else True)
     scores = np.where(visible, scores, -np.inf)
@@ -75,6 +80,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU in its tanh form (Gemma's `gelu_pytorch_tanh`)."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:

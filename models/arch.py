@@ -1,10 +1,12 @@
 """The architectures the decoder runs, as data: what each one adds to the one Llama block.
 
 Every architecture here is the same pre-norm block (models/llama.py); they differ in a few switches:
-biases on the q/k/v projections (Qwen2), an RMSNorm over each q and k head before RoPE (Qwen3), which
-pairs RoPE turns (GGUF keeps Llama's q/k permuted for adjacent pairs; Qwen's rotate the two halves of
-a head), a mixture of experts in place of the one MLP (Mixtral, Qwen3-MoE), and a sliding attention
-window where the file declares one. A file is checked against its
+biases on the q/k/v projections (Qwen2), an RMSNorm over each q and k head before RoPE (Qwen3, Gemma 3),
+which pairs RoPE turns (GGUF keeps Llama's q/k permuted for adjacent pairs; Qwen's, Gemma's and Phi's
+rotate the two halves of a head), a mixture of experts in place of the one MLP (Mixtral, Qwen3-MoE), a
+sliding attention window where the file declares one (on every layer, or on Gemma's local layers between
+its global ones), Gemma's norm after attention and after the MLP, its GELU MLP and its embeddings scaled
+by sqrt(width), and Phi-3's q/k/v and gate/up stored as one matrix each. A file is checked against its
 architecture's tensors when it is opened, so a layout we do not run is refused at load, by name.
 """
 
@@ -38,8 +40,19 @@ EXPERT_TENSORS = {
     "w_up_exps": "ffn_up_exps.weight",
     "w_down_exps": "ffn_down_exps.weight",
 }
+# Gemma's sandwich: each block's output RMS-normed again before it joins the residual stream.
+POST_NORM_TENSORS = {"attn_post_norm": "post_attention_norm.weight", "ffn_post_norm": "post_ffw_norm.weight"}
+# Phi-3 stores [Wq; Wk; Wv] as one matrix, and [W1; W3] (gate then up) as ffn_up.
+FUSED_TENSORS = {"wqkv": "attn_qkv.weight", "w_gate_up": "ffn_up.weight"}
 MLP_TENSORS = ("w_gate", "w_up", "w_down")
-LAYER_TENSORS = {**BASE_TENSORS, **BIAS_TENSORS, **QK_NORM_TENSORS, **EXPERT_TENSORS}  # every field any reads
+LAYER_TENSORS = {  # every field any architecture reads
+    **BASE_TENSORS,
+    **BIAS_TENSORS,
+    **QK_NORM_TENSORS,
+    **EXPERT_TENSORS,
+    **POST_NORM_TENSORS,
+    **FUSED_TENSORS,
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,11 @@ class ArchSpec:
     qk_norm: bool = False
     rope_halves: bool = False  # rotate (x[i], x[i + E/2]) ("NeoX"), not adjacent pairs
     experts: bool = False  # a routed mixture of experts (the file's {arch}.expert_count) for the MLP
+    post_norms: bool = False  # Gemma: RMSNorm the attention's and the MLP's output before the residual add
+    gelu: bool = False  # Gemma: the MLP is down(gelu(gate) * up), GELU's tanh form, not SiLU
+    embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(width)
+    swa_pattern: int = 0  # Gemma: with a window, every n-th layer is global and the others windowed
+    fused_qkv: bool = False  # Phi-3: one q/k/v matrix and one gate/up matrix
 
     @property
     def label(self) -> str:
@@ -59,12 +77,16 @@ class ArchSpec:
     @property
     def tensors(self) -> dict[str, str]:
         """Every tensor of one layer of this architecture, by LayerWeights field."""
-        base = {f: t for f, t in BASE_TENSORS.items() if not (self.experts and f in MLP_TENSORS)}
+        dropped = set(MLP_TENSORS) if self.experts else set()
+        if self.fused_qkv:
+            dropped |= {"wq", "wk", "wv", "w_gate", "w_up"}
         return {
-            **base,
+            **{f: t for f, t in BASE_TENSORS.items() if f not in dropped},
             **(BIAS_TENSORS if self.qkv_bias else {}),
             **(QK_NORM_TENSORS if self.qk_norm else {}),
             **(EXPERT_TENSORS if self.experts else {}),
+            **(POST_NORM_TENSORS if self.post_norms else {}),
+            **(FUSED_TENSORS if self.fused_qkv else {}),
         }
 
     @property
@@ -75,6 +97,9 @@ class ArchSpec:
             "qk_norm": self.qk_norm,
             "rope_halves": self.rope_halves,
             "experts": self.experts,
+            "post_norms": self.post_norms,
+            "gelu": self.gelu,
+            "fused_qkv": self.fused_qkv,
         }
         return tuple(f for f, on in switches.items() if on)
 
@@ -88,6 +113,18 @@ ARCHITECTURES = {
         ArchSpec("qwen2", "Qwen2, Qwen2.5", qkv_bias=True, rope_halves=True),
         ArchSpec("qwen3", "Qwen3 (dense)", qk_norm=True, rope_halves=True),
         ArchSpec("qwen3moe", "Qwen3-MoE (30B-A3B, 235B-A22B)", qk_norm=True, rope_halves=True, experts=True),
+        ArchSpec("gemma2", "Gemma 2", rope_halves=True, post_norms=True, gelu=True, embed_scale=True, swa_pattern=2),
+        ArchSpec(
+            "gemma3",
+            "Gemma 3 (text)",
+            qk_norm=True,
+            rope_halves=True,
+            post_norms=True,
+            gelu=True,
+            embed_scale=True,
+            swa_pattern=6,
+        ),
+        ArchSpec("phi3", "Phi-3, Phi-3.5 mini (4k context)", rope_halves=True, fused_qkv=True),
     )
 }
 ARCH_NAMES = sorted({name for name, _ in ARCHITECTURES})
@@ -147,4 +184,12 @@ def markdown_table(fused: dict[str, frozenset[str]]) -> str:
         lines.append(f"| `{spec.label}` | {spec.models} | {adds} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Each honours `{arch}.attention.sliding_window` where the file declares it.")
+    patterned = ", ".join(f"{s.name} {s.swa_pattern}" for s in ARCHITECTURES.values() if s.swa_pattern)
+    lines.append(
+        f"Gemma also scales embeddings by sqrt(width) and windows all but every n-th layer ({patterned}; Gemma 3's"
+    )
+    lines.append(
+        "windowed layers turn by `rope.freq_base_swa`); Gemma 2 soft-caps attention scores and logits"
+        " (`attn_logit_softcapping`, `final_logit_softcapping`). Phi-3's LongRoPE files (128k) are refused."
+    )
     return "\n".join(lines)

@@ -1,14 +1,15 @@
 """The Llama decoder, as a stack of layer ranges.
 
-    h = embed(ids)                                   # [T, D]
+    h = embed(ids) (· sqrt(D))                       # [T, D]
     for each layer:   q, k, v = Wq·n(h) + bq, Wk·n(h) + bk, Wv·n(h) + bv            n = RMSNorm
                       q, k = rope(nq(q)), rope(nk(k))                               nq, nk per head
-                      h = h + Wo · attn(q, k, v)            (over the last `window` keys if declared)
-                      h = h + W2 · (silu(W1·n(h)) * W3·n(h))       or, with experts (Mixtral, Qwen3-MoE),
+                      h = h + (na)(Wo · attn(q, k, v))      (over the last `window` keys if declared)
+                      h = h + (nf)(W2 · (act(W1·n(h)) * W3·n(h)))  or, with experts (Mixtral, Qwen3-MoE),
                       h = h + sum over the router's top k experts e of p_e · W2e · (silu(W1e·n(h)) * W3e·n(h))
-    logits = Wout · n(h)
+    logits = softcap(Wout · n(h))
 
-The biases (Qwen2) and the per-head norms (Qwen3) are there only where the architecture has them
+The biases (Qwen2), the per-head norms (Qwen3, Gemma 3), the sqrt(D) embedding scale, the output norms
+na, nf, GELU for act and the soft caps (Gemma) are there only where the architecture has them
 (models/arch.py): one block, its variations as data.
 
 The unit of execution is a layer range [a, b) with its own KV cache per session: the appliance runs
@@ -55,6 +56,11 @@ class LlamaConfig:
     n_experts: int = 0  # a mixture of experts in place of the MLP: how many, and how many each token uses
     n_experts_used: int = 0
     experts_norm: bool = True  # the chosen experts' router weights rescaled to sum to 1
+    swa_pattern: int = 0  # with a window: every n-th layer global, the rest windowed (Gemma); 0: all windowed
+    rope_inv_freq_swa: tuple[float, ...] = ()  # the windowed layers' own RoPE schedule (Gemma 3); (): the same
+    query_scale: float = 0.0  # the attention scores' scale; 0: 1/sqrt(E)
+    attn_softcap: float = 0.0  # Gemma 2: scores s -> c·tanh(s/c); 0: none
+    final_softcap: float = 0.0  # Gemma 2: logits likewise
 
     @property
     def spec(self) -> ArchSpec:
@@ -63,7 +69,19 @@ class LlamaConfig:
     @property
     def features(self) -> tuple[str, ...]:
         """What this model adds to the plain Llama block: what a fused backend pass must support."""
-        return (*self.spec.features, *(("sliding_window",) if self.sliding_window else ()))
+        extra = {
+            "sliding_window": self.sliding_window > 0,
+            "swa_pattern": self.sliding_window > 0 and self.swa_pattern > 0,
+            "local_rope": bool(self.rope_inv_freq_swa),
+            "query_scale": self.query_scale > 0,
+            "attn_softcap": self.attn_softcap > 0,
+        }
+        return (*self.spec.features, *(f for f, on in extra.items() if on))
+
+    def window(self, layer: int) -> int:
+        """The keys layer `layer` attends over (0: all): with a pattern, every n-th layer is global."""
+        p = self.swa_pattern
+        return 0 if p and layer % p == p - 1 else self.sliding_window
 
     @property
     def inv_freq(self) -> np.ndarray:
@@ -78,12 +96,14 @@ class LlamaConfig:
     @classmethod
     def from_json(cls, text: str) -> LlamaConfig:
         fields_ = json.loads(text)
-        return cls(**{**fields_, "rope_inv_freq": tuple(fields_.get("rope_inv_freq", ()))})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields_.items()})
 
     @classmethod
     def from_file(cls, file: GGUFModelFile) -> LlamaConfig:
         """The config of a model file: its metadata, and Llama 3.1+'s per-pair RoPE factors where it has
         them; a file whose layers are not its architecture's tensors is refused here, at load."""
+        if "rope_factors_long.weight" in file.tensors:
+            raise UnsupportedModelError("LongRoPE (rope_factors_long.weight, Phi-3 128k) is not supported")
         t = file.tensors.get("rope_freqs.weight")
         config = cls.from_metadata(file.metadata, None if t is None else dequantize(t.raw, t.qtype, t.shape))
         check_layout(config.spec, config.n_layers, file.tensors)
@@ -93,11 +113,12 @@ class LlamaConfig:
     def from_metadata(cls, meta: dict[str, Any], rope_freq_factors: np.ndarray | None = None) -> LlamaConfig:
         arch = meta["general.architecture"]
         n_experts = int(meta.get(f"{arch}.expert_count") or 0)
-        spec_of(arch, n_experts > 0)  # an architecture we do not run is refused before any of its keys is read
+        spec = spec_of(arch, n_experts > 0)  # an architecture we do not run is refused before any key is read
         if int(meta.get(f"{arch}.expert_gating_func", 1)) != 1:
             raise UnsupportedModelError("expert gating other than softmax is not supported")
-        if meta.get(f"{arch}.attention.sliding_window_pattern") is not None:
-            raise UnsupportedModelError("per-layer sliding-window patterns are not supported")
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern", spec.swa_pattern)
+        if not isinstance(pattern, int) or (pattern and not spec.swa_pattern):
+            raise UnsupportedModelError("per-layer sliding-window patterns are not supported for " + arch)
 
         def get(key: str, default: Any = None) -> Any:
             value = meta.get(f"{arch}.{key}", default)
@@ -111,9 +132,14 @@ class LlamaConfig:
             raise UnsupportedModelError("partial rotary embeddings are not supported")
         theta = float(get("rope.freq_base", 10000.0))
         sched = rope.schedule(meta, head_dim, theta, rope_freq_factors)
+        local_theta = meta.get(f"{arch}.rope.freq_base_swa")  # Gemma 3's local layers: their own base, unscaled
+        local = tuple(rope.plain_inv_freq(float(local_theta), head_dim)) if local_theta is not None else ()
+        n_layers = int(get("block_count"))
+        gemma2 = arch == "gemma2"  # llama.cpp's defaults where a Gemma 2 file leaves them out
+        window = int(meta.get(f"{arch}.attention.sliding_window") or (4096 if gemma2 else 0))
         return cls(
             dim=dim,
-            n_layers=int(get("block_count")),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=int(get("attention.head_count_kv", n_heads)),
             head_dim=head_dim,
@@ -126,21 +152,35 @@ class LlamaConfig:
             rope_attn_factor=sched.attn_factor,
             rope_scaling=sched.kind,
             arch=arch,
-            sliding_window=int(meta.get(f"{arch}.attention.sliding_window") or 0),
+            sliding_window=window,
             n_experts=n_experts,
             n_experts_used=int(get("expert_used_count")) if n_experts else 0,
             experts_norm=bool(meta.get(f"{arch}.expert_weights_norm", True)),  # llama.cpp's default for both
+            swa_pattern=pattern if window else 0,
+            rope_inv_freq_swa=local,
+            query_scale=_query_scale(arch, n_layers, dim, n_heads),
+            attn_softcap=float(meta.get(f"{arch}.attn_logit_softcapping", 50.0 if gemma2 else 0.0)),
+            final_softcap=float(meta.get(f"{arch}.final_logit_softcapping", 30.0 if gemma2 else 0.0)),
         )
+
+
+# The Gemma 27B models scale queries by 1/sqrt(D/H), not 1/sqrt(E); no key says so: llama.cpp (after
+# gemma_pytorch's config) knows them by their layer count, and so do we.
+_WIDE_QUERY_SCALE = {("gemma2", 46), ("gemma3", 62)}
+
+
+def _query_scale(arch: str, n_layers: int, dim: int, n_heads: int) -> float:
+    return 1 / np.sqrt(dim / n_heads) if (arch, n_layers) in _WIDE_QUERY_SCALE else 0.0
 
 
 @dataclass
 class LayerWeights:
     attn_norm: Any
-    wq: Any
-    wk: Any
-    wv: Any
     wo: Any
     ffn_norm: Any
+    wq: Any = None  # None only where wqkv holds them (Phi-3)
+    wk: Any = None
+    wv: Any = None
     w_gate: Any = None  # the MLP, or with experts a router [n_experts, D] and each matrix per expert
     w_up: Any = None
     w_down: Any = None
@@ -154,6 +194,10 @@ class LayerWeights:
     bv: Any = None
     q_norm: Any = None
     k_norm: Any = None
+    attn_post_norm: Any = None  # Gemma: the attention's and the MLP's outputs normed again
+    ffn_post_norm: Any = None
+    wqkv: Any = None  # Phi-3: [Wq; Wk; Wv] and [W1; W3] as one matrix each, in place of wq, wk, wv, w_gate, w_up
+    w_gate_up: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -262,6 +306,7 @@ class LayerRange:
         self.config, self.backend = config, backend
         self.start, self.stop = start, start + len(layers)
         self.layers = layers
+        self.windows = [config.window(start + i) for i in range(len(layers))]
         fuse = getattr(backend, "fused_range", None)
         self.fused = fuse(config, layers) if fuse else None
 
@@ -278,7 +323,7 @@ class LayerRange:
         weights for the whole batch); only attention is per sequence, over its own cache.
         """
         c, ops = self.config, self.backend
-        H, G, E = c.n_heads, c.n_kv_heads, c.head_dim
+        H, E = c.n_heads, c.head_dim
         sizes = [x.shape[0] for x in xs]
         starts = [cache.length for cache in caches]
         for cache, n in zip(caches, sizes, strict=True):
@@ -295,31 +340,67 @@ class LayerRange:
                 cache.advance(n)
             return [x[row] for row in rows]
         T, halves = x.shape[0], c.spec.rope_halves
+        local = ops.rope_tables(positions, c.rope_inv_freq_swa, c.rope_attn_factor) if c.rope_inv_freq_swa else None
+        # A query scale other than 1/sqrt(E) is folded into q, so every backend's attention serves.
+        q_mult = c.query_scale * np.sqrt(E) if c.query_scale else 1.0
         for i, L in enumerate(self.layers):
+            window = self.windows[i]
+            rc, rs = local if local is not None and window else (cos, sin)
             h = ops.rmsnorm(x, L.attn_norm, c.norm_eps)
-            q = ops.rope(self._heads(h, L.wq, L.bq, L.q_norm, H), cos, sin, halves=halves)
-            k = ops.rope(self._heads(h, L.wk, L.bk, L.k_norm, G), cos, sin, halves=halves)
-            v = self._heads(h, L.wv, L.bv, None, G)
+            q, k, v = self._qkv(h, L)
+            q = ops.rope(q, rc, rs, halves=halves) * q_mult
+            k = ops.rope(k, rc, rs, halves=halves)
             attended = []
             for row, cache, start in zip(rows, caches, starts, strict=True):
                 keys, values = cache.store(i, k[row], v[row])
-                attended.append(ops.attention(q[row], keys, values, start, c.sliding_window))
-            x = x + ops.linear(np.concatenate(attended).reshape(T, H * E), L.wo)
+                attended.append(ops.attention(q[row], keys, values, start, window, c.attn_softcap))
+            x = x + self._post_norm(ops.linear(np.concatenate(attended).reshape(T, H * E), L.wo), L.attn_post_norm)
             h = ops.rmsnorm(x, L.ffn_norm, c.norm_eps)
-            x = x + (ops.swiglu(h, L.w_gate, L.w_up, L.w_down) if L.router is None else self._experts(h, L))
+            x = x + self._post_norm(self._mlp(h, L) if L.router is None else self._experts(h, L), L.ffn_post_norm)
         for cache, n in zip(caches, sizes, strict=True):
             cache.advance(n)
         return [x[row] for row in rows]
 
-    def _heads(self, h: np.ndarray, w: Any, bias: Any, norm: Any, n_heads: int) -> np.ndarray:
-        """h's projection split into heads [T, n_heads, E], plus its bias and each head RMS-normed where
-        the architecture has them (Qwen2's biases, Qwen3's q/k norms)."""
-        ops, c = self.backend, self.config
-        y = ops.linear(h, w)
+    def _qkv(self, h: np.ndarray, L: LayerWeights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """q [T, H, E], k and v [T, G, E]: three projections, or Phi-3's one split in three."""
+        c = self.config
+        if L.wqkv is None:
+            return (
+                self._heads(self.backend.linear(h, L.wq), L.bq, L.q_norm, c.n_heads),
+                self._heads(self.backend.linear(h, L.wk), L.bk, L.k_norm, c.n_kv_heads),
+                self._heads(self.backend.linear(h, L.wv), L.bv, None, c.n_kv_heads),
+            )
+        q, k, v = np.split(self.backend.linear(h, L.wqkv), np.cumsum([c.n_heads, c.n_kv_heads]) * c.head_dim, axis=-1)
+        return (
+            self._heads(q, None, None, c.n_heads),
+            self._heads(k, None, None, c.n_kv_heads),
+            self._heads(v, None, None, c.n_kv_heads),
+        )
+
+    def _heads(self, y: np.ndarray, bias: Any, norm: Any, n_heads: int) -> np.ndarray:
+        """A projection split into heads [T, n_heads, E], plus its bias and each head RMS-normed where
+        the architecture has them (Qwen2's biases, Qwen3's and Gemma 3's q/k norms)."""
+        c = self.config
         if bias is not None:
             y = y + bias
-        y = y.reshape(h.shape[0], n_heads, c.head_dim)
-        return y if norm is None else ops.rmsnorm(y, norm, c.norm_eps)
+        y = y.reshape(y.shape[0], n_heads, c.head_dim)
+        return y if norm is None else self.backend.rmsnorm(y, norm, c.norm_eps)
+
+    def _mlp(self, h: np.ndarray, L: LayerWeights) -> np.ndarray:
+        """down(act(W1·h) * W3·h): SiLU (the backend's fused swiglu), or Gemma's GELU; Phi-3's W1 and W3
+        are the two halves of one matrix's output."""
+        ops = self.backend
+        if L.w_gate_up is None and not self.config.spec.gelu:
+            return ops.swiglu(h, L.w_gate, L.w_up, L.w_down)
+        if L.w_gate_up is None:
+            gate, up = ops.linear(h, L.w_gate), ops.linear(h, L.w_up)
+        else:
+            gate, up = np.split(ops.linear(h, L.w_gate_up), 2, axis=-1)
+        act = reference.gelu_tanh if self.config.spec.gelu else reference.silu
+        return ops.linear(act(gate) * up, L.w_down)
+
+    def _post_norm(self, y: np.ndarray, norm: Any) -> np.ndarray:
+        return y if norm is None else self.backend.rmsnorm(y, norm, self.config.norm_eps)
 
     def _experts(self, h: np.ndarray, L: LayerWeights) -> np.ndarray:
         """Each token through the k experts its router scores highest, weighted by the router's softmax
@@ -399,7 +480,8 @@ class Llama:
         if ids.size == 0 or ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must be non-empty and in [0, {self.config.vocab_size})")
         t = self.token_embd
-        return dequantize(t.raw[ids], t.qtype, (ids.size, t.shape[1]))
+        x = dequantize(t.raw[ids], t.qtype, (ids.size, t.shape[1]))
+        return x * np.float32(np.sqrt(self.config.dim)) if self.config.spec.embed_scale else x
 
     def run_layers(self, layers: tuple[int, int], hidden: np.ndarray, session: Session) -> np.ndarray:
         """Run hidden states through layers [a, b) using (and extending) the session's cache for them."""
@@ -421,5 +503,7 @@ class Llama:
         return self.backend.rmsnorm(hidden, self.output_norm, self.config.norm_eps)
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
-        """Logits [T, vocab] from the last layer's hidden states."""
-        return self.backend.linear(self.final_norm(hidden), self.lm_head)
+        """Logits [T, vocab] from the last layer's hidden states (soft-capped where the model says: Gemma 2)."""
+        logits = self.backend.linear(self.final_norm(hidden), self.lm_head)
+        cap = self.config.final_softcap
+        return logits if not cap else (cap * np.tanh(logits / cap)).astype(np.float32)

@@ -45,6 +45,30 @@ def save_smollm2_tokenizer(model_path: Path, folder: Path) -> Path:
     return folder
 
 
+def sentencepiece_tokenizer(folder: Path) -> Path:
+    """A small SentencePiece BPE vocabulary (tokenizer.model, as Gemma 2 and Llama 2 folders have), trained
+    once into `folder` on a few lines of text: what the converter reads for SentencePiece-only models."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    if not (folder / "tokenizer.model").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        text = [f"The appliance runs large language models at home; {i} times the family asks it." for i in range(300)]
+        (folder / "corpus.txt").write_text("\n".join(text))
+        spm.SentencePieceTrainer.train(
+            input=str(folder / "corpus.txt"),
+            model_prefix=str(folder / "tokenizer"),
+            model_type="bpe",
+            vocab_size=300,
+            byte_fallback=True,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+        (folder / "corpus.txt").unlink()
+        LlamaTokenizer.from_pretrained(folder).save_pretrained(folder)
+    return folder
+
+
 def scale_like_trained(model, seed: int = 0) -> None:
     """Weights of unit-variance outputs: N(0, 1/fan_in) matrices, N(0, 1) embeddings, norms near 1."""
     import torch
@@ -60,9 +84,12 @@ def scale_like_trained(model, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * (2 if "lm_head" in name else 1) / math.sqrt(p.shape[1]))
 
 
-def random_model(folder: Path, tokenizer_dir: Path, arch: str = "Llama", seed: int = 0, **config):
+def random_model(
+    folder: Path, tokenizer_dir: Path, arch: str = "Llama", seed: int = 0, model_class: str | None = None, **config
+):
     """A small random transformers model saved in `folder` (config, safetensors and the tokenizer): the
-    model, in eval mode. arch names the classes, `{arch}Config` and `{arch}ForCausalLM` ("Qwen3Moe")."""
+    model, in eval mode. arch names the classes, `{arch}Config` and `{arch}ForCausalLM` ("Qwen3Moe"), or
+    model_class the second where it is named otherwise (Gemma3TextConfig, Gemma3ForCausalLM)."""
     import torch
     import transformers
 
@@ -82,7 +109,7 @@ def random_model(folder: Path, tokenizer_dir: Path, arch: str = "Llama", seed: i
     )
     cfg = getattr(transformers, f"{arch}Config")(**{**defaults, **config})
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).to(torch.float32)
+    model = getattr(transformers, model_class or f"{arch}ForCausalLM")(cfg).to(torch.float32)
     scale_like_trained(model, seed)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -1,8 +1,8 @@
 """The architectures of models/arch.py (Mistral with and without a declared sliding window, Qwen2, Qwen3,
-Mixtral, Qwen3-MoE), each checked against transformers on a file written by llama.cpp's own converter
-(random weights scaled like a trained model's, SmolLM2's tokenizer), on both backends, split over a
-real worker process, and through a real `appliance serve`; and what we do not run is refused at load,
-by name.
+Mixtral, Qwen3-MoE, Gemma 2, Gemma 3, Phi-3), each checked against transformers on a file written by
+llama.cpp's own converter (random weights scaled like a trained model's, SmolLM2's tokenizer, or for
+Gemma 2 and Phi-3 a SentencePiece one), on both backends, split over a real worker process, and
+through a real `appliance serve`; and what we do not run is refused at load, by name.
 
 `python -m tests.test_architectures [CASE...]` prints each file's error against transformers per backend.
 """
@@ -29,7 +29,7 @@ from tests import hf_models
 from tests.hf_models import hf_logits, rel_err
 from tests.serving import running_server
 
-SUPPORTED = "llama, llama with experts, qwen2, qwen3, qwen3moe"
+SUPPORTED = "llama, llama with experts, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3"
 WINDOW = 16  # keys a query sees in the sliding-window case: well under the prompt's length
 TOKENS = 64
 
@@ -47,8 +47,35 @@ CASES = {
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True},
         {},
     ),
+    # Gemma: query_pre_attn_scalar = head_dim, as in every Gemma but the 27B (whose scale llama.cpp knows
+    # by its layer count); the converter drops lm_head, so the embeddings are tied. Gemma 2 alternates
+    # windowed and global layers, Gemma 3 has five windowed per global one, with their own RoPE base.
+    "gemma2": (
+        "Gemma2",
+        {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": WINDOW, "tie_word_embeddings": True}
+        | {"rope_theta": 10000.0}  # what llama.cpp assumes: the converter writes no Gemma 2 RoPE base
+        | {"attn_logit_softcapping": 5.0},  # a cap these scores reach (Gemma 2 trained scores reach its 50)
+        {},
+    ),
+    "gemma3": (
+        "Gemma3Text",
+        {
+            "model_class": "Gemma3ForCausalLM",
+            "num_hidden_layers": 6,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": WINDOW,
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},  # Gemma 3 4B's, on its global layers
+        },
+        {},
+    ),
+    "phi3": ("Phi3", {"pad_token_id": 0}, {}),
 }
-ARCH_OF = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3moe"}  # the rest are llama
+ARCH_OF = {name: name for name in ("qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")}  # the rest: llama
+SENTENCEPIECE = {"gemma2", "phi3"}  # the converter reads their vocabularies from tokenizer.model only
+WINDOWED = {"mistral-window", "gemma2", "gemma3"}
 # The C backend's rounding, measured by `python -m tests.test_architectures`: on these float32 files
 # (multiplied in float32; the fused pass's float16 KV cache) at most 1.8e-4 relative against
 # transformers (3e-7 on the per-operation path the mixtures of experts take); on Q8_0 files, where
@@ -65,6 +92,8 @@ def tokenizer_folder(model_path: Path, folder: Path) -> Path:
 def build(name: str, tokenizer_dir: Path, folder: Path, outtype: str = "f32"):
     """(transformers' model, the converted file) for a case."""
     arch, config, keys = CASES[name]
+    if name in SENTENCEPIECE:
+        tokenizer_dir = hf_models.sentencepiece_tokenizer(tokenizer_dir.parent / "sentencepiece")
     hf = hf_models.random_model(folder / "hf", tokenizer_dir, arch, **config)
     path = hf_models.convert(folder / "hf", folder / f"{name}.{outtype}.gguf", outtype)
     if keys:
@@ -110,10 +139,18 @@ def test_the_file_is_read_as_its_architecture(case):
     assert c.head_dim == (
         getattr(hf.config, "head_dim", None) or hf.config.hidden_size // hf.config.num_attention_heads
     )
-    assert c.sliding_window == (WINDOW if name == "mistral-window" else 0)
+    assert c.sliding_window == (WINDOW if name in WINDOWED else 0)
+    assert [c.window(i) > 0 for i in range(c.n_layers)] == {
+        "gemma2": [True, False],
+        "gemma3": [True] * 5 + [False],
+    }.get(name, [name in WINDOWED] * c.n_layers)
     layer = engine.model.layer_range(0, 1).layers[0]
-    assert (layer.bq is not None) == (name == "qwen2") and (layer.q_norm is not None) == name.startswith("qwen3")
-    assert (layer.router is not None) == (layer.w_gate is None) == (c.n_experts > 0)
+    assert (layer.bq is not None) == (name == "qwen2")
+    assert (layer.q_norm is not None) == (name in ("qwen3", "qwen3moe", "gemma3"))
+    assert (layer.attn_post_norm is not None) == name.startswith("gemma") == (layer.ffn_post_norm is not None)
+    assert (layer.wqkv is not None) == (name == "phi3") == (layer.wq is None)
+    assert (layer.router is not None) == (c.n_experts > 0)
+    assert (layer.w_gate is None) == (c.n_experts > 0 or name == "phi3")
 
 
 def test_numpy_logits_match_transformers_at_every_position(case):
@@ -133,6 +170,12 @@ WITHOUT = {
     "qwen3: adjacent-pair RoPE": ("qwen3", {"arch": "llama"}, {}),
     "mistral-window: no window": ("mistral-window", {"sliding_window": 0}, {}),
     "mixtral: router weights not renormalised": ("mixtral", {"experts_norm": False}, {}),
+    "gemma2: no norms after attention and MLP": ("gemma2", {}, {"attn_post_norm": None, "ffn_post_norm": None}),
+    "gemma2: no window": ("gemma2", {"sliding_window": 0}, {}),
+    "gemma2: no attention soft cap": ("gemma2", {"attn_softcap": 0.0}, {}),
+    "gemma3: every layer windowed": ("gemma3", {"swa_pattern": 0}, {}),
+    "gemma3: windowed layers on the global RoPE": ("gemma3", {"rope_inv_freq_swa": ()}, {}),
+    "phi3: adjacent-pair RoPE": ("phi3", {"arch": "llama"}, {}),
 }
 
 
@@ -162,8 +205,11 @@ def prefill_then_decode(engine: Engine, ids: list[int], decode: int = 16) -> np.
 def test_the_c_backend_matches_transformers_within_its_rounding(case):
     _, hf, path, _ = case
     engine = Engine.load(path, "cpu")
-    fused = engine.model.layer_range(0, engine.model.config.n_layers).fused
-    assert (fused is None) == (engine.model.config.n_experts > 0)  # one C pass, or with experts per operation
+    from kernels.cpu_backend import FUSED_FEATURES
+
+    c = engine.model.config
+    fused = engine.model.layer_range(0, c.n_layers).fused
+    assert (fused is None) == (not set(c.features) <= FUSED_FEATURES)  # one C pass, or per operation
     ids = prompt_ids(engine)
     ours, theirs = prefill_then_decode(engine, ids), hf_logits(hf, ids)
     assert rel_err(ours, theirs) < C_BOUND
@@ -193,12 +239,12 @@ def worker(tmp_path_factory):
             yield w
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral-window", "qwen3moe"])
-def test_split_over_a_worker_gives_all_local_hidden_states(name, tokenizer_dir, tmp_path_factory, worker):
-    """A budget that holds the embedding, the head and one layer: the second layer runs on the worker,
-    which builds it from the tensors pushed to it by the architecture's map."""
-    _, path = build(name, tokenizer_dir, tmp_path_factory.mktemp(f"split-{name}"))
-    local = Engine.load(path, "numpy")
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral-window", "qwen3moe", "gemma3", "phi3"])
+def test_split_over_a_worker_gives_all_local_hidden_states(name, files, worker):
+    """A budget that holds the embedding, the head and one layer: the layers after the first run on the
+    worker, which builds them from the tensors pushed to it by the architecture's map (Gemma 3's global
+    layer, by its index in the model, among them)."""
+    _, _, path, local = files(name)
     costs = layer_costs(local.model)
     budget = local.model.fixed_nbytes + costs[0] + costs[1] // 2
     split = load_engine(path, "numpy", f"{budget}B", [worker.address])
@@ -207,7 +253,7 @@ def test_split_over_a_worker_gives_all_local_hidden_states(name, tokenizer_dir, 
         ids = prompt_ids(local)
         remote, here = Session(), Session()
         assert_close(split.hidden_states(ids, remote), local.hidden_states(ids, here))
-        for token in (42, 1337, 7):  # then one token per message, through the worker's KV cache
+        for token in (42, 137, 7):  # then one token per message, through the worker's KV cache
             assert_close(split.hidden_states([token], remote), local.hidden_states([token], here))
     finally:
         split.offload.close()
@@ -231,20 +277,31 @@ def test_served_logits_match_transformers(tokenizer_dir, tmp_path_factory):
     assert rel_err(r.as_numpy("logits"), hf_logits(hf, ids)[-1]) < 1e-3
 
 
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}  # Phi-3 128k's kind
+
+
 @pytest.mark.parametrize(
     "arch, config, message",
     [
-        ("Qwen2Moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}, "'qwen2moe'"),
+        (
+            "Qwen2Moe",
+            {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+            f"'qwen2moe'.* not supported; supported: {SUPPORTED}",
+        ),
+        (
+            "Phi3",
+            {"pad_token_id": 0, "rope_scaling": LONGROPE, "original_max_position_embeddings": 1024},
+            "LongRoPE .*rope_factors_long.* is not supported",
+        ),
     ],
 )
 def test_a_model_we_do_not_run_is_refused_at_load(arch, config, message, tokenizer_dir, tmp_path):
-    """Refused when the file is opened, naming what is supported, not at the first request."""
+    """Refused when the file is opened, naming what is not run, not at the first request."""
+    if arch == "Phi3":
+        tokenizer_dir = hf_models.sentencepiece_tokenizer(tokenizer_dir.parent / "sentencepiece")
     hf_models.random_model(tmp_path / "hf", tokenizer_dir, arch, **config)
-    path = hf_models.convert(tmp_path / "hf", tmp_path / "moe.gguf")
-    with pytest.raises(
-        UnsupportedModelError,
-        match=f"{message}.* not supported; supported: {SUPPORTED}",
-    ):
+    path = hf_models.convert(tmp_path / "hf", tmp_path / "unsupported.gguf")
+    with pytest.raises(UnsupportedModelError, match=message):
         Engine.load(path, "numpy")
 
 
