@@ -26,6 +26,7 @@ from offload.pki import certificate_authority, issue_identity
 from offload.planner import parse_size
 from offload.worker import start_worker
 from tests.ptx import driver
+from tests.scale import FULL, full_or
 
 # Prompts whose greedy continuations have a top-2 margin of at least 0.09 logits at every step in the
 # reference (8-bit activations move these logits by ~0.02): the tokens must be equal, not nearly.
@@ -146,3 +147,19 @@ def test_the_cache_pool_grows_keeping_what_it_holds_and_a_full_slot_is_a_clear_e
     assert len(r.fused._free) == 6  # 8 slots, less the padding slot and `first`'s
     with pytest.raises(cb.KVCacheFullError, match="do not fit the GPU KV cache of 8 tokens"):
         model.run_layers_batch((0, 2), [model.embed(PROMPTS[1])], [first])
+
+
+def test_gpu_checks_of_the_product_path_pass_on_the_emulated_gpu(gpu, tiny):
+    """`make gpu-check`'s own checks, as far as they run without a GPU: layer 0 (graph-replayed and
+    mat-mat) and greedy text of `--backend cuda` against the reference, on the emulator; and the
+    mirrored kernel tests' run, its subject a second emulated GPU (labelled so in the row)."""
+    from appliance.bench import gpu_check
+
+    gpu_check.ROWS.clear()
+    ref, engine = Engine.load(tiny, "numpy"), Engine.load(tiny, "cuda")
+    gpu_check.check_layer0(ref.model, engine.model)
+    gpu_check.check_greedy(ref, engine, n_new=full_or(TOKENS, 2), prompts=PROMPTS[:1])
+    gpu_check.emulated_kernel_tests("emulated", select=None if FULL else "rmsnorm or silu")
+    assert [r[1] for r in gpu_check.ROWS] == ["PASS"] * 4, gpu_check.ROWS
+    assert gpu_check.ROWS[-1][0] == "emulator's kernel tests, mirrored on the emulated"
+    assert gpu_check.ROWS[-1][2].startswith("33 passed" if FULL else "2 passed")

@@ -36,8 +36,14 @@ def gpu():
 
 @pytest.fixture(scope="module")
 def real_gpu():
-    """With MIRROR_ENV set (`make gpu-check`): this machine's GPU, through the real pycuda."""
-    return cb.Device() if os.environ.get(mirror.MIRROR_ENV) else None
+    """With MIRROR_ENV set (`make gpu-check`): this machine's GPU, through the real pycuda; set to
+    "emulated", a second emulated GPU instead (the mirrored run's path, exercised without a GPU)."""
+    mode = os.environ.get(mirror.MIRROR_ENV)
+    if mode == "emulated":
+        with pytest.MonkeyPatch.context() as mp:
+            driver.install(mp, driver.FakeGpu())
+            return cb.Device()
+    return cb.Device() if mode else None
 
 
 @pytest.fixture

@@ -121,12 +121,13 @@ def greedy(engine, ids: list[int], n_new: int) -> list[int]:
     return gen.token_ids
 
 
-def check_greedy(ref_engine, engine, n_new: int = 24) -> None:
-    """The cuda engine's greedy text (the product path: engine, CudaRange, head) against the reference's."""
+def check_greedy(ref_engine, engine, n_new: int = 24, prompts=PROMPTS) -> None:
+    """The cuda engine's greedy text (the product path: engine, CudaRange, head) against the reference's;
+    prompts: texts, or token id lists."""
     from models.llama import Session
 
-    for prompt in PROMPTS:
-        ids = ref_engine.prompt_ids(prompt)
+    for prompt in prompts:
+        ids = ref_engine.prompt_ids(prompt) if isinstance(prompt, str) else list(prompt)
         got = greedy(engine, ids, n_new)
         session, want, margin_at = Session(), [], None
         logits = ref_engine.next_logits(ids, session)
@@ -138,11 +139,13 @@ def check_greedy(ref_engine, engine, n_new: int = 24) -> None:
                 break
             logits = ref_engine.next_logits([want[-1]], session)
         if margin_at is None:
-            row(f"greedy text: {prompt[:24]!r}", True, f"{n_new} tokens equal the reference's")
+            row(f"greedy text: {str(prompt)[:24]!r}", True, f"{n_new} tokens equal the reference's")
         else:
             step, margin = margin_at
             row(
-                f"greedy text: {prompt[:24]!r}", margin < 0.1, f"differs at token {step}; reference margin {margin:.3f}"
+                f"greedy text: {str(prompt)[:24]!r}",
+                margin < 0.1,
+                f"differs at token {step}; reference margin {margin:.3f}",
             )
 
 
@@ -179,16 +182,18 @@ def bench(engine, label: str, bound_bytes: int, bandwidth: float) -> dict:
     return {"b1": out[1], "b8": out[8], "prefill": prefill}
 
 
-def emulated_kernel_tests() -> None:
+def emulated_kernel_tests(subject: str = "gpu", select: str | None = None) -> None:
     """The emulator's kernel tests (tests/test_cuda_emulated.py) with every launch also on this GPU,
-    same inputs, each result compared (tests/ptx/mirror.py); a difference fails the test it is in."""
+    same inputs, each result compared (tests/ptx/mirror.py); a difference fails the test it is in.
+    subject "emulated" mirrors onto a second emulated GPU (how the suite runs this path without one)."""
     from tests.ptx.mirror import MIRROR_ENV
 
-    env = {**os.environ, MIRROR_ENV: "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, MIRROR_ENV: subject, "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_emulated.py"]
+    cmd += ["-k", select] if select else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
-    row("emulator's kernel tests, mirrored on this GPU", proc.returncode == 0, summary)
+    row(f"emulator's kernel tests, mirrored on the {subject}", proc.returncode == 0, summary)
 
 
 def bench_transformers(path: Path, label: str) -> None:
@@ -267,7 +272,7 @@ def main() -> int:
     dev = Device()
     print(f"device: {dev.name} ({dev.sms} SMs, {'integrated' if dev.integrated else 'discrete'})")
     check_kernels(dev)
-    emulated_kernel_tests()
+    emulated_kernel_tests("gpu")
     ref = Engine.load(model_path, backend="numpy")
     engine = Engine.load(model_path, backend="cuda")  # the product path: what `--backend cuda` serves with
     check_layer0(ref.model, engine.model)
