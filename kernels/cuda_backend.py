@@ -31,6 +31,7 @@ WIDTHS = (1, 2, 4, 8)  # batch widths the mat-vec kernels are built for; a batch
 MAX_WIDTH = WIDTHS[-1]
 Q8_BLOCK_BYTES = 36  # an 8-bit activation block: half2 (d, sum) + 32 x int8
 DECODE_SPLITS = 16  # key stretches per head when decoding (flash-decoding)
+PREFILL_SPLITS = 2  # ... and for a prompt's rows, which are many already
 PREFILL_CHUNK = 512
 HEAD_DIMS = (64, 128)
 # cuMemHostRegister flags: portable, device-mapped, read-only (the file is mapped read-only).
@@ -336,8 +337,9 @@ class CudaRange:
         self.gate, self.up = d.alloc(T * F * f4), d.alloc(T * F * f4)
         self.act_q = d.alloc(T * max(D, H * E, F) // 32 * Q8_BLOCK_BYTES)
         self.hid_q = d.alloc(T * F // 32 * Q8_BLOCK_BYTES)
-        self.part_ml = d.alloc(T * H * DECODE_SPLITS * 2 * f4)
-        self.part_acc = d.alloc(T * H * DECODE_SPLITS * E * f4)
+        parts = max(MAX_WIDTH * DECODE_SPLITS, T * PREFILL_SPLITS)  # (row, key stretch) pairs a step has at most
+        self.part_ml = d.alloc(parts * H * 2 * f4)
+        self.part_acc = d.alloc(parts * H * E * f4)
         self.positions, self.slot_ids = d.alloc(T * 4), d.alloc(T * 4)
         self.inv_freq = d.upload(self.config.inv_freq.astype(np.float64))  # the file's RoPE schedule
 
@@ -393,7 +395,7 @@ class CudaRange:
                 w = L[part]
                 d.matmat(w.fmt, w.ptr, n, D, self.y, rows, self.qkv + 4 * offset, self.qkv_width, False)
                 offset += n
-            self._attention(i, rows, 2)
+            self._attention(i, rows, PREFILL_SPLITS)
             w = L["wo"]
             d.matmat(w.fmt, w.ptr, D, H * E, self.attn, rows, self.x, D, True)
             d.rmsnorm_quant(self.x, L["ffn_norm"], rows, D, self.eps, self.y, 0)
