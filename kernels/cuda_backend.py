@@ -127,6 +127,7 @@ class Device:
         return int(mem)
 
     def free(self, ptr: int) -> None:
+        self.stream.synchronize()  # nothing queued may still read or write it
         self._owned.pop(ptr).free()
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
