@@ -129,17 +129,18 @@ GPU_PY ?= python3
 gpu-carry: $(VENV)/.installed-test
 	rm -rf $(GPU_CARRY) $(GPU_CARRY)-2 && mkdir -p $(GPU_CARRY) $(GPU_CARRY)-2
 	$(BIN)/pip download -q --no-deps --no-binary :all: --no-build-isolation pycuda -d $(GPU_CARRY)
-	$(BIN)/pip download -q --no-deps $(GPU_WHEELS) pytools platformdirs siphash24 mako gguf -d $(GPU_CARRY)
+	$(BIN)/pip download -q --no-deps $(GPU_WHEELS) pytools platformdirs siphash24 mako gguf pytest pluggy iniconfig -d $(GPU_CARRY)
 	$(BIN)/appliance-ctl models fetch --local
 	split -b 50M $$($(BIN)/python -c "from models.store import ModelStore; print(ModelStore().get())") $(GPU_CARRY)/model.part-
 	mv $(GPU_CARRY)/model.part-ab $(GPU_CARRY)-2/
 	du -sh $(GPU_CARRY) $(GPU_CARRY)-2
 
-## gpu-check: on a GPU machine, every GPU check in one table (kernels, greedy text, compute-sanitizer, benchmark)
+## gpu-check: on a GPU machine, every GPU check in one table (kernels, the emulator's kernel tests mirrored on the GPU,
+##   --backend cuda's greedy text, compute-sanitizer, benchmark)
 gpu-check:
 	test -d $(GPU_CARRY)/site || CUDA_ROOT=$$(dirname $$(dirname $$(readlink -f $$(which nvcc)))) \
 		$(GPU_PY) -m pip install -q --no-index --no-build-isolation --find-links $(GPU_CARRY) \
-		--no-deps --target $(GPU_CARRY)/site pycuda pytools platformdirs siphash24 mako gguf
+		--no-deps --target $(GPU_CARRY)/site pycuda pytools platformdirs siphash24 mako gguf pytest pluggy iniconfig
 	cat $(GPU_CARRY)/model.part-* $(GPU_CARRY)-2/model.part-* > $(GPU_CARRY)/model.gguf
 	PYTHONPATH=$$PWD:$$PWD/$(GPU_CARRY)/site PYTHONUNBUFFERED=1 $(GPU_PY) -m appliance.bench.gpu_check \
 		--model $(GPU_CARRY)/model.gguf

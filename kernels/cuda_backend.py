@@ -1,22 +1,20 @@
 """The GPU backend: the fatbin's kernels launched through pycuda, weights and KV caches in device memory.
 
-Never imported where there is no NVIDIA GPU (kernels.backend checks with NVML first). Two levels:
-
-- `GpuModel`: a whole model on one GPU. Weights are uploaded once (on unified-memory machines,
-  Jetson and DGX Spark, the memory-mapped file's pages are registered with the GPU instead:
-  cuMemHostRegister, read-only and device-mapped, so there is no second copy in host memory); the
-  KV caches of `max_batch` sequence slots live on the device; a decode step (embedding, every layer,
-  head and sampling) is captured once per batch width in a CUDA graph and replayed per token, so
-  only token ids cross to the host. `forward_hidden` runs hidden states through a layer range: the
-  range-level entry that offload workers and issue 10's range interface call.
-- `CudaBackend`: today's per-operation Backend protocol (linear and SwiGLU on the GPU, the rest by
-  the NumPy formulas), so that `--backend cuda` works with the engine as it stands.
+Never imported where there is no NVIDIA GPU (kernels.backend checks with NVML first). A range-level
+backend like the C one: `CudaBackend.fused_range` gives models.llama.LayerRange a `CudaRange`, so
+the engine, the scheduler and offload workers use it exactly as they use `--backend cpu`. Weights
+are uploaded once (on unified-memory machines, Jetson and DGX Spark, the memory-mapped file's pages
+are registered with the GPU instead: cuMemHostRegister, read-only and device-mapped, so there is no
+second copy in host memory); each session's KV cache is a slot in device memory (`DeviceKVCache`);
+a range's decode step (every layer, at a batch width of 1/2/4/8) is captured once per width in a
+CUDA graph and replayed per token, so only hidden states cross to the host.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ WIDTHS = (1, 2, 4, 8)  # batch widths the mat-vec kernels are built for; a batch
 MAX_WIDTH = WIDTHS[-1]
 Q8_BLOCK_BYTES = 36  # an 8-bit activation block: half2 (d, sum) + 32 x int8
 DECODE_SPLITS = 16  # key stretches per head when decoding (flash-decoding)
+PREFILL_SPLITS = 2  # ... and for a prompt's rows, which are many already
 PREFILL_CHUNK = 512
 HEAD_DIMS = (64, 128)
 # cuMemHostRegister flags: portable, device-mapped, read-only (the file is mapped read-only).
@@ -104,8 +103,12 @@ class Device:
         self.sms = self.dev.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
         self.module = cuda.module_from_buffer(FATBIN.read_bytes())
         self.stream = cuda.Stream()
+        # One caller at a time: ranges and the head share the stream and their scratch buffers, and an
+        # offload worker runs each session's stream in its own thread.
+        self.lock = threading.RLock()
         self._fns: dict[str, object] = {}
-        self._keep: list[object] = []  # allocations and registrations that must live as long as the device
+        self._keep: list[object] = []  # registrations that must live as long as the device
+        self._owned: dict[int, object] = {}  # allocations by address
         self._registered: dict[int, tuple[int, int]] = {}  # id(file map) -> (host address, device address)
 
     def launch(self, name: str, argtypes: str, grid: tuple[int, ...], block: tuple[int, int, int], *args) -> None:
@@ -120,8 +123,16 @@ class Device:
         mem = self.cuda.mem_alloc(max(nbytes, 256))
         if zero:
             self.cuda.memset_d8(mem, 0, max(nbytes, 256))
-        self._keep.append(mem)
+        self._owned[int(mem)] = mem
         return int(mem)
+
+    def free(self, ptr: int) -> None:
+        self.stream.synchronize()  # nothing queued may still read or write it
+        self._owned.pop(ptr).free()
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        """Device to device, in stream order."""
+        self.cuda.memcpy_dtod_async(dst, src, nbytes, self.stream)
 
     def upload(self, array: np.ndarray) -> int:
         """Device address of an array's bytes: a copy in device memory, or on an integrated GPU the
@@ -198,53 +209,127 @@ class GpuTensor:
     ptr: int
     qtype: Q
     shape: tuple[int, ...]
+    nbytes: int
 
     @property
     def fmt(self) -> str:
         return KERNEL_FORMATS[self.qtype]
 
 
-class GpuModel:
-    """A Llama model on one GPU (see the module docstring): prefill, graph-replayed decode, ranges."""
+def sample_params(rows: int, temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0) -> np.ndarray:
+    """The `sample` kernel's per-row parameters (temperature 0: greedy)."""
+    p = np.zeros(rows, SAMPLE_PARAMS)
+    p["temperature"], p["top_k"], p["top_p"], p["seed"], p["step"] = temperature, top_k, top_p, seed, step
+    return p
 
-    def __init__(self, file, device: Device, max_batch: int = 8, max_context: int = 2048):
-        from models.errors import UnsupportedModelError
-        from models.llama import LlamaConfig
 
-        self.dev, self.file = device, file
-        c = self.config = LlamaConfig.from_file(file)
-        if c.features:  # the GPU kernels are the plain Llama block's (models/arch.py)
-            raise UnsupportedModelError(f"the GPU kernels do not run {', '.join(c.features)} ({c.arch})")
-        if c.head_dim not in HEAD_DIMS or c.n_heads // c.n_kv_heads > 8 or c.dim % 32 or c.hidden_dim % 32:
-            raise UnsupportedModelError(f"the GPU kernels do not support this model's shapes ({c})")
-        self.max_batch, self.max_context = max_batch, min(max_context, c.context_length)
-        self.slots = max_batch + 1  # the last slot takes the padding rows of a batch narrower than its width
+class KVCacheFullError(ValueError):
+    """A session outgrew the context each GPU cache slot holds (CudaBackend's max_context)."""
 
-        def tensor(name: str) -> GpuTensor:
-            t = file.tensors[name]
-            if len(t.shape) == 1:  # norms: float32 vectors
-                return GpuTensor(device.upload(dequantize(t.raw, t.qtype, t.shape).astype(np.float32)), Q.F32, t.shape)
-            if t.qtype not in KERNEL_FORMATS:
-                raise UnsupportedModelError(f"{name} is {t.qtype.name}: the GPU kernels take {sorted(KERNEL_FORMATS)}")
-            return GpuTensor(device.upload(t.raw), t.qtype, t.shape)
 
-        parts = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
-        self.layers = [{p: tensor(f"blk.{i}.{p}.weight") for p in parts} for i in range(c.n_layers)]
-        self.embedding = tensor("token_embd.weight")
-        self.output_norm = tensor("output_norm.weight")
-        self.head = tensor("output.weight") if "output.weight" in file.tensors else self.embedding
+class DeviceKVCache:
+    """One session's keys and values for a CudaRange: a slot of the range's pool in device memory.
+
+    The same face as models.llama.KVCache (length, reserve, advance, nbytes, capacity; k and v are
+    the slot's device addresses); the slot goes back to the pool when the cache is dropped."""
+
+    def __init__(self, pool: CudaRange, slot: int):
+        self.pool, self.slot, self.length = pool, slot, 0
+        self.max_len = pool.ctx
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.ctx
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.pool.slot_bytes
+
+    @property
+    def k(self) -> int:
+        return self.pool.k_cache + self.slot * self.pool.slot_bytes
+
+    @property
+    def v(self) -> int:
+        return self.pool.v_cache + self.slot * self.pool.slot_bytes
+
+    def reserve(self, n_new: int) -> None:
+        if self.length + n_new > self.max_len:
+            raise KVCacheFullError(
+                f"{self.length + n_new} tokens do not fit the GPU KV cache of {self.max_len} tokens a session"
+            )
+
+    def advance(self, n_new: int) -> None:
+        self.length += n_new
+
+    def __del__(self) -> None:
+        self.pool.release(self.slot)
+
+
+class CudaRange:
+    """A layer range on the GPU, what `CudaBackend.fused_range` gives models.llama.LayerRange.
+
+    Weights are the backend's uploads (once per model); each session's KV cache is a slot of one
+    device pool [slot][layer][position][G][E] (float16), grown by doubling; slot 0 takes a batch's
+    padding rows. A step of at most MAX_WIDTH rows (decode) replays the CUDA graph captured for its
+    width (mat-vec on 8-bit activations); longer steps (prompts) run mat-mat in PREFILL_CHUNK rows.
+    Rows of different sessions mix freely: every kernel takes each row's position and slot.
+    """
+
+    kv_dtype = np.float16
+
+    def __init__(self, dev: Device, config, layers: list, max_context: int):
+        c = self.config = config
+        self.dev = dev
+        self.H, self.G, self.E, self.D, self.F = c.n_heads, c.n_kv_heads, c.head_dim, c.dim, c.hidden_dim
+        self.n_layers = len(layers)
+        self.eps, self.rope_scale = float(c.norm_eps), float(c.rope_attn_factor)
+        self.layers = [
+            {
+                "attn_norm": dev.upload(np.asarray(L.attn_norm, np.float32)),
+                "ffn_norm": dev.upload(np.asarray(L.ffn_norm, np.float32)),
+                **{k: getattr(L, k) for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")},
+            }
+            for L in layers
+        ]
+        self.ctx = min(int(c.context_length), max_context)
+        self.layer_stride = self.ctx * self.G * self.E  # elements
+        self.slot_stride = self.n_layers * self.layer_stride
+        self.slot_bytes = self.slot_stride * 2
+        self.slots, self.k_cache, self.v_cache = 0, 0, 0
+        self._free: list[int] = []
+        self._grow(4)
         self._allocate()
         self._graphs: dict[int, CudaGraph] = {}
 
+    # -- the cache pool ----------------------------------------------------------------------------------
+
+    def _grow(self, slots: int) -> None:
+        """A pool of `slots` (the old one's bytes copied to its front: slot is the outermost index)."""
+        d, old = self.dev, (self.k_cache, self.v_cache, self.slots)
+        self.k_cache, self.v_cache = d.alloc(slots * self.slot_bytes), d.alloc(slots * self.slot_bytes)
+        if old[2]:
+            for new, prev in zip((self.k_cache, self.v_cache), old[:2], strict=True):
+                d.copy(new, prev, old[2] * self.slot_bytes)
+                d.free(prev)
+        self._free += range(max(old[2], 1), slots)  # slot 0: padding rows
+        self.slots = slots
+        self._graphs = {}  # they hold the old pool's addresses
+
+    def new_cache(self) -> DeviceKVCache:
+        with self.dev.lock:
+            if not self._free:
+                self._grow(2 * self.slots)
+            return DeviceKVCache(self, self._free.pop(0))
+
+    def release(self, slot: int) -> None:
+        with self.dev.lock:
+            self._free.append(slot)
+
     def _allocate(self) -> None:
-        c, d, T = self.config, self.dev, max(PREFILL_CHUNK, 8)
-        H, G, E, D, F = c.n_heads, c.n_kv_heads, c.head_dim, c.dim, c.hidden_dim
+        d, T, f4 = self.dev, PREFILL_CHUNK, 4
+        H, G, E, D, F = self.H, self.G, self.E, self.D, self.F
         self.qkv_width = (H + 2 * G) * E
-        self.layer_stride = self.max_context * G * E
-        self.slot_stride = c.n_layers * self.layer_stride
-        cache_bytes = self.slots * self.slot_stride * 2
-        self.k_cache, self.v_cache = d.alloc(cache_bytes), d.alloc(cache_bytes)
-        f4 = 4
         self.x = d.alloc(T * D * f4)
         self.y = d.alloc(T * max(D, F) * f4)
         self.qkv = d.alloc(T * self.qkv_width * f4)
@@ -253,23 +338,19 @@ class GpuModel:
         self.gate, self.up = d.alloc(T * F * f4), d.alloc(T * F * f4)
         self.act_q = d.alloc(T * max(D, H * E, F) // 32 * Q8_BLOCK_BYTES)
         self.hid_q = d.alloc(T * F // 32 * Q8_BLOCK_BYTES)
-        splits = max(DECODE_SPLITS, 2)
-        self.part_ml = d.alloc(T * H * splits * 2 * f4)
-        self.part_acc = d.alloc(T * H * splits * E * f4)
-        self.logits = d.alloc(8 * c.vocab_size * f4)
-        self.ids, self.positions, self.slot_ids = d.alloc(T * 4), d.alloc(T * 4), d.alloc(T * 4)
-        self.params = d.alloc(8 * SAMPLE_PARAMS.itemsize)
-        self.inv_freq = d.upload(c.inv_freq.astype(np.float64))  # the file's RoPE schedule (models/rope.py)
-        self.tokens = d.alloc(8 * 4)
+        parts = max(MAX_WIDTH * DECODE_SPLITS, T * PREFILL_SPLITS)  # (row, key stretch) pairs a step has at most
+        self.part_ml = d.alloc(parts * H * 2 * f4)
+        self.part_acc = d.alloc(parts * H * E * f4)
+        self.positions, self.slot_ids = d.alloc(T * 4), d.alloc(T * 4)
+        self.inv_freq = d.upload(self.config.inv_freq.astype(np.float64))  # the file's RoPE schedule
 
     # -- the layers --------------------------------------------------------------------------------------
 
     def _attention(self, layer: int, rows: int, splits: int) -> None:
-        c, d = self.config, self.dev
-        H, G, E = c.n_heads, c.n_kv_heads, c.head_dim
+        d, H, G, E = self.dev, self.H, self.G, self.E
         d.launch(
             "rope_store", "PPPiiiPfPPPlli", (rows, 1), (128, 1, 1),
-            self.qkv, self.positions, self.slot_ids, H, G, E, self.inv_freq, c.rope_attn_factor, self.q,
+            self.qkv, self.positions, self.slot_ids, H, G, E, self.inv_freq, self.rope_scale, self.q,
             self.k_cache, self.v_cache, self.slot_stride, self.layer_stride, layer,
         )  # fmt: skip
         d.launch(
@@ -279,24 +360,22 @@ class GpuModel:
         )  # fmt: skip
         d.launch("attend_combine", "PPiiiP", (H, rows), (E, 1, 1), self.part_ml, self.part_acc, H, E, splits, self.attn)
 
-    def _layers_decode(self, start: int, stop: int, width: int) -> None:
-        """Layers over `width` rows of x, one token each: mat-vec on 8-bit activations."""
-        c, d = self.config, self.dev
-        H, G, E, D, F = c.n_heads, c.n_kv_heads, c.head_dim, c.dim, c.hidden_dim
-        for i in range(start, stop):
-            L = self.layers[i]
-            d.rmsnorm_quant(self.x, L["attn_norm"].ptr, width, D, c.norm_eps, 0, self.act_q)
+    def _layers_decode(self, width: int) -> None:
+        """Every layer over `width` rows of x, one token each: mat-vec on 8-bit activations."""
+        d, H, G, E, D, F = self.dev, self.H, self.G, self.E, self.D, self.F
+        for i, L in enumerate(self.layers):
+            d.rmsnorm_quant(self.x, L["attn_norm"], width, D, self.eps, 0, self.act_q)
             offset = 0
-            for part, rows in (("attn_q", H * E), ("attn_k", G * E), ("attn_v", G * E)):
+            for part, rows in (("wq", H * E), ("wk", G * E), ("wv", G * E)):
                 w = L[part]
                 d.matvec(w.fmt, w.ptr, rows, D, self.act_q, self.qkv + 4 * offset, width, self.qkv_width, False)
                 offset += rows
             self._attention(i, width, DECODE_SPLITS)
             d.quantize(self.attn, width, H * E, self.act_q)
-            w = L["attn_output"]
+            w = L["wo"]
             d.matvec(w.fmt, w.ptr, D, H * E, self.act_q, self.x, width, D, True)
-            d.rmsnorm_quant(self.x, L["ffn_norm"].ptr, width, D, c.norm_eps, 0, self.act_q)
-            g, u = L["ffn_gate"], L["ffn_up"]
+            d.rmsnorm_quant(self.x, L["ffn_norm"], width, D, self.eps, 0, self.act_q)
+            g, u = L["w_gate"], L["w_up"]
             if g.qtype == u.qtype:
                 d.swiglu_vec(g.fmt, g.ptr, u.ptr, F, D, self.act_q, self.hid_q, width)
             else:  # gate and up in different formats: two products, then SwiGLU
@@ -304,116 +383,82 @@ class GpuModel:
                 d.matvec(u.fmt, u.ptr, F, D, self.act_q, self.up, width, F, False)
                 d.silu_mul(self.gate, self.up, self.gate, width * F)
                 d.quantize(self.gate, width, F, self.hid_q)
-            w = L["ffn_down"]
+            w = L["w_down"]
             d.matvec(w.fmt, w.ptr, D, F, self.hid_q, self.x, width, D, True)
 
-    def _layers_prefill(self, start: int, stop: int, rows: int) -> None:
-        """Layers over `rows` tokens of x: mat-mat on the tensor cores."""
-        c, d = self.config, self.dev
-        H, G, E, D, F = c.n_heads, c.n_kv_heads, c.head_dim, c.dim, c.hidden_dim
-        for i in range(start, stop):
-            L = self.layers[i]
-            d.rmsnorm_quant(self.x, L["attn_norm"].ptr, rows, D, c.norm_eps, self.y, 0)
+    def _layers_prefill(self, rows: int) -> None:
+        """Every layer over `rows` tokens of x: mat-mat on the tensor cores."""
+        d, H, G, E, D, F = self.dev, self.H, self.G, self.E, self.D, self.F
+        for i, L in enumerate(self.layers):
+            d.rmsnorm_quant(self.x, L["attn_norm"], rows, D, self.eps, self.y, 0)
             offset = 0
-            for part, n in (("attn_q", H * E), ("attn_k", G * E), ("attn_v", G * E)):
+            for part, n in (("wq", H * E), ("wk", G * E), ("wv", G * E)):
                 w = L[part]
                 d.matmat(w.fmt, w.ptr, n, D, self.y, rows, self.qkv + 4 * offset, self.qkv_width, False)
                 offset += n
-            self._attention(i, rows, 2)
-            w = L["attn_output"]
+            self._attention(i, rows, PREFILL_SPLITS)
+            w = L["wo"]
             d.matmat(w.fmt, w.ptr, D, H * E, self.attn, rows, self.x, D, True)
-            d.rmsnorm_quant(self.x, L["ffn_norm"].ptr, rows, D, c.norm_eps, self.y, 0)
-            g, u, w = L["ffn_gate"], L["ffn_up"], L["ffn_down"]
+            d.rmsnorm_quant(self.x, L["ffn_norm"], rows, D, self.eps, self.y, 0)
+            g, u, w = L["w_gate"], L["w_up"], L["w_down"]
             d.matmat(g.fmt, g.ptr, F, D, self.y, rows, self.gate, F, False)
             d.matmat(u.fmt, u.ptr, F, D, self.y, rows, self.up, F, False)
             d.silu_mul(self.gate, self.up, self.gate, rows * F)
             d.matmat(w.fmt, w.ptr, D, F, self.gate, rows, self.x, D, True)
 
-    def _head_and_sample(self, rows: int, first_row: int = 0) -> None:
-        """Final norm, LM head and sampling for rows [first_row, first_row + rows) of x."""
-        c, d, h = self.config, self.dev, self.head
-        d.rmsnorm_quant(self.x + 4 * first_row * c.dim, self.output_norm.ptr, rows, c.dim, c.norm_eps, 0, self.act_q)
-        d.matvec(h.fmt, h.ptr, c.vocab_size, c.dim, self.act_q, self.logits, rows, c.vocab_size, False)
-        d.sample(self.logits, c.vocab_size, self.params, self.tokens, rows)
+    # -- a step --------------------------------------------------------------------------------------------
 
-    # -- what callers use ----------------------------------------------------------------------------------
+    def forward(self, x: np.ndarray, cos, sin, seqs: list[tuple]) -> np.ndarray:
+        """x [T, D] through the range; seqs: per sequence (rows, start, k cache, v cache, capacity) in
+        row order, the k cache a DeviceKVCache's address (RoPE is computed here: cos and sin unused)."""
+        with self.dev.lock:
+            return self._forward(x, seqs)
 
-    def _set_rows(self, ids, positions, slots) -> None:
-        d = self.dev
-        d.to_device(self.ids, np.asarray(ids, np.int32))
-        d.to_device(self.positions, np.asarray(positions, np.int32))
-        d.to_device(self.slot_ids, np.asarray(slots, np.int32))
-
-    def _set_params(self, params: np.ndarray) -> None:
-        self.dev.to_device(self.params, params)
-
-    @staticmethod
-    def sampling(rows: int, temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0) -> np.ndarray:
-        p = np.zeros(rows, SAMPLE_PARAMS)
-        p["temperature"], p["top_k"], p["top_p"], p["seed"], p["step"] = temperature, top_k, top_p, seed, step
-        return p
-
-    def prefill(self, ids: list[int], slot: int, start: int = 0, params: np.ndarray | None = None) -> int:
-        """Run a prompt (chunks of PREFILL_CHUNK) into a slot's cache from position `start`; the next token."""
-        d, c = self.dev, self.config
-        if start + len(ids) > self.max_context:
-            raise ValueError(f"{start + len(ids)} tokens exceed the GPU context of {self.max_context}")
-        for b in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[b : b + PREFILL_CHUNK]
-            n = len(chunk)
-            self._set_rows(chunk, np.arange(start + b, start + b + n), [slot] * n)
-            d.embed(self.embedding.fmt, self.embedding.ptr, c.dim, self.ids, self.x, n)
-            self._layers_prefill(0, c.n_layers, n)
-        self._set_params(params if params is not None else self.sampling(1))
-        self._head_and_sample(1, first_row=n - 1)
-        return int(d.to_host(self.tokens, (1,), np.int32)[0])
-
-    def decode(self, ids: list[int], positions: list[int], slots: list[int], params: np.ndarray | None = None):
-        """One token for each of up to max_batch sequences: a replay of the step's CUDA graph."""
-        rows = len(ids)
-        width = width_for(rows)
-        pad = width - rows
-        self._set_rows(list(ids) + [0] * pad, list(positions) + [0] * pad, list(slots) + [self.slots - 1] * pad)
-        p = params if params is not None else self.sampling(rows)
-        self._set_params(np.concatenate([p, self.sampling(pad)]) if pad else p)
-        if width not in self._graphs:
-            graph = self.dev.graph()
-            with graph:
-                self._decode_step(width)
-            self._graphs[width] = graph
-        self._graphs[width].replay()
-        return self.dev.to_host(self.tokens, (width,), np.int32)[:rows].tolist()
-
-    def _decode_step(self, width: int) -> None:
-        c, d = self.config, self.dev
-        d.embed(self.embedding.fmt, self.embedding.ptr, c.dim, self.ids, self.x, width)
-        self._layers_decode(0, c.n_layers, width)
-        self._head_and_sample(width)
-
-    def forward_hidden(self, layers: tuple[int, int], hidden: np.ndarray, slot: int, start: int) -> np.ndarray:
-        """Hidden states [T, D] through layers [a, b), using and extending a slot's cache from `start`."""
-        n = hidden.shape[0]
-        self._set_rows(np.zeros(n), np.arange(start, start + n), [slot] * n)
-        self.dev.to_device(self.x, hidden.astype(np.float32))
-        self._layers_prefill(*layers, n)
-        return self.dev.to_host(self.x, hidden.shape)
-
-    def generate_greedy(self, ids: list[int], n_new: int, slot: int = 0) -> list[int]:
-        out = [self.prefill(ids, slot)]
-        for i in range(n_new - 1):
-            out += self.decode([out[-1]], [len(ids) + i], [slot])
+    def _forward(self, x: np.ndarray, seqs: list[tuple]) -> np.ndarray:
+        positions = np.concatenate([np.arange(s, s + n) for n, s, *_ in seqs]).astype(np.int32)
+        slots = np.concatenate([np.full(n, (k - self.k_cache) // self.slot_bytes) for n, _, k, *_ in seqs])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        T, d = x.shape[0], self.dev
+        if T <= MAX_WIDTH:
+            width = width_for(T)
+            pad = width - T
+            d.to_device(self.x, np.concatenate([x, np.zeros((pad, self.D), np.float32)]) if pad else x)
+            d.to_device(self.positions, np.concatenate([positions, np.zeros(pad, np.int32)]))
+            d.to_device(self.slot_ids, np.concatenate([slots, np.zeros(pad)]).astype(np.int32))
+            if width not in self._graphs:
+                graph = d.graph()
+                with graph:
+                    self._layers_decode(width)
+                self._graphs[width] = graph
+            self._graphs[width].replay()
+            return d.to_host(self.x, (width, self.D))[:T]
+        out = np.empty_like(x)
+        for b in range(0, T, PREFILL_CHUNK):
+            n = min(PREFILL_CHUNK, T - b)
+            d.to_device(self.x, x[b : b + n])
+            d.to_device(self.positions, positions[b : b + n])
+            d.to_device(self.slot_ids, slots[b : b + n].astype(np.int32))
+            self._layers_prefill(n)
+            out[b : b + n] = d.to_host(self.x, (n, self.D))
         return out
 
 
 class CudaBackend(OwnMatmulBackend):
-    """The per-operation Backend protocol on the GPU (linear and SwiGLU there, the rest by the NumPy
-    formulas): `--backend cuda` with today's engine. GpuModel is the fast path."""
+    """`--backend cuda`: a layer range runs on the GPU as one CudaRange (`fused_range`, as the C
+    backend's), and the head's product on the GPU too; the rest (the head's norm, formats the kernels
+    do not read, architectures they do not run) by the NumPy formulas. max_context: positions each
+    session's GPU KV cache holds at most (the model's own context where that is smaller)."""
 
     name = "cuda"
 
-    def __init__(self):
+    def __init__(self, max_context: int = 4096):
         self.dev = Device()
+        self.max_context = max_context
         self._scratch: dict[str, tuple[int, int]] = {}
+
+    @property
+    def description(self) -> str:
+        return f"cuda ({self.dev.name})"
 
     def _buffer(self, key: str, nbytes: int) -> int:
         ptr, size = self._scratch.get(key, (0, 0))
@@ -423,10 +468,24 @@ class CudaBackend(OwnMatmulBackend):
         return ptr
 
     def weight(self, raw: np.ndarray, qtype: Q, shape: tuple[int, ...]):
-        if len(shape) == 1 or qtype not in KERNEL_FORMATS:
-            w = dequantize(raw, qtype, shape)
-            return np.ascontiguousarray(w.T if w.ndim == 2 else w, dtype=np.float32)  # the NumPy reference's form
-        return GpuTensor(self.dev.upload(raw), qtype, shape)
+        if len(shape) != 2 or qtype not in KERNEL_FORMATS:
+            w = dequantize(raw, qtype, shape)  # norms, experts, other formats: the NumPy reference's form
+            return np.ascontiguousarray(np.swapaxes(w, -1, -2) if w.ndim >= 2 else w, dtype=np.float32)
+        return GpuTensor(self.dev.upload(raw), qtype, tuple(int(n) for n in shape), int(raw.nbytes))
+
+    def fused_range(self, config, layers: list) -> CudaRange | None:
+        """The layers as one CudaRange, or None where the kernels do not run this model (another
+        architecture's block, a head size or width they are not built for, a weight format they do
+        not read): then LayerRange runs its per-operation path, `linear` still on the GPU."""
+        c = config
+        if c.features or c.n_experts or c.head_dim not in HEAD_DIMS or c.n_heads // c.n_kv_heads > 8:
+            return None
+        if c.dim % 32 or c.hidden_dim % 32:
+            return None
+        mats = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+        if not all(isinstance(getattr(L, m), GpuTensor) for L in layers for m in mats):
+            return None
+        return CudaRange(self.dev, config, layers, self.max_context)
 
     def _linear_dev(self, x: np.ndarray, w: GpuTensor, out_key: str) -> int:
         T, K = x.shape
@@ -445,5 +504,6 @@ class CudaBackend(OwnMatmulBackend):
     def linear(self, x, w):
         if isinstance(w, np.ndarray):
             return reference.linear(x, w)
-        y = self._linear_dev(x, w, "y")
-        return self.dev.to_host(y, (x.shape[0], w.shape[0]))
+        with self.dev.lock:
+            y = self._linear_dev(x, w, "y")
+            return self.dev.to_host(y, (x.shape[0], w.shape[0]))

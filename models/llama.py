@@ -298,7 +298,7 @@ class Session:
 class LayerRange:
     """Layers [start, stop) of a model: their weights, and a forward pass over sessions' caches.
 
-    A backend with `fused_range` (the C backend) runs the whole range in one call per step; the
+    A backend with `fused_range` (the C and CUDA backends) runs the whole range in one call per step; the
     per-operation formulas below are the NumPy reference's, and any backend's fallback.
     """
 
@@ -311,7 +311,10 @@ class LayerRange:
         self.fused = fuse(config, layers) if fuse else None
 
     def new_cache(self) -> KVCache:
-        """Float32, or what the fused pass keeps keys and values in (the C backend: float16)."""
+        """Float32, or what the fused pass keeps keys and values in (the C backend: float16), or the
+        fused pass's own cache where it keeps one (the CUDA backend's: a slot in device memory)."""
+        if hasattr(self.fused, "new_cache"):
+            return self.fused.new_cache()
         c, dtype = self.config, getattr(self.fused, "kv_dtype", np.float32)
         return KVCache(len(self.layers), c.n_kv_heads, c.head_dim, c.context_length, dtype=dtype)
 

@@ -3,7 +3,8 @@
     python -m models.synthetic OUT.gguf        # ~0.7 GB, seconds: blocks are random bytes, not quantized floats
 
 Its text is noise; its bytes per token and its shapes are those of the real model, which is what a
-speed measurement needs.
+speed measurement needs. `TINY` is the same recipe at 2 layers of width 128: small enough for the
+CUDA kernels' emulator to serve it in the tests.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 
 LLAMA_3_2_1B = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab=128256)
+TINY = dict(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=256, vocab=512)
 
 
 def random_q4_0(rng: np.random.Generator, rows: int, cols: int, std: float) -> np.ndarray:
@@ -27,13 +29,13 @@ def random_q4_0(rng: np.random.Generator, rows: int, cols: int, std: float) -> n
     return raw.reshape(rows, -1)
 
 
-def write_llama_1b_q4_0(path: Path, seed: int = 0, context: int = 4096) -> Path:
-    s = LLAMA_3_2_1B
+def write_llama_1b_q4_0(path: Path, seed: int = 0, context: int = 4096, shapes: dict = LLAMA_3_2_1B) -> Path:
+    s = shapes
     D, F, H, G, L, V = s["dim"], s["hidden_dim"], s["n_heads"], s["n_kv_heads"], s["n_layers"], s["vocab"]
     E = D // H
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), "llama")
-    w.add_name("synthetic Llama-3.2-1B shapes, random Q4_0")
+    w.add_name("synthetic Llama-3.2-1B shapes, random Q4_0" if s is LLAMA_3_2_1B else f"synthetic {s}, random Q4_0")
     w.add_block_count(L)
     w.add_context_length(context)
     w.add_embedding_length(D)
@@ -45,8 +47,8 @@ def write_llama_1b_q4_0(path: Path, seed: int = 0, context: int = 4096) -> Path:
     w.add_rope_dimension_count(E)
     w.add_vocab_size(V)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"<{i}>" for i in range(V)])
-    w.add_token_merges([])
+    w.add_token_list([f"<{i}>" for i in range(V - 3)] + ["a", "b", "ab"])
+    w.add_token_merges(["a b"])  # gguf-py writes no merges key for an empty list, and the tokenizer needs one
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
 

@@ -2,12 +2,14 @@
 
 The production Device class (kernels/cuda_backend.py) runs unchanged over tests/ptx/driver.py's fake
 pycuda; its kernels come from PTX that nvcc builds from the same sources as the committed fatbin
-(checked first). Smoke sizes by default; APPLIANCE_TESTS=full runs larger shapes.
+(checked first). Smoke sizes by default; APPLIANCE_TESTS=full runs larger shapes. The whole backend
+(engine, scheduler, offload worker) on the emulator: tests/test_cuda_backend_emulated.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from kernels.cuda import build
 from kernels.dequant import dequantize
 from tests.gguf_factory import K_FORMATS, random_k_blocks
 from tests.ptx import compile as ptx_compile
-from tests.ptx import driver
+from tests.ptx import driver, mirror
 from tests.scale import full_or
 
 FORMATS = {fmt: qt for qt, fmt in cb.KERNEL_FORMATS.items()}
@@ -32,13 +34,31 @@ def gpu():
     return driver.FakeGpu()
 
 
+@pytest.fixture(scope="module")
+def real_gpu():
+    """With MIRROR_ENV set (`make gpu-check`): this machine's GPU, through the real pycuda; set to
+    "emulated", a second emulated GPU instead (the mirrored run's path, exercised without a GPU)."""
+    mode = os.environ.get(mirror.MIRROR_ENV)
+    if mode == "emulated":
+        with pytest.MonkeyPatch.context() as mp:
+            driver.install(mp, driver.FakeGpu())
+            return cb.Device()
+    return cb.Device() if mode else None
+
+
 @pytest.fixture
-def dev(gpu, monkeypatch):
-    """The production Device over the fake driver (one emulated GPU per module: the PTX loads once)."""
+def dev(gpu, real_gpu, monkeypatch):
+    """The production Device over the fake driver (one emulated GPU per module: the PTX loads once);
+    under `make gpu-check`, every launch mirrored on the real GPU and each read-back compared."""
     driver.install(monkeypatch, gpu)
     if not hasattr(gpu, "device"):
         gpu.device = cb.Device()
-    return gpu.device
+    if real_gpu is None:
+        yield gpu.device
+        return
+    both = mirror.MirrorDevice(gpu.device, real_gpu)
+    yield both
+    assert both.mismatches == [], "the GPU's results differ from the emulator's"
 
 
 def test_the_emulated_ptx_is_built_from_the_sources_of_the_committed_fatbin():
@@ -317,7 +337,7 @@ def test_sample_greedy_and_seeded_draws(dev):
     logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
     logits[0, [17, 2900]] = 40.0  # a tie: the lower id wins
     cases = [(0.0, 0, 1.0), (0.8, 0, 1.0), (1.0, 40, 1.0), (0.7, 0, 0.9)]
-    params = np.concatenate([cb.GpuModel.sampling(1, t, k, p, seed=11, step=3) for t, k, p in cases])
+    params = np.concatenate([cb.sample_params(1, t, k, p, seed=11, step=3) for t, k, p in cases])
     lg, pd, out = dev.upload(logits), dev.upload(params), dev.alloc(rows * 4)
     dev.sample(lg, vocab, pd, out, rows)
     got = dev.to_host(out, (rows,), np.int32)
@@ -325,51 +345,3 @@ def test_sample_greedy_and_seeded_draws(dev):
     for r in range(1, rows):
         t, k, p = cases[r]
         assert got[r] == expected_token(logits[r], t, k, p, splitmix_draw(11, 3, r)), f"row {r} ({cases[r]})"
-
-
-# -- the whole model ----------------------------------------------------------------------------------
-
-
-def test_gpu_model_prefill_and_graph_replayed_decode_follow_the_reference(dev, gpu, tmp_path):
-    """GpuModel end to end on a tiny Llama (head_dim 64): prefill on mat-mat, decode replayed from a
-    captured graph on mat-vec, greedy tokens as the NumPy reference's (while its top two are 0.1 apart)."""
-    from models.engine import Engine
-    from models.gguf_file import open_gguf
-    from models.llama import Session
-    from tests.gguf_factory import byte_vocab, write_tiny_llama
-
-    path = write_tiny_llama(tmp_path / "tiny.gguf", byte_vocab(), weight_type=Q.Q8_0, dim=256)
-    model = cb.GpuModel(open_gguf(path), dev, max_batch=2, max_context=64)
-    ref = Engine.load(path, backend="numpy")
-    ids = ref.prompt_ids("The capital of France is")[:6]
-    n_new = full_or(8, 3)
-    gpu.launches.clear()
-    got = model.generate_greedy(ids, n_new, slot=1)
-    assert gpu.launches.count("sample") == n_new and f"matvec_q8_0_b{cb.width_for(1)}" in gpu.launches
-    session = Session()
-    logits = ref.next_logits(ids, session)
-    compared = 0
-    for step in range(n_new):
-        top2 = np.sort(logits)[-2:]
-        if top2[1] - top2[0] < 0.1:
-            break  # 8-bit activations may pick either
-        assert got[step] == int(np.argmax(logits)), f"token {step}: {got} vs the reference"
-        compared += 1
-        logits = ref.next_logits([got[step]], session)
-    assert len(got) == n_new and compared >= 1
-
-
-def test_gpu_model_batched_decode_equals_each_sequence_alone(dev, tmp_path):
-    """Three sequences in one width-4 step (a padding row, slots out of order) give each one's own token."""
-    from models.gguf_file import open_gguf
-    from tests.gguf_factory import byte_vocab, write_tiny_llama
-
-    path = write_tiny_llama(tmp_path / "tiny.gguf", byte_vocab(), weight_type=Q.Q8_0, dim=256, seed=3)
-    model = cb.GpuModel(open_gguf(path), dev, max_batch=3, max_context=32)
-    prompts = {2: [5, 77, 12], 0: [200, 3], 1: [9, 41, 66, 7]}
-    firsts = {slot: model.prefill(ids, slot) for slot, ids in prompts.items()}
-    slots = list(prompts)
-    batched = model.decode([firsts[s] for s in slots], [len(prompts[s]) for s in slots], slots)
-    for slot, token in zip(slots, batched, strict=True):
-        # the same position again: its keys and values are overwritten with the same ones
-        assert model.decode([firsts[slot]], [len(prompts[slot])], [slot]) == [token], f"slot {slot}"

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from kernels import native
@@ -53,13 +52,12 @@ def test_kernels_against_the_reference():
 
 @pytest.mark.gpu
 def test_greedy_text_equals_the_reference(model_path):
+    """`--backend cuda` as served (the engine over CudaRange and the head) against the NumPy reference."""
     from appliance.bench import gpu_check
-    from kernels.cuda_backend import Device, GpuModel
     from models.engine import Engine
-    from models.gguf_file import open_gguf
 
     gpu_check.ROWS.clear()
-    gpu = GpuModel(open_gguf(model_path), Device(), max_batch=2, max_context=256)
-    gpu_check.check_greedy(Engine.load(model_path, backend="numpy"), gpu, n_new=12)
+    ref, engine = Engine.load(model_path, backend="numpy"), Engine.load(model_path, backend="cuda")
+    gpu_check.check_greedy(ref, engine, n_new=12)
+    gpu_check.check_layer0(ref.model, engine.model)
     assert [r for r in gpu_check.ROWS if r[1] == "FAIL"] == []
-    assert np.isfinite(gpu.forward_hidden((0, 1), np.ones((2, gpu.config.dim), np.float32), 1, 0)).all()

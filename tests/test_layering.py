@@ -35,8 +35,6 @@ RANKS = {"root": -1, "kernels": 0, "models": 1, "offload": 2, "serving": 3, "ent
 # Known upward imports, each with why it is there; the test fails on any other, and on one listed
 # here that has gone (so the list stays true).
 KNOWN = {
-    ("kernels.cuda_backend", "models.errors"): "GpuModel, a whole model on the GPU, raises the models' error",
-    ("kernels.cuda_backend", "models.llama"): "GpuModel reads LlamaConfig from the file's metadata",
     ("kernels.tensorrt_backend", "models.gguf_file"): "TensorRT engines are built from the model file ...",
     ("kernels.tensorrt_backend", "models.onnx_export"): "... through the ONNX graph of a layer range",
     ("kernels.tensorrt_backend", "models.llama"): "... sized by LlamaConfig",

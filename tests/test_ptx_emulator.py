@@ -279,3 +279,38 @@ extern "C" __global__ void misaligned(const unsigned char* p, int* out) {
 def test_a_misaligned_global_access_is_an_error():
     with pytest.raises(SanitizerError, match=r"misaligned: misaligned read of 4 bytes at 0x.* lanes \[1, 3, 5"):
         run(MISALIGNED, "misaligned", (1,), (32,), np.zeros(128, np.uint8), np.zeros(32, np.int32))
+
+
+# -- the mirror (`make gpu-check`: each kernel test on the emulator and the GPU, results compared) --------
+
+
+def test_the_mirror_runs_both_devices_and_reports_where_their_results_differ(monkeypatch):
+    """Without a GPU, labelled so: the emulator on both sides of tests/ptx/mirror.py. Same inputs give
+    no difference; a subject whose output is overwritten is caught, naming the last launch."""
+    from kernels import cuda_backend as cb
+    from tests.ptx import driver
+    from tests.ptx.mirror import MirrorDevice, differences
+
+    sides = []
+    for _ in range(2):
+        driver.install(monkeypatch, driver.FakeGpu())
+        sides.append(cb.Device())
+    both = MirrorDevice(*sides)
+    rng = np.random.default_rng(0)
+    rows, cols, width = 8, 64, 2
+    w = rng.integers(0, 256, (rows, cols // 32 * 34), dtype=np.uint8)
+    w.reshape(rows, -1, 34)[:, :, :2] = np.array([0.01], np.float16).view(np.uint8)  # q8_0 blocks: a sane scale
+    x, q, y = both.upload(rng.standard_normal((width, cols)).astype(np.float32)), both.alloc(256), both.alloc(256)
+    both.quantize(x, width, cols, q)
+    both.matvec("q8_0", both.upload(w), rows, cols, q, y, width, rows, False)
+    got = both.to_host(y, (width, rows))
+    assert both.mismatches == [] and np.abs(got).max() > 0
+    np.testing.assert_array_equal(got, sides[0].to_host(y, (width, rows)))
+    sides[1].to_device(both.translate(y) + 4, np.float32([1e3]))  # the subject's row 0, column 1 goes wrong
+    both.to_host(y, (width, rows))
+    assert len(both.mismatches) == 1 and "after matvec_q8_0_b2" in both.mismatches[0]
+    assert "1 of 16 differ, first at (0, 1)" in both.mismatches[0]
+    with pytest.raises(ValueError, match="in no mirrored allocation"):
+        both.translate(0x10)
+    assert differences(np.int8([3, -2]), np.int8([4, -2])) == ""  # a quantization's rounding boundary
+    assert differences(np.int32([7]), np.int32([8])) != ""  # a sampled token is exact

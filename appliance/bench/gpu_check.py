@@ -1,6 +1,7 @@
 """Every GPU check in one go (`make gpu-check`), printed as one table.
 
-Rows: each kernel against the NumPy reference on random data; greedy text of the whole model on
+Rows: each kernel against the NumPy reference on random data; the emulator's kernel tests with every
+launch mirrored on the GPU and compared; greedy text of `--backend cuda` (the product's engine) on
 three prompts against the reference (or, where a near-tie flips, the reference's margin there);
 compute-sanitizer on a short generation; decode tok/s at batch 1 and 8 and prefill tok/s for a
 512-token prompt, for SmolLM2-135M and a synthetic Llama-3.2-1B-shaped Q4_0 model, beside
@@ -10,6 +11,7 @@ transformers on the same GPU, with the memory-bandwidth bound. Exits 2 where the
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -99,26 +101,34 @@ def check_kernels(dev) -> None:
     del h
 
 
-def check_attention_and_sampling(model) -> None:
-    """RoPE + attention inside the model against the reference, through forward_hidden on layer 0."""
+def check_layer0(ref_model, cuda_model) -> None:
+    """RoPE + attention inside the model against the reference: layer 0 as the backend's CudaRange,
+    T=1 (the graph-replayed mat-vec step) and T=37 (mat-mat)."""
     from models.llama import Session
 
-    ref_model, gpu = model
     rng = np.random.default_rng(1)
     for T in (1, 37):
         hidden = rng.standard_normal((T, ref_model.config.dim)).astype(np.float32)
         ref = ref_model.run_layers((0, 1), hidden, Session())
-        got = gpu.forward_hidden((0, 1), hidden, slot=0, start=0)
+        got = cuda_model.run_layers((0, 1), hidden, Session())
         err = rel(got, ref)
         row(f"layer 0 (norm, rope, attention, swiglu) T={T}", err < 2e-2, f"rel err {err:.1e}")
 
 
-def check_greedy(ref_engine, gpu, n_new: int = 24) -> None:
+def greedy(engine, ids: list[int], n_new: int) -> list[int]:
+    gen = engine.generate(ids, max_tokens=n_new, ignore_eos=True)
+    gen.run()
+    return gen.token_ids
+
+
+def check_greedy(ref_engine, engine, n_new: int = 24, prompts=PROMPTS) -> None:
+    """The cuda engine's greedy text (the product path: engine, CudaRange, head) against the reference's;
+    prompts: texts, or token id lists."""
     from models.llama import Session
 
-    for prompt in PROMPTS:
-        ids = ref_engine.prompt_ids(prompt)
-        got = gpu.generate_greedy(ids, n_new, slot=1)
+    for prompt in prompts:
+        ids = ref_engine.prompt_ids(prompt) if isinstance(prompt, str) else list(prompt)
+        got = greedy(engine, ids, n_new)
         session, want, margin_at = Session(), [], None
         logits = ref_engine.next_logits(ids, session)
         for step in range(n_new):
@@ -129,42 +139,61 @@ def check_greedy(ref_engine, gpu, n_new: int = 24) -> None:
                 break
             logits = ref_engine.next_logits([want[-1]], session)
         if margin_at is None:
-            row(f"greedy text: {prompt[:24]!r}", True, f"{n_new} tokens equal the reference's")
+            row(f"greedy text: {str(prompt)[:24]!r}", True, f"{n_new} tokens equal the reference's")
         else:
             step, margin = margin_at
             row(
-                f"greedy text: {prompt[:24]!r}", margin < 0.1, f"differs at token {step}; reference margin {margin:.3f}"
+                f"greedy text: {str(prompt)[:24]!r}",
+                margin < 0.1,
+                f"differs at token {step}; reference margin {margin:.3f}",
             )
 
 
-def bench(gpu, label: str, bound_bytes: int, bandwidth: float) -> dict:
-    """Decode tok/s at batch 1 and 8, prefill tok/s for 512 tokens (CUDA-graph replays, median of runs)."""
+def bench(engine, label: str, bound_bytes: int, bandwidth: float) -> dict:
+    """Decode tok/s at batch 1 and 8 (Engine.step: the range's CUDA-graph replay and the head) and
+    prefill tok/s for 512 tokens, through the product's engine."""
+    from models.llama import Session
+
     rng = np.random.default_rng(2)
     prompt = rng.integers(10, 1000, 512).tolist()
-    gpu.prefill(prompt[:8], slot=0)  # warm-up
+    engine.step([prompt[:8]], [Session()])  # warm-up
     t = time.perf_counter()
-    gpu.prefill(prompt, slot=0)
+    engine.step([prompt], [Session()])
     prefill = 512 / (time.perf_counter() - t)
     out = {}
     for batch in (1, 8):
-        slots = list(range(batch))
-        for s in slots:
-            gpu.prefill(prompt[:16], slot=s)
-        pos, toks = 16, [5] * batch
+        sessions = [Session() for _ in range(batch)]
+        for s in sessions:
+            engine.step([prompt[:16]], [s])
+        toks = [[5]] * batch
         for _ in range(3):
-            toks = gpu.decode(toks, [pos] * batch, slots)
-            pos += 1
+            logits, _ = engine.step(toks, sessions)
+            toks = [[int(t)] for t in logits.argmax(axis=1)]
         n = 128
         t = time.perf_counter()
         for _ in range(n):
-            toks = gpu.decode(toks, [pos] * batch, slots)
-            pos += 1
+            logits, _ = engine.step(toks, sessions)
+            toks = [[int(t)] for t in logits.argmax(axis=1)]
         out[batch] = batch * n / (time.perf_counter() - t)
     bound = bandwidth / bound_bytes
     row(f"bench {label}: decode b1", None, f"{out[1]:.0f} tok/s ({out[1] / bound:.0%} of the {bound:.0f} tok/s bound)")
     row(f"bench {label}: decode b8", None, f"{out[8]:.0f} tok/s ({out[8] / out[1]:.1f}x batch 1)")
     row(f"bench {label}: prefill 512", None, f"{prefill:.0f} tok/s")
     return {"b1": out[1], "b8": out[8], "prefill": prefill}
+
+
+def emulated_kernel_tests(subject: str = "gpu", select: str | None = None) -> None:
+    """The emulator's kernel tests (tests/test_cuda_emulated.py) with every launch also on this GPU,
+    same inputs, each result compared (tests/ptx/mirror.py); a difference fails the test it is in.
+    subject "emulated" mirrors onto a second emulated GPU (how the suite runs this path without one)."""
+    from tests.ptx.mirror import MIRROR_ENV
+
+    env = {**os.environ, MIRROR_ENV: subject, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_emulated.py"]
+    cmd += ["-k", select] if select else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    row(f"emulator's kernel tests, mirrored on the {subject}", proc.returncode == 0, summary)
 
 
 def bench_transformers(path: Path, label: str) -> None:
@@ -231,38 +260,35 @@ def main() -> int:
             "error: no NVIDIA GPU on this machine (NVML finds none): gpu-check runs only where one is", file=sys.stderr
         )
         return 2
-    from kernels.cuda_backend import Device, GpuModel
+    from kernels.cuda_backend import Device
     from models.engine import Engine
     from models.gguf_file import open_gguf
     from models.store import ModelStore
 
     model_path = args.model or ModelStore().get()  # the lent GPU machines have no network: pass --model
-    dev = Device()
     if args.short_generation:
-        gpu = GpuModel(open_gguf(model_path), dev, max_batch=1, max_context=64)
-        print(gpu.generate_greedy([1, 2, 3, 4], 8))
+        print(greedy(Engine.load(model_path, "cuda"), [1, 2, 3, 4], 8))
         return 0
+    dev = Device()
     print(f"device: {dev.name} ({dev.sms} SMs, {'integrated' if dev.integrated else 'discrete'})")
     check_kernels(dev)
+    emulated_kernel_tests("gpu")
     ref = Engine.load(model_path, backend="numpy")
-    file = open_gguf(model_path)
-    gpu = GpuModel(file, dev)
-    check_attention_and_sampling((ref.model, gpu))
-    check_greedy(ref, gpu)
+    engine = Engine.load(model_path, backend="cuda")  # the product path: what `--backend cuda` serves with
+    check_layer0(ref.model, engine.model)
+    check_greedy(ref, engine)
     sanitizer(model_path)
     bandwidth = measure_bandwidth(dev)
     row("memory bandwidth (device copy)", None, f"{bandwidth / 1e9:.0f} GB/s")
-    bench(gpu, "SmolLM2-135M", file.quantized_bytes, bandwidth)
+    bench(engine, "SmolLM2-135M", open_gguf(model_path).quantized_bytes, bandwidth)
     bench_transformers(model_path, "SmolLM2-135M")
     if not args.skip_1b:
         from models.synthetic import write_llama_1b_q4_0
 
         with tempfile.TemporaryDirectory() as tmp:
             path = write_llama_1b_q4_0(Path(tmp) / "llama-1b-shapes.Q4_0.gguf")
-            f1 = open_gguf(path)
-            c = GpuModel(f1, dev, max_batch=8, max_context=1024)
             # Per token a decode reads every layer weight and the (tied) head once; the embedding row is noise.
-            bench(c, "Llama-1B-shape Q4_0", f1.quantized_bytes, bandwidth)
+            bench(Engine.load(path, "cuda"), "Llama-1B-shape Q4_0", open_gguf(path).quantized_bytes, bandwidth)
             bench_transformers(path, "Llama-1B-shape Q4_0")
     print("\n| check | result | detail |\n|---|---|---|")
     for check, result, detail in ROWS:

@@ -8,8 +8,10 @@ from them too). Streams run every launch and copy at once; they are in order, so
 
 from __future__ import annotations
 
+import importlib.machinery
 import struct
 import sys
+import threading
 import types
 from dataclasses import dataclass, field
 
@@ -36,7 +38,18 @@ class FakeGpu:
     memory: GlobalMemory = field(default_factory=GlobalMemory)
     launches: list[str] = field(default_factory=list)
     ptx: str | None = None  # None: the product's kernels
-    capture: list | None = None  # launches recorded while a stream capture is open
+    program: Program | None = None  # the PTX parsed once, however many Devices load the module
+    _capturing: threading.local = field(default_factory=threading.local)
+
+    @property
+    def capture(self) -> list | None:
+        """Launches recorded while this thread's stream capture is open (capture is per thread, as
+        the product's cuStreamBeginCapture mode)."""
+        return getattr(self._capturing, "launches", None)
+
+    @capture.setter
+    def capture(self, launches: list | None) -> None:
+        self._capturing.launches = launches
 
     def offset(self, ptr: int, nbytes: int) -> int:
         off = int(ptr) - GLOBAL_BASE
@@ -86,8 +99,10 @@ class Function:
 
 class Module:
     def __init__(self, gpu: FakeGpu):
-        text = gpu.ptx if gpu.ptx is not None else ptx_compile.product_ptx()[0]
-        self.gpu, self.program = gpu, Program(parse(text), gpu.memory)
+        if gpu.program is None:
+            text = gpu.ptx if gpu.ptx is not None else ptx_compile.product_ptx()[0]
+            gpu.program = Program(parse(text), gpu.memory)
+        self.gpu, self.program = gpu, gpu.program
 
     def get_function(self, name: str) -> Function:
         return Function(self.gpu, self.program, name)
@@ -148,6 +163,9 @@ def make_driver(gpu: FakeGpu) -> types.ModuleType:
         b = out.reshape(-1).view(np.uint8)
         b[:] = gpu.memory.view(gpu.offset(ptr, b.size), b.size)
 
+    def dtod(dst, src, n, stream=None):
+        gpu.memory.view(gpu.offset(dst, n), n)[:] = gpu.memory.view(gpu.offset(src, n), n)
+
     def memset_d8(ptr, value, n):
         gpu.memory.view(gpu.offset(ptr, n), n)[:] = value
 
@@ -162,6 +180,8 @@ def make_driver(gpu: FakeGpu) -> types.ModuleType:
     cuda.memcpy_htod_async = htod
     cuda.memcpy_dtoh = dtoh
     cuda.memcpy_dtoh_async = dtoh
+    cuda.memcpy_dtod = dtod
+    cuda.memcpy_dtod_async = dtod
     cuda.register_host_memory = lambda array, flags=0: HostRegistration(array)
     return cuda
 
@@ -191,12 +211,16 @@ def graph_class(gpu: FakeGpu) -> type:
 
 
 def install(monkeypatch, gpu: FakeGpu) -> types.ModuleType:
-    """pycuda and pycuda.driver in sys.modules, and the fake graph as CudaGraph, for this test only."""
+    """pycuda and pycuda.driver in sys.modules, the fake graph as CudaGraph, and NVML's answer made
+    "a GPU is here", for this test only: `select_backend("cuda" | "auto")` then takes the product's
+    own path (kernels.cuda_backend.available) to the emulated GPU."""
     from kernels import cuda_backend
 
     cuda = make_driver(gpu)
     pkg = types.ModuleType("pycuda")
+    pkg.__spec__ = importlib.machinery.ModuleSpec("pycuda", None)  # importlib.util.find_spec finds it
     pkg.driver = cuda
+    monkeypatch.setattr(cuda_backend, "gpu_present", lambda: True)
     monkeypatch.setitem(sys.modules, "pycuda", pkg)
     monkeypatch.setitem(sys.modules, "pycuda.driver", cuda)
     monkeypatch.setattr(cuda_backend, "CudaGraph", graph_class(gpu))
