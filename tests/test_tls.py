@@ -352,6 +352,27 @@ def test_appliance_ctl_on_the_appliance_needs_no_flags(server):
     assert status.returncode == 0, status.stderr
 
 
+def test_a_worker_pairs_over_https_and_finds_the_scheme_by_mdns(server, tmp_path):
+    """Pairing goes over the TLS port (the code's MAC is the proof, the worker has no CA yet), and the
+    appliance's mDNS announcement tells workers to use https."""
+    from offload.discovery import APPLIANCE_TYPE, advertise, browse
+    from offload.pairing import pair_with_appliance
+
+    code = certificate_authority().new_code()
+    identity = pair_with_appliance(code, server.url, "laptop", tmp_path / "laptop")
+    assert identity.ca_pem == server.ca_file.read_bytes() and "laptop" in certificate_authority().workers()
+
+    found, seen = threading.Event(), []
+    announced = advertise(APPLIANCE_TYPE, f"appliance-{server.port}", server.port, {"scheme": "https"})
+    listener = browse(APPLIANCE_TYPE, lambda a: (seen.append(a), a.endswith(f":{server.port}") and found.set()), True)
+    try:
+        assert found.wait(20), seen
+    finally:
+        listener.close()
+        announced.close()
+    assert f"https://127.0.0.1:{server.port}" in seen
+
+
 # -- the certificate ---------------------------------------------------------------------------------
 def test_the_server_certificate_names_and_renewal(tmp_path):
     """The CA's certificate names every address it is reached by, and is renewed before it expires (the
