@@ -347,9 +347,14 @@ def test_admin_needs_a_client_certificate_from_the_ca(server, tmp_path):
 
 
 def test_appliance_ctl_on_the_appliance_needs_no_flags(server):
-    """On the appliance itself, appliance-ctl finds the CA and its own certificate in APPLIANCE_HOME."""
-    status = ctl(server, "status", "--json", env={**os.environ, "APPLIANCE_ADMIN_KEY": ADMIN_KEY})
+    """On the appliance itself, appliance-ctl finds the CA and its own certificate in APPLIANCE_HOME; asked in
+    plain HTTP, it says to use https."""
+    env = {**os.environ, "APPLIANCE_ADMIN_KEY": ADMIN_KEY}
+    status = ctl(server, "status", "--json", env=env)
     assert status.returncode == 0, status.stderr
+    plain = [sys.executable, "-m", "appliance.ctl", "--server", f"http://127.0.0.1:{server.port}", "status"]
+    refused = subprocess.run(plain, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 3 and "use --server https://" in refused.stderr, refused.stderr
 
 
 def test_a_worker_pairs_over_https_and_finds_the_scheme_by_mdns(server, tmp_path):
@@ -374,6 +379,22 @@ def test_a_worker_pairs_over_https_and_finds_the_scheme_by_mdns(server, tmp_path
 
 
 # -- the certificate ---------------------------------------------------------------------------------
+def test_the_owner_s_certificate_is_re_read_when_it_changes(tmp_path):
+    """--tls-cert/--tls-key: a renewed pair written over the files (certbot's way) is served without a restart."""
+    ca = CertificateAuthority(tmp_path / "pki")
+    ca.server_identity(["localhost"], ["127.0.0.1"])
+    cert, key = tmp_path / "owner.pem", tmp_path / "owner.key"
+    for path, name in ((cert, f"{SERVER_NAME}.pem"), (key, f"{SERVER_NAME}.key")):
+        path.write_bytes((ca.folder / name).read_bytes())
+    tls = ServerTLS(cert, key)
+    first = handshake_serial(tls, ca)
+    assert tls.refresh() is False
+    ca.server_identity(["localhost"], ["127.0.0.1"], renew_days=400)  # due: a new pair
+    for path, name in ((cert, f"{SERVER_NAME}.pem"), (key, f"{SERVER_NAME}.key")):
+        path.write_bytes((ca.folder / name).read_bytes())
+    assert tls.refresh() is True and handshake_serial(tls, ca) not in (first, None)
+
+
 def test_the_server_certificate_names_and_renewal(tmp_path):
     """The CA's certificate names every address it is reached by, and is renewed before it expires (the
     CA's clock moved), or when a new name appears; a running context takes the new one in place."""
