@@ -44,7 +44,8 @@ FROM base AS appliance
 RUN appliance-ctl models fetch --local
 VOLUME ["/var/lib/appliance", "/var/lib/appliance/models"]
 EXPOSE 8000 8001
+# serve listens on 0.0.0.0, so over TLS: the check trusts the appliance's own CA (in the state volume)
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s \
-  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=3)"]
+  CMD ["python3", "-c", "import ssl, urllib.request; urllib.request.urlopen('https://127.0.0.1:8000/v2/health/ready', timeout=3, context=ssl.create_default_context(cafile='/var/lib/appliance/pki/ca.pem'))"]
 ENTRYPOINT ["appliance"]
 CMD ["serve"]

@@ -21,13 +21,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(wildcard kernels/cpu
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# Debian packages the tests need: a headless browser for the dashboard's test, libb64 for Triton's
+# Debian packages the tests need: a headless browser for the dashboard's test (and certutil, from
+# libnss3-tools, to make it trust the appliance's CA), libb64 for Triton's
 # perf_analyzer (inside tritonclient), an arm64 cross compiler and qemu-aarch64 for the arm64
 # kernels' test (tests/test_cpu_arm64.py). Installed with apt-get only where one is missing.
 system-test-deps:
-	@(command -v chromium && command -v chromedriver && ldconfig -p | grep -q libb64.so.0d && \
+	@(command -v chromium && command -v chromedriver && command -v certutil && ldconfig -p | grep -q libb64.so.0d && \
 		command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64 && test -e /usr/aarch64-linux-gnu/include/stdio.h) >/dev/null || \
-		(apt-get update -q && apt-get install -y -q chromium chromium-driver libb64-0d \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver libnss3-tools libb64-0d \
 			gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -171,6 +171,25 @@ def serve(
     wire_dtype: WireOpt = "float32",
     step_timeout: StepTimeoutOpt = 10.0,
     advertise: Annotated[bool, typer.Option(help="Announce this appliance on the LAN by mDNS (for pairing).")] = True,
+    tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--tls/--no-tls",
+            help="HTTPS and gRPC over TLS. Default: on unless --host is loopback. --no-tls beyond loopback sends "
+            "prompts and keys in clear.",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="The owner's server certificate (PEM); default: one from the appliance's CA.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The key of --tls-cert (PEM).")] = None,
+    tls_name: Annotated[
+        list[str] | None, typer.Option(help="One more DNS name or address for the CA's certificate; may be repeated.")
+    ] = None,
+    admin_mtls: Annotated[
+        bool,
+        typer.Option("--admin-mtls", help="Administration also needs a client certificate from the appliance's CA."),
+    ] = False,
 ) -> None:
     """Serve the model to the home: OpenAI-compatible REST, Anthropic's Messages API, Ollama's API, KServe v2
     (Triton) over REST and gRPC."""
@@ -194,6 +213,7 @@ def serve(
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+    server_tls = _server_tls(host, tls, tls_cert, tls_key, tls_name, admin_mtls)
     if no_auth:
         keys: frozenset[str] = frozenset()
         admin_keys: frozenset[str] = frozenset()
@@ -208,21 +228,39 @@ def serve(
         ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout, threads
     )
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
+    admin_ca = None
+    if admin_mtls:
+        from offload.pki import certificate_authority
+
+        admin_ca = certificate_authority()
     state = ServerState(
-        engine, scheduler, engine.name, keys, admin_keys, ClientKeys(), max_tokens_limit=max_tokens_limit
+        engine,
+        scheduler,
+        engine.name,
+        keys,
+        admin_keys,
+        ClientKeys(),
+        max_tokens_limit=max_tokens_limit,
+        admin_ca=admin_ca,
     )
     app = create_app(state)
 
     async def run() -> None:
         http_socket = listen(host, http_port)  # both ports bound before "serving" is said
-        grpc_server = await start_grpc(app.state.kserve, host, grpc_port)
+        credentials = server_tls.grpc_credentials() if server_tls else None
+        grpc_server = await start_grpc(app.state.kserve, host, grpc_port, credentials)
+        web, secured = ("HTTPS", " (TLS)") if server_tls else ("HTTP", "")
         stderr.print(
             f"serving {engine.name} (backend: {describe(engine.model.backend)}): "
-            f"HTTP on {host}:{http_port}, gRPC on {host}:{grpc_port}"
+            f"{web} on {host}:{http_port}, gRPC{secured} on {host}:{grpc_port}"
         )
         # SIGTERM/SIGINT: uvicorn stops taking connections and gives running requests a few seconds;
         # gRPC drains over the same seconds, side by side.
-        http = _HttpServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+        tls_options = server_tls.uvicorn_options() if server_tls else {}
+        http = _HttpServer(
+            uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **tls_options)
+        )
+        renewal = asyncio.ensure_future(server_tls.keep_fresh()) if server_tls else None
 
         async def stop_grpc_on_exit() -> None:
             while not http.should_exit:
@@ -234,6 +272,8 @@ def serve(
             await http.serve(sockets=[http_socket])
         finally:
             http.should_exit = True
+            if renewal is not None:
+                renewal.cancel()
             await stopper
 
     announced = None
@@ -242,7 +282,8 @@ def serve(
         from offload.discovery import advertise as announce
 
         try:
-            announced = announce(APPLIANCE_TYPE, f"appliance-{http_port}", http_port)
+            scheme = {"scheme": "https" if server_tls else "http"}  # how pairing workers must call
+            announced = announce(APPLIANCE_TYPE, f"appliance-{http_port}", http_port, scheme)
         except Exception as e:  # no multicast on this network: pairing then needs --appliance
             stderr.print(f"[yellow]mDNS announcement failed ({e}); workers must pair with --appliance URL[/]")
     # The scheduler thread and the event loop share the GIL: hand it over every 0.5 ms, not 5 ms, so
@@ -255,6 +296,39 @@ def serve(
         scheduler.stop()
         if announced is not None:
             announced.close()
+
+
+def _server_tls(
+    host: str, tls: bool | None, cert: Path | None, key: Path | None, names: list[str] | None, admin_mtls: bool
+):
+    """The home-facing ports' TLS (appliance/serving/tls.py), or None for plain HTTP and gRPC; says which."""
+    from appliance.serving.tls import ServerTLS, is_loopback
+
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert and --tls-key go together: give both (or neither, for the appliance's CA)")
+    use_tls = tls if tls is not None else bool(cert) or not is_loopback(host)
+    if not use_tls:
+        if cert or admin_mtls:
+            raise ValueError(f"{'--tls-cert' if cert else '--admin-mtls'} needs TLS: drop --no-tls")
+        if not is_loopback(host):
+            stderr.print(
+                f"[bold yellow]WARNING: --no-tls: prompts, answers and API keys cross the network in clear; "
+                f"anyone on the LAN of {host} can read them.[/]"
+            )
+        return None
+    from offload.pki import certificate_authority
+
+    ca = certificate_authority()
+    if cert is not None and key is not None:
+        server = ServerTLS(cert, key, client_ca=ca.ca_pem if admin_mtls else None)
+        stderr.print(f"TLS: the certificate {cert} (re-read when it changes)")
+    else:
+        server = ServerTLS.from_ca(ca, host, names, admin_mtls)
+        stderr.print(
+            f"TLS: a certificate from this appliance's CA ({ca.folder / 'ca.pem'}, SHA-256 {ca.fingerprint()}); "
+            "trust it once on each device: appliance-ctl ca export"
+        )
+    return server
 
 
 def listen(host: str, port: int) -> socket.socket:

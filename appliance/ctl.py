@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -44,6 +45,8 @@ sessions_app = typer.Typer(help="Generations running now.")
 app.add_typer(sessions_app, name="sessions")
 keys_app = typer.Typer(help="Named client API keys (revocable without a restart).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+ca_app = typer.Typer(help="The appliance's certificate authority, from this machine's files.", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
 
 NameArg = Annotated[str, typer.Argument(help="Model name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
@@ -61,9 +64,25 @@ def _options(
         str | None,
         typer.Option(envvar="APPLIANCE_ADMIN_KEY", help="The admin key (default: the file $APPLIANCE_HOME/admin-key)."),
     ] = None,
+    cacert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="APPLIANCE_CACERT",
+            help="The CA to trust for https:// (default: the system's, plus $APPLIANCE_HOME/pki/ca.pem or "
+            "$APPLIANCE_HOME/ca.pem).",
+        ),
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="APPLIANCE_CLIENT_CERT",
+            help="Client certificate for --admin-mtls (default: $APPLIANCE_HOME/admin.pem, or the appliance's own).",
+        ),
+    ] = None,
+    key: Annotated[Path | None, typer.Option(envvar="APPLIANCE_CLIENT_KEY", help="The key of --cert.")] = None,
 ) -> None:
     global _client
-    _client = AdminClient(server, admin_key)
+    _client = AdminClient(server, admin_key, cacert=cacert, cert=cert, cert_key=key)
 
 
 def command(fn: F) -> F:
@@ -394,7 +413,7 @@ def pair(
     within = f"{ttl // 60} min" if ttl % 60 == 0 else f"{ttl} s"
     stderr.print(
         f"On the device, within {within}: appliance-worker --port 50051 --pair {code} "
-        "[--appliance http://THIS-APPLIANCE:8000]"
+        "[--appliance https://THIS-APPLIANCE:8000]"
     )
 
 
@@ -426,6 +445,43 @@ def revoke(name: DeviceArg, as_json: JsonOpt = False) -> None:
     except PairingError as e:
         raise CtlError(str(e), 5) from e
     show({"name": name, "revoked_certificates": n}, as_json, lambda d: print(f"revoked {n} certificate(s) of {name}"))
+
+
+# -- the CA (this machine's files) -----------------------------------------------------------------
+@ca_app.command("export")
+@command
+def export_ca(as_json: JsonOpt = False) -> None:
+    """Print the CA certificate (PEM, on stdout) and its SHA-256 fingerprint (on stderr): trust it once on
+    each device, and compare the fingerprint with the one `appliance serve` prints."""
+    from offload.pki import certificate_authority
+
+    ca = certificate_authority()
+    if as_json:
+        print(json.dumps({"pem": ca.ca_pem.decode(), "sha256": ca.fingerprint(), "path": str(ca.folder / "ca.pem")}))
+        return
+    sys.stdout.write(ca.ca_pem.decode())
+    stderr.print(f"SHA-256 fingerprint: {ca.fingerprint()}")
+
+
+@ca_app.command("issue")
+@command
+def issue_client(
+    name: Annotated[str, typer.Argument(help="The device's name (like a host name).")],
+    out: Annotated[Path | None, typer.Option(help="Folder for admin.pem, admin.key, ca.pem (default: ./NAME).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A client certificate for a device that administers the appliance (serve --admin-mtls). Copy the
+    three files into that device's $APPLIANCE_HOME; `workers revoke NAME` ends it."""
+    from offload.pki import PairingError, certificate_authority
+
+    folder = out or Path(name)
+    try:
+        identity = certificate_authority().issue_client(name, folder)
+    except PairingError as e:
+        raise CtlError(str(e)) from e
+    result = {"name": name, "folder": str(folder), "serial": str(identity.certificate.serial_number)}
+    where = f"{folder}/admin.pem, admin.key, ca.pem: copy them into {name}'s $APPLIANCE_HOME"
+    show(result, as_json, lambda d: print(where))
 
 
 # -- sessions ----------------------------------------------------------------------------------

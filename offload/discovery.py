@@ -49,8 +49,9 @@ def advertise_worker(name: str, port: int) -> Zeroconf:
     return advertise(WORKER_TYPE, name, port)
 
 
-def browse(service_type: str, found: Callable[[str], None]) -> Zeroconf:
-    """Call found("host:port") for each instance of a service seen on the LAN, until closed."""
+def browse(service_type: str, found: Callable[[str], None], scheme: bool = False) -> Zeroconf:
+    """Call found("host:port") for each instance of a service seen on the LAN, until closed (with `scheme`:
+    "SCHEME://host:port", from the announcement's `scheme` property, http when absent)."""
     zc = _zeroconf()
 
     def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
@@ -58,19 +59,22 @@ def browse(service_type: str, found: Callable[[str], None]) -> Zeroconf:
             return
         info = zeroconf.get_service_info(service_type, name, timeout=3000)
         if info and info.parsed_addresses():
-            found(f"{info.parsed_addresses()[0]}:{info.port}")
+            address = f"{info.parsed_addresses()[0]}:{info.port}"
+            if scheme:
+                address = f"{(info.properties.get(b'scheme') or b'http').decode()}://{address}"
+            found(address)
 
     ServiceBrowser(zc, service_type, handlers=[on_change])
     return zc
 
 
 def find_appliance(timeout: float = 5.0) -> str | None:
-    """The first appliance announced on the LAN, as http://host:port, or None."""
+    """The first appliance announced on the LAN, as https://host:port (http:// for a plain one), or None."""
     seen: list[str] = []
     event = threading.Event()
-    zc = browse(APPLIANCE_TYPE, lambda address: (seen.append(address), event.set()))
+    zc = browse(APPLIANCE_TYPE, lambda address: (seen.append(address), event.set()), scheme=True)
     try:
         event.wait(timeout)
     finally:
         zc.close()
-    return f"http://{seen[0]}" if seen else None
+    return seen[0] if seen else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import math
 import re
@@ -38,6 +39,9 @@ from models.store import default_root
 # whatever address the LAN gives them, so the CA (not the address) is what proves who they are.
 WORKER_SAN = "appliance-worker"
 APPLIANCE_NAME = "appliance"  # the appliance's own certificate; pairing refuses it to devices
+SERVER_NAME = "server"  # pki/server.{pem,key}: the certificate of the home-facing HTTPS and gRPC ports
+SERVER_DAYS = 397  # a server certificate's life (the longest browsers take from public CAs) ...
+SERVER_RENEW_DAYS = 30  # ... renewed when it has less than this left (at start-up, and while serving)
 CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
 CODE_TTL_S = 300
 MAX_CODE_TTL_S = 3600  # a code is for pairing a device now, not a standing invitation
@@ -171,22 +175,28 @@ class CertificateAuthority:
             return self._sign_device(csr, name, days)
 
     def _certificate(self, csr: x509.CertificateSigningRequest, name: str, days: int) -> bytes:
-        now = _now()
-        cert = (
+        sans = [x509.DNSName(WORKER_SAN), x509.DNSName(name)]
+        return self._build(csr.public_key(), name, days, sans).public_bytes(serialization.Encoding.PEM)
+
+    def _build(self, public_key, name: str, days: int, sans: list, server_only: bool = False) -> x509.Certificate:
+        """A certificate under this CA: devices' serve and dial (mutual TLS), the home-facing server's only serves."""
+        now = self._clock_now()
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([] if server_only else [ExtendedKeyUsageOID.CLIENT_AUTH])
+        return (
             x509.CertificateBuilder()
             .subject_name(_name(name))
             .issuer_name(self.cert.subject)
-            .public_key(csr.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(WORKER_SAN), x509.DNSName(name)]), False)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False
-            )
+            .add_extension(x509.SubjectAlternativeName(sans), False)
+            .add_extension(x509.ExtendedKeyUsage(usages), False)
             .sign(self.key, hashes.SHA256())
         )
-        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def _clock_now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc)
 
     def _sign_device(self, csr: x509.CertificateSigningRequest, name: str, days: int) -> bytes:
         """Sign and record (the caller holds the lock)."""
@@ -208,6 +218,44 @@ class CertificateAuthority:
             ident = Identity(key_pem(key), cert, self.ca_pem)
             ident.save(self.folder, name)
             return ident
+
+    def server_identity(
+        self, dns_names: list[str], ip_addresses: list[str], renew_days: float = SERVER_RENEW_DAYS
+    ) -> tuple[Identity, bool]:
+        """The home-facing server's certificate, for these names and addresses (pki/server.*), and whether
+        it was just issued: a new one when there is none, when it expires within `renew_days` (by this
+        CA's clock), or when it lacks a name or address the appliance is now reached by."""
+        wanted = _san_entries(dns_names, ip_addresses)
+        with self._locked():
+            existing = Identity.load(self.folder, SERVER_NAME)
+            if existing is not None and existing.ca_pem == self.ca_pem:
+                cert = existing.certificate
+                left = cert.not_valid_after_utc - self._clock_now()
+                names = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+                if left > dt.timedelta(days=renew_days) and set(wanted) <= names:
+                    return existing, False
+            key = new_key()
+            cert = self._build(key.public_key(), "appliance server", SERVER_DAYS, wanted, server_only=True)
+            ident = Identity(key_pem(key), cert.public_bytes(serialization.Encoding.PEM), self.ca_pem)
+            ident.save(self.folder, SERVER_NAME)
+            return ident, True
+
+    def issue_client(self, name: str, folder: Path) -> Identity:
+        """A key and certificate for a device that administers the appliance (`--admin-mtls`), recorded
+        like a paired device's so `workers revoke NAME` ends it; saved as folder/admin.{pem,key} + ca.pem."""
+        key = new_key()
+        csr, name = _read_request(signing_request(key, name), device=True)
+        with self._locked():
+            if self._in_use(name):
+                raise NameTaken(f"a paired device is already named {name!r}: give this one another name")
+            cert = self._sign_device(csr, name, 365)
+        identity = Identity(key_pem(key), cert, self.ca_pem)
+        identity.save(folder, "admin")
+        return identity
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the CA certificate (DER), as browsers and `openssl x509 -fingerprint -sha256` show it."""
+        return ":".join(f"{b:02X}" for b in self.cert.fingerprint(hashes.SHA256()))
 
     # -- pairing codes -----------------------------------------------------------------------
     def new_code(self, ttl_s: int = CODE_TTL_S) -> str:
@@ -312,6 +360,13 @@ def certificate_authority() -> CertificateAuthority:
 def certificate_name(cert: x509.Certificate) -> str:
     """The device (or appliance) a certificate was signed for: its common name."""
     return cert.subject.rfc4514_string().removeprefix("CN=")
+
+
+def _san_entries(dns_names: list[str], ip_addresses: list[str]) -> list[x509.GeneralName]:
+    """Subject alternative names, each once, in the order given."""
+    entries: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys(dns_names)]
+    entries += [x509.IPAddress(ipaddress.ip_address(a)) for a in dict.fromkeys(ip_addresses)]
+    return entries
 
 
 def _name(common_name: str) -> x509.Name:

@@ -449,7 +449,7 @@ def run(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     pair: Annotated[str | None, typer.Option("--pair", help="Pairing code shown by the appliance.")] = None,
     appliance: Annotated[
-        str | None, typer.Option(help="The appliance's HTTP address for pairing (default: found by mDNS).")
+        str | None, typer.Option(help="The appliance's URL for pairing, https://HOST:8000 (default: found by mDNS).")
     ] = None,
     name: Annotated[str | None, typer.Option(help="This device's name (default: the host name).")] = None,
     memory_budget: Annotated[str, typer.Option(help="Most memory for layers and KV caches, e.g. 2GB.")] = "2GB",

@@ -1,5 +1,8 @@
 """The dashboard at /ui in a real headless Chromium (Debian's `chromium` + `chromium-driver`, driven by
-Selenium): it asks for the key, shows the devices of a server with one real worker, and streams a chat reply.
+Selenium), over HTTPS: it asks for the key, shows the devices of a server with one real worker, and streams
+a chat reply. Chromium trusts the appliance's CA the way an owner's browser would: the CA certificate
+imported into the NSS database of its (temporary) home with `certutil` (Debian's libnss3-tools), no flag
+that skips certificate checks; the same page in a Chromium without it shows the certificate error.
 
 UPDATE_SCREENSHOT=1 also saves the page to docs/dashboard.png.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,23 +24,43 @@ from tests.serving import running_server
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium")
+CERTUTIL = shutil.which("certutil")
 
 
 @pytest.fixture()
-def browser():
+def browsers():
+    """Opens headless Chromiums whose home (and so NSS database) is the given folder; quits them after."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     assert CHROMIUM and CHROMEDRIVER, "needs Debian's chromium and chromium-driver (.ci/run installs them)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    opened = []
+
+    def open_in(home: Path):
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+            options.add_argument(arg)
+        service = Service(CHROMEDRIVER, env={**os.environ, "HOME": str(home)})
+        opened.append(webdriver.Chrome(service=service, options=options))
+        return opened[-1]
+
     try:
-        yield driver
+        yield open_in
     finally:
-        driver.quit()
+        for driver in opened:
+            driver.quit()
+
+
+def trusting_home(home: Path, ca_pem: Path) -> Path:
+    """A home whose NSS database (what Chromium on Linux reads) trusts the CA for TLS servers ("C,,")."""
+    assert CERTUTIL, "needs Debian's libnss3-tools (certutil); make system-test-deps installs it"
+    db = home / ".pki" / "nssdb"
+    db.mkdir(parents=True)
+    certutil = [CERTUTIL, "-d", f"sql:{db}"]
+    subprocess.run([*certutil, "-N", "--empty-password"], check=True)
+    subprocess.run([*certutil, "-A", "-t", "C,,", "-n", "appliance-ca", "-i", str(ca_pem)], check=True)
+    return home
 
 
 def wait_for(condition, timeout: float = 120, what: str = "the page"):
@@ -49,11 +73,12 @@ def wait_for(condition, timeout: float = 120, what: str = "the page"):
         time.sleep(0.05)
 
 
-def test_dashboard_shows_devices_and_streams_a_chat_reply(tmp_path, monkeypatch, model_path, browser):
+def test_dashboard_shows_devices_and_streams_a_chat_reply(tmp_path, monkeypatch, model_path, browsers):
     from selenium.webdriver.common.by import By
 
     monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "appliance"))
-    issue_identity(certificate_authority(), tmp_path / "laptop", "laptop")
+    ca = certificate_authority()
+    issue_identity(ca, tmp_path / "laptop", "laptop")
     with (
         worker_process(tmp_path / "laptop", budget="420MB") as laptop,
         running_server(
@@ -68,12 +93,19 @@ def test_dashboard_shows_devices_and_streams_a_chat_reply(tmp_path, monkeypatch,
             "--no-discover",
             "--no-advertise",
             log_path=tmp_path / "server.log",
+            tls=True,
         ) as server,
     ):
-        assert httpx.get(f"{server.url}/ui").status_code == 200  # the page is public ...
-        assert httpx.get(f"{server.url}/ui/summary").status_code == 401  # ... what it shows is not
+        assert server.url.startswith("https://")
+        assert httpx.get(f"{server.url}/ui", verify=server.verify()).status_code == 200  # the page is public ...
+        assert httpx.get(f"{server.url}/ui/summary", verify=server.verify()).status_code == 401  # ... its data not
 
+        stranger = browsers(tmp_path / "stranger")  # a browser that does not trust the appliance's CA
+        stranger.get(f"{server.url}/ui")
+        assert stranger.title == "Privacy error" and stranger.find_elements(By.ID, "key") == []
+        browser = browsers(trusting_home(tmp_path / "owner", ca.folder / "ca.pem"))
         browser.get(f"{server.url}/ui")
+        assert browser.execute_script("return location.protocol") == "https:"
         find = browser.find_element
         assert find(By.ID, "login").is_displayed() and not find(By.ID, "board").is_displayed()
         find(By.ID, "key").send_keys("wrong-key")
@@ -82,7 +114,9 @@ def test_dashboard_shows_devices_and_streams_a_chat_reply(tmp_path, monkeypatch,
 
         find(By.ID, "key").send_keys("test-key")
         find(By.ID, "save-key").click()
-        summary = httpx.get(f"{server.url}/ui/summary", headers={"Authorization": "Bearer test-key"})
+        summary = httpx.get(
+            f"{server.url}/ui/summary", headers={"Authorization": "Bearer test-key"}, verify=server.verify()
+        )
         assert summary.status_code == 200, summary.text
         wait_for(lambda: find(By.ID, "board").is_displayed(), 30, f"opening with the key ({find(By.ID, 'state').text})")
         assert browser.execute_script("return sessionStorage.getItem('appliance-api-key')") == "test-key"

@@ -1,5 +1,5 @@
-"""The README's curl, openai and tritonclient examples, run as written against `appliance serve`, with
-the key it makes on first start. Only the ports differ: the server takes free ones (8000 and 8001 may be
+"""The README's curl, openai and tritonclient examples, run as written against `appliance serve --tls`,
+with the key and the CA it makes on first start. Only the ports differ: the server takes free ones (8000 and 8001 may be
 held by something else on a test machine), and the examples' `localhost:8000` and `:8001` follow it."""
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def served(tmp_path_factory, model_path):
     while grpc_port == http_port:
         grpc_port = free_port()
     ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    serve = [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1", *ports]
-    with running(serve, f"http://127.0.0.1:{http_port}/health", env=env):
+    serve = [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1", "--tls", *ports]
+    ca = home / ".cache" / "appliance" / "pki" / "ca.pem"  # made by the server, as on a new box
+    with running(serve, f"https://127.0.0.1:{http_port}/health", env=env, cafile=ca):
         yield Served(env, http_port, grpc_port)
 
 

@@ -2,7 +2,9 @@
 
 Each server runs as its own process on loopback. At each concurrency level, that many clients
 start together, each streaming one completion over the OpenAI API; we record time to first token,
-the gaps between tokens, and the aggregate tokens/s over the level's wall time.
+the gaps between tokens, and the aggregate tokens/s over the level's wall time. Our server is measured
+twice, in plain HTTP and over TLS (its CA's certificate, as the LAN gets it), and a last table says what
+TLS costs: per request (a new connection each, handshake included, and on a kept-alive one) and per token.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -74,10 +78,17 @@ def long_prompt(path: Path) -> str:
     return tokenizer.decode(ids[:LONG_PROMPT_TOKENS])
 
 
-async def _level(url: str, model: str, clients: int, max_tokens: int, long_text: str | None = None) -> dict:
+async def _level(
+    url: str,
+    model: str,
+    clients: int,
+    max_tokens: int,
+    long_text: str | None = None,
+    verify: ssl.SSLContext | bool = True,
+) -> dict:
     """`clients` streams started together; with long_text, one more client sends that prompt (non-streamed,
     one token) once the streams are under way, and only the streams are measured."""
-    async with httpx.AsyncClient(timeout=600) as http:
+    async with httpx.AsyncClient(timeout=600, verify=verify) as http:
         start = time.perf_counter()
         streams = [_one(http, url, model, PROMPTS[i % len(PROMPTS)] + f" ({i})", max_tokens) for i in range(clients)]
 
@@ -107,14 +118,53 @@ class Subject:
     command: list[str]
     url: str
     model: str  # the name its /v1 API knows the model by
+    env: dict | None = None
+    cafile: Path | None = None  # over TLS: the CA its certificate is checked against
+    ours: bool = False
+    request_costs: dict = field(default_factory=dict)
+
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.cafile)) if self.cafile else True
 
 
-def _ours(path: Path, max_batch: int) -> Subject:
+def _ours(path: Path, max_batch: int, tls: bool = False) -> Subject:
+    """Our server in plain HTTP, or over TLS with a certificate from a fresh CA (in its own APPLIANCE_HOME)."""
     port = free_port()
     cmd = [sys.executable, "-m", "appliance.cli", "serve", "--model", str(path), "--no-auth"]
     cmd += ["--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", str(free_port())]
-    cmd += ["--max-batch", str(max_batch)]
-    return Subject("appliance", cmd, f"http://127.0.0.1:{port}", path.stem)
+    cmd += ["--max-batch", str(max_batch), "--no-advertise", "--no-discover"]
+    if not tls:
+        return Subject("appliance", cmd, f"http://127.0.0.1:{port}", path.stem, ours=True)
+    home = Path(tempfile.mkdtemp(prefix="bench-tls-"))
+    env = {**os.environ, "APPLIANCE_HOME": str(home)}
+    url = f"https://127.0.0.1:{port}"
+    return Subject("appliance over TLS", [*cmd, "--tls"], url, path.stem, env, home / "pki" / "ca.pem", ours=True)
+
+
+REQUESTS = 40  # per kind, for the per-request cost of TLS
+
+
+def _request_costs(subject: Subject) -> dict:
+    """Milliseconds per request, p50 over REQUESTS sequential ones: `GET /v2/health/ready` on a new
+    connection each (TCP and, over TLS, the handshake) and on one kept-alive connection, and a 1-token
+    completion on a kept-alive connection."""
+    verify = subject.verify()
+
+    def timed(call) -> float:
+        times = []
+        for _ in range(REQUESTS):
+            start = time.perf_counter()
+            call().raise_for_status()
+            times.append(time.perf_counter() - start)
+        return float(np.percentile(times, 50) * 1e3)
+
+    body = {"model": subject.model, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+    with httpx.Client(verify=verify, timeout=60) as kept:
+        return {
+            "new": timed(lambda: httpx.get(f"{subject.url}/v2/health/ready", verify=verify)),
+            "kept": timed(lambda: kept.get(f"{subject.url}/v2/health/ready")),
+            "token": timed(lambda: kept.post(f"{subject.url}/v1/completions", json=body)),
+        }
 
 
 def _llama_server(path: Path, max_batch: int, binary: Path) -> Subject:
@@ -137,7 +187,7 @@ def _llama_cpp_python(path: Path) -> Subject:
 
 def _subjects(path: Path, peers: bool, max_batch: int, llama_bin: Path) -> list[Subject]:
     """Us, and each peer that is installed (a missing one is said on stderr)."""
-    subjects = [_ours(path, max_batch)]
+    subjects = [_ours(path, max_batch), _ours(path, max_batch, tls=True)]
     if not peers:
         return subjects
     say = Console(stderr=True).print
@@ -154,9 +204,9 @@ def _subjects(path: Path, peers: bool, max_batch: int, llama_bin: Path) -> list[
     return subjects
 
 
-def _backend(url: str) -> str:
+def _backend(subject: Subject) -> str:
     """What our server really runs, from its /metrics (appliance_backend_info)."""
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+    for line in httpx.get(subject.url + "/metrics", timeout=10, verify=subject.verify()).text.splitlines():
         if line.startswith("appliance_backend_info{"):
             return line.split('description="', 1)[1].split('"', 1)[0]
     return "backend unknown"
@@ -173,20 +223,25 @@ def run_bench_serve(
     """Each subject in turn: every level without and with a long prompt arriving, in one run."""
     llama_bin = llama_bin or Path(sys.prefix) / "llama-rpc"
     long_text, rows = long_prompt(path), []
-    for subject in _subjects(path, peers, max_batch, llama_bin):
+    subjects = _subjects(path, peers, max_batch, llama_bin)
+    for subject in subjects:
         with ExitStack() as stack:
             try:
-                stack.enter_context(running(subject.command, f"{subject.url}/v1/models"))
+                health = f"{subject.url}/v1/models"
+                stack.enter_context(running(subject.command, health, env=subject.env, cafile=subject.cafile))
             except (RuntimeError, TimeoutError) as e:  # a peer that will not start: say so, keep our figures
                 Console(stderr=True).print(f"{subject.label} not measured: {e}")
                 continue
-            label = f"{subject.label} ({_backend(subject.url)})" if subject.label == "appliance" else subject.label
-            asyncio.run(_level(subject.url, subject.model, 1, 4))  # warm up
+            label = f"{subject.label} ({_backend(subject)})" if subject.ours else subject.label
+            verify = subject.verify()
+            asyncio.run(_level(subject.url, subject.model, 1, 4, verify=verify))  # warm up
+            if subject.ours:
+                subject.request_costs = _request_costs(subject)
             for clients in levels:
                 for extra in (None, long_text):
-                    row = {"system": label, "long": extra is not None, "clients": clients}
+                    row = {"system": label, "long": extra is not None, "clients": clients, "tls": bool(subject.cafile)}
                     try:
-                        row |= asyncio.run(_level(subject.url, subject.model, clients, max_tokens, extra))
+                        row |= asyncio.run(_level(subject.url, subject.model, clients, max_tokens, extra, verify))
                     except httpx.HTTPError as e:  # a server that fails under load is a result too
                         Console(stderr=True).print(f"{label} at {clients} clients failed: {e!r}")
                         nan = float("nan")
@@ -194,7 +249,39 @@ def run_bench_serve(
                         row |= {"itl50": nan, "itl99": nan}
                     rows.append(row)
     _print(path, rows, max_tokens)
+    _print_tls_cost(subjects, rows)
     return rows
+
+
+def _print_tls_cost(subjects: list[Subject], rows: list[dict]) -> None:
+    """TLS against plain HTTP, both our server in this run: per request and per streamed token."""
+    measured = {bool(s.cafile): s for s in subjects if s.ours and s.request_costs}
+    if len(measured) < 2:
+        return
+    plain, tls = measured[False], measured[True]
+    kinds = {
+        "new": "ms per GET /v2/health/ready, new connection each",
+        "kept": "ms per GET /v2/health/ready, kept alive",
+        "token": "ms per 1-token completion, kept alive",
+    }
+    table = []
+    for key, what in kinds.items():
+        a, b = plain.request_costs[key], tls.request_costs[key]
+        table.append([what, f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"])
+    streams = {(r["tls"], r["clients"]): r for r in rows if "tls" in r and not r["long"]}
+    for clients in sorted({c for _, c in streams}):
+        a, b = streams.get((False, clients)), streams.get((True, clients))
+        if a and b:
+            ms = (a["itl50"] * 1e3, b["itl50"] * 1e3)
+            streaming = f"{clients} streaming client(s)"
+            table.append([f"ITL p50 ms, {streaming}", f"{ms[0]:.2f}", f"{ms[1]:.2f}", f"{ms[1] - ms[0]:+.2f}"])
+            change = (b["tps"] / a["tps"] - 1) * 100
+            table.append([f"tokens/s, {streaming}", f"{a['tps']:.1f}", f"{b['tps']:.1f}", f"{change:+.1f}%"])
+    print_table(
+        f"what TLS costs (our server, plain HTTP vs TLS, same run; requests: p50 of {REQUESTS})",
+        ["measure", "plain", "TLS", "TLS adds"],
+        table,
+    )
 
 
 def _print(path: Path, rows: list[dict], max_tokens: int) -> None:

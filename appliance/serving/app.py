@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.serving import admin, anthropic_api, dashboard, embeddings, ollama_api, openai_api, pairing
-from appliance.serving.auth import AuthError
+from appliance.serving.auth import AuthError, CertificateRequired
 from appliance.serving.disconnect import ClientLeft
 from appliance.serving.errors import error_response
 from appliance.serving.kserve import http as kserve_http
@@ -159,6 +159,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(AuthError)
     async def unauthorized(request: Request, e: AuthError):
         return _reply(request, 401, str(e), "invalid_api_key")
+
+    @app.exception_handler(CertificateRequired)
+    async def no_certificate(request: Request, e: CertificateRequired):
+        return _reply(request, 403, str(e), "client_certificate_required")
 
     @app.exception_handler(QueueFullError)
     async def busy(request: Request, e: QueueFullError):

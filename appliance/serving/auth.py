@@ -1,17 +1,40 @@
 """Who may call: inference takes an API (or admin) key, administration the admin key; both as bearer tokens
-(inference also as Anthropic's `x-api-key` header, the way its clients send a key)."""
+(inference also as Anthropic's `x-api-key` header, the way its clients send a key). With `--admin-mtls`
+administration also needs a client certificate from the appliance's CA, not revoked (tls.py verifies it
+at the handshake and hands it on)."""
 
 from __future__ import annotations
 
 import hmac
 
+from cryptography import x509
 from fastapi import Request
 
 from appliance.serving.state import ServerState, server_state
+from appliance.serving.tls import PEER_CERTIFICATE
 
 
 class AuthError(Exception):
     """A missing or wrong API key (401)."""
+
+
+class CertificateRequired(Exception):
+    """Administration without a valid client certificate under `--admin-mtls` (403, gRPC PERMISSION_DENIED)."""
+
+
+def check_admin_certificate(state: ServerState, cert: x509.Certificate | None) -> None:
+    """Under --admin-mtls, the caller's certificate (already verified against the CA by the TLS handshake)
+    must be there and not revoked; without --admin-mtls, nothing to check."""
+    if state.admin_ca is None:
+        return
+    if cert is None:
+        raise CertificateRequired(
+            "this appliance takes administration only over HTTPS from a device holding a certificate from its CA "
+            "(--admin-mtls): `appliance-ctl ca issue NAME` on the appliance makes one; "
+            "give it with appliance-ctl --cert FILE --key FILE"
+        )
+    if cert.serial_number in state.admin_ca.revoked_serials():
+        raise CertificateRequired("this device's certificate was revoked: it may no longer administer the appliance")
 
 
 def check_key(state: ServerState, authorization: str, admin: bool = False) -> None:
@@ -37,4 +60,6 @@ def authorize(request: Request) -> None:
 
 
 def authorize_admin(request: Request) -> None:
+    der = getattr(request.state, PEER_CERTIFICATE, None)
+    check_admin_certificate(server_state(request), x509.load_der_x509_certificate(der) if der else None)
     check_key(server_state(request), request.headers.get("authorization", ""), admin=True)

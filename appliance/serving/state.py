@@ -11,6 +11,7 @@ from appliance.serving.client_keys import ClientKeys
 from appliance.serving.scheduler import Scheduler
 from models.engine import Engine, Generation
 from models.sampling import InvalidParameterError, SamplingParams
+from offload.pki import CertificateAuthority
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ServerState:
     api_keys: frozenset[str] = frozenset()  # empty: no authentication (--no-auth)
     admin_keys: frozenset[str] = frozenset()  # load/unload and device management
     client_keys: ClientKeys | None = None  # named keys made and revoked while running (appliance-ctl keys)
+    admin_ca: CertificateAuthority | None = None  # --admin-mtls: administration also needs a certificate from it
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,9 +23,15 @@ def free_port() -> int:
 
 @contextmanager
 def running(
-    cmd: list[str], health_url: str, env: dict | None = None, timeout: float = 180, log_path: Path | None = None
+    cmd: list[str],
+    health_url: str,
+    env: dict | None = None,
+    timeout: float = 180,
+    log_path: Path | None = None,
+    cafile: Path | None = None,
 ) -> Iterator[int]:
-    """Run cmd until the with-block ends; yields its pid once health_url answers 200.
+    """Run cmd until the with-block ends; yields its pid once health_url answers 200 (an https:// one
+    checked against `cafile`, the appliance's CA, which the server writes as it starts).
 
     Its stderr goes to a file (a pipe nobody reads would stall a chatty server once full): log_path, to
     read it afterwards, else a temporary one.
@@ -38,8 +45,10 @@ def running(
                     log.seek(0)
                     raise RuntimeError(f"{' '.join(cmd[:4])} exited with {proc.returncode}: {log.read()[-2000:]}")
                 try:
-                    if httpx.get(health_url, timeout=1).status_code == 200:
-                        break
+                    if cafile is None or cafile.is_file():
+                        verify = ssl.create_default_context(cafile=str(cafile)) if cafile else True
+                        if httpx.get(health_url, timeout=1, verify=verify).status_code == 200:
+                            break
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
+from cryptography import x509
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from appliance.serving.auth import AuthError, check_key
+from appliance.serving.auth import AuthError, CertificateRequired, check_admin_certificate, check_key
 from appliance.serving.kserve.repository import (
     MODEL_VERSION,
     KServeError,
@@ -52,6 +53,8 @@ def status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
         return CODES.get(e.status, grpc.StatusCode.INTERNAL), str(e)
     if isinstance(e, AuthError):
         return grpc.StatusCode.UNAUTHENTICATED, str(e)
+    if isinstance(e, CertificateRequired):
+        return grpc.StatusCode.PERMISSION_DENIED, str(e)
     if isinstance(e, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e} (retry after {e.retry_after} s)"
     if isinstance(e, ModelError | Malformed):
@@ -132,6 +135,9 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # what we 
         self.repo = repo
 
     def _authorize(self, context: grpc.aio.ServicerContext, admin: bool = False) -> None:
+        if admin and self.repo.state.admin_ca is not None:
+            pem = context.auth_context().get("x509_pem_cert")  # none: the gRPC port asks for no client certificate
+            check_admin_certificate(self.repo.state, x509.load_pem_x509_certificate(pem[0]) if pem else None)
         check_key(self.repo.state, dict(context.invocation_metadata()).get("authorization", ""), admin)
 
     async def _unary(self, context, fn, admin: bool = False):
@@ -249,12 +255,16 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # what we 
                 yield service_pb2.ModelStreamInferResponse(error_message=status_of(e)[1])
 
 
-async def start_grpc(repo: Repository, host: str, port: int) -> grpc.aio.Server:
-    """The gRPC server, listening; a port already in use (even by another gRPC server) is a ValueError."""
+async def start_grpc(
+    repo: Repository, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+) -> grpc.aio.Server:
+    """The gRPC server, listening (over TLS with `credentials`); a port already in use (even by another
+    gRPC server) is a ValueError."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # gRPC's default shares a port silently
     add_servicer(KServeServicer(repo), server)
+    address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as e:  # grpcio raises on a failed bind; older versions returned 0
         raise ValueError(f"cannot listen for gRPC on {host}:{port}: the port is in use or the address is wrong") from e
     if bound == 0:
