@@ -48,9 +48,26 @@ def pair_with_appliance(code: str, appliance: str | None, name: str, home: Path,
         raise PairingError(f"the appliance at {appliance} sent no certificate: is it an appliance?") from e
     if not hmac.compare_digest(reply.get("mac", ""), pairing_mac(code, cert, ca)):
         raise PairingError("the reply was not signed with this pairing code: is that really your appliance?")
+    _check_issued_for(key, cert, ca)
     identity = Identity(key_pem(key), cert, ca)
     identity.save(home, "worker")
     return identity
+
+
+def _check_issued_for(key, cert_pem: bytes, ca_pem: bytes) -> None:
+    """The certificate must carry this worker's own public key and be signed by the CA sent with it: a
+    certificate for someone else's key would let its holder act as this worker."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    try:
+        cert, ca = x509.load_pem_x509_certificate(cert_pem), x509.load_pem_x509_certificate(ca_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError) as e:
+        raise PairingError(f"the appliance sent a certificate its CA did not sign: {e}") from e
+    der = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    if cert.public_key().public_bytes(*der) != key.public_key().public_bytes(*der):
+        raise PairingError("the appliance sent a certificate for another key than this worker's")
 
 
 def _message(e: urllib.error.HTTPError) -> str:

@@ -236,3 +236,36 @@ def test_refusals_over_http(home, server):
     ca.new_code()  # the owner, at the appliance, lifts the lock; the waiting code was not spent by it
     assert isinstance(pair_with_appliance(waiting, server.url, "phone", home / "phone"), Identity)
     assert "Traceback" not in (home / "server.log").read_text()
+
+
+def test_a_relay_that_swaps_the_signing_request_is_refused(ca, tmp_path):
+    """Someone between the worker and the appliance (pairing cannot check the appliance's certificate yet)
+    who reads the code can send the appliance their own signing request: the reply's MAC is then genuine,
+    but the certificate is for their key. The worker refuses it rather than keep a certificate it cannot use
+    and that lets the relay act as this worker."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class SwappingRelay(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            reply = json.dumps(ca.pair(body["code"], csr("laptop").encode())).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    relay = ThreadingHTTPServer(("127.0.0.1", 0), SwappingRelay)
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(PairingError, match="for another key than this worker's"):
+            pair_with_appliance(ca.new_code(), f"http://127.0.0.1:{relay.server_port}", "laptop", tmp_path / "w")
+    finally:
+        relay.shutdown()
+        relay.server_close()
+    assert not (tmp_path / "w").exists() or not list((tmp_path / "w").iterdir())  # nothing kept
