@@ -171,6 +171,10 @@ def serve(
     wire_dtype: WireOpt = "float32",
     step_timeout: StepTimeoutOpt = 10.0,
     advertise: Annotated[bool, typer.Option(help="Announce this appliance on the LAN by mDNS (for pairing).")] = True,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="A GGUF LoRA adapter file, served as MODEL+STEM; may be repeated."),
+    ] = None,
 ) -> None:
     """Serve the model to the home: OpenAI-compatible REST, Anthropic's Messages API, Ollama's API, KServe v2
     (Triton) over REST and gRPC."""
@@ -211,6 +215,8 @@ def serve(
     state = ServerState(
         engine, scheduler, engine.name, keys, admin_keys, ClientKeys(), max_tokens_limit=max_tokens_limit
     )
+    for path in adapter or []:
+        state.adapters.load(path)
     app = create_app(state)
 
     async def run() -> None:

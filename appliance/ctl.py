@@ -44,6 +44,8 @@ sessions_app = typer.Typer(help="Generations running now.")
 app.add_typer(sessions_app, name="sessions")
 keys_app = typer.Typer(help="Named client API keys (revocable without a restart).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+adapters_app = typer.Typer(help="LoRA adapters served beside the model (MODEL+ADAPTER).", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
 
 NameArg = Annotated[str, typer.Argument(help="Model name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
@@ -482,6 +484,39 @@ def list_keys(as_json: JsonOpt = False) -> None:
 def revoke_key(name: KeyArg, as_json: JsonOpt = False) -> None:
     """Revoke a named key: refused from the next request on, no restart."""
     show(_client.call("DELETE", f"/keys/{name}"), as_json, lambda d: print(f"revoked key {name}"))
+
+
+# -- LoRA adapters -----------------------------------------------------------------------------
+@adapters_app.command("list")
+@command
+def list_adapters(as_json: JsonOpt = False) -> None:
+    """The adapters served now, each as the model name requests use."""
+
+    def table(rows: list[dict]) -> None:
+        _table("adapters", rows, ["model", "rank", "alpha", "layers", "parts", "path"], "none (adapters load FILE)")
+
+    show(_client.call("GET", "/adapters"), as_json, table)
+
+
+@adapters_app.command("load")
+@command
+def load_adapter(
+    path: Annotated[str, typer.Argument(help="A GGUF LoRA file (convert_lora_to_gguf.py's) on the appliance.")],
+    name: Annotated[str | None, typer.Option(help="The adapter's name (default: the file's stem).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve an adapter as MODEL+NAME from the next request on, no restart."""
+    import os
+
+    result = _client.call("POST", "/adapters/load", {"path": os.path.abspath(path), "name": name})
+    show(result, as_json, lambda d: print(f"serving {d['model']} (rank {d['rank']}, alpha {d['alpha']:g})"))
+
+
+@adapters_app.command("unload")
+@command
+def unload_adapter(name: Annotated[str, typer.Argument(help="The adapter's name.")], as_json: JsonOpt = False) -> None:
+    """Stop offering an adapter (requests already running finish with it)."""
+    show(_client.call("POST", f"/adapters/{name}/unload"), as_json, lambda d: print(f"unloaded adapter {name}"))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from kernels import reference
 from kernels.backend import Backend, select_backend
 from kernels.dequant import dequantize
 from models import rope
-from models.arch import LAYER_TENSORS, LLAMA, ArchSpec, check_layout, spec_of
+from models.arch import LAYER_TENSORS, LLAMA, MLP_TENSORS, ArchSpec, check_layout, spec_of
 from models.errors import ContextLengthError, UnsupportedModelError
 from models.gguf_file import GGUFModelFile, StoredTensor, open_gguf
+from models.lora import AdapterRows, LoraAdapter
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ class Session:
 
     caches: dict[tuple[int, int], KVCache] = field(default_factory=dict)
     remote: RemoteSession | None = None  # set by the offload stage when layers run on LAN workers
+    adapter: LoraAdapter | None = None  # the LoRA adapter this conversation runs with (models/lora.py)
 
     @property
     def nbytes(self) -> int:
@@ -270,13 +272,24 @@ class LayerRange:
         c, dtype = self.config, getattr(self.fused, "kv_dtype", np.float32)
         return KVCache(len(self.layers), c.n_kv_heads, c.head_dim, c.context_length, dtype=dtype)
 
-    def forward(self, xs: list[np.ndarray], caches: list[KVCache]) -> list[np.ndarray]:
+    def forward(
+        self,
+        xs: list[np.ndarray],
+        caches: list[KVCache],
+        adapters: list[LoraAdapter | None] | None = None,
+        fused: bool = True,
+    ) -> list[np.ndarray]:
         """Run a batch of sequences through every layer of the range, each with its own cache.
 
         xs[j] holds the hidden states [T_j, D] of the next T_j positions of sequence j (a prompt
         chunk, or one token when decoding). The sequences share every matmul (one pass over the
         weights for the whole batch); only attention is per sequence, over its own cache.
+        adapters[j]: sequence j's LoRA adapter or None; each adapter's delta is added to its own rows
+        after every base matmul it names (models/lora.py). fused=False: the per-operation path.
         """
+        adapters = adapters or [None] * len(xs)
+        if self.fused is not None and fused and any(adapters):
+            return self._split(xs, caches, adapters)
         c, ops = self.config, self.backend
         H, G, E = c.n_heads, c.n_kv_heads, c.head_dim
         sizes = [x.shape[0] for x in xs]
@@ -288,37 +301,58 @@ class LayerRange:
         positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, sizes, strict=True)])
         cos, sin = ops.rope_tables(positions, c.inv_freq, c.rope_attn_factor)
         x = np.concatenate(xs)
-        if self.fused is not None:
+        if self.fused is not None and fused:
             seqs = [(n, s, cache.k, cache.v, cache.capacity) for n, s, cache in zip(sizes, starts, caches, strict=True)]
             x = self.fused.forward(x, cos, sin, seqs)
             for cache, n in zip(caches, sizes, strict=True):
                 cache.advance(n)
             return [x[row] for row in rows]
         T, halves = x.shape[0], c.spec.rope_halves
+        lora = AdapterRows.of(adapters, sizes)
         for i, L in enumerate(self.layers):
+
+            def lin(h, w, part, layer=self.start + i):
+                return lora.add(ops.linear(h, w), h, layer, part)
+
             h = ops.rmsnorm(x, L.attn_norm, c.norm_eps)
-            q = ops.rope(self._heads(h, L.wq, L.bq, L.q_norm, H), cos, sin, halves=halves)
-            k = ops.rope(self._heads(h, L.wk, L.bk, L.k_norm, G), cos, sin, halves=halves)
-            v = self._heads(h, L.wv, L.bv, None, G)
+            q = ops.rope(self._heads(lin(h, L.wq, "wq"), L.bq, L.q_norm, H), cos, sin, halves=halves)
+            k = ops.rope(self._heads(lin(h, L.wk, "wk"), L.bk, L.k_norm, G), cos, sin, halves=halves)
+            v = self._heads(lin(h, L.wv, "wv"), L.bv, None, G)
             attended = []
             for row, cache, start in zip(rows, caches, starts, strict=True):
                 keys, values = cache.store(i, k[row], v[row])
                 attended.append(ops.attention(q[row], keys, values, start, c.sliding_window))
-            x = x + ops.linear(np.concatenate(attended).reshape(T, H * E), L.wo)
+            x = x + lin(np.concatenate(attended).reshape(T, H * E), L.wo, "wo")
             h = ops.rmsnorm(x, L.ffn_norm, c.norm_eps)
-            x = x + (ops.swiglu(h, L.w_gate, L.w_up, L.w_down) if L.router is None else self._experts(h, L))
+            if lora.touches(self.start + i, MLP_TENSORS):  # the MLP's matmuls one by one, each with its delta
+                x = x + lin(reference.silu(lin(h, L.w_gate, "w_gate")) * lin(h, L.w_up, "w_up"), L.w_down, "w_down")
+            else:
+                x = x + (ops.swiglu(h, L.w_gate, L.w_up, L.w_down) if L.router is None else self._experts(h, L))
         for cache, n in zip(caches, sizes, strict=True):
             cache.advance(n)
         return [x[row] for row in rows]
 
-    def _heads(self, h: np.ndarray, w: Any, bias: Any, norm: Any, n_heads: int) -> np.ndarray:
-        """h's projection split into heads [T, n_heads, E], plus its bias and each head RMS-normed where
+    def _split(self, xs: list[np.ndarray], caches: list[KVCache], adapters: list) -> list[np.ndarray]:
+        """The fused pass cannot add a delta inside its layers: sequences with an adapter run the
+        per-operation path together, those without keep the fused pass (their bits never depend on
+        whether an adapter shares the batch)."""
+        out: list = [None] * len(xs)
+        for tuned in (False, True):
+            js = [j for j, a in enumerate(adapters) if (a is not None) == tuned]
+            if js:
+                pick = [adapters[j] for j in js]
+                ys = self.forward([xs[j] for j in js], [caches[j] for j in js], pick, fused=not tuned)
+                for j, y in zip(js, ys, strict=True):
+                    out[j] = y
+        return out
+
+    def _heads(self, y: np.ndarray, bias: Any, norm: Any, n_heads: int) -> np.ndarray:
+        """A projection split into heads [T, n_heads, E], plus its bias and each head RMS-normed where
         the architecture has them (Qwen2's biases, Qwen3's q/k norms)."""
         ops, c = self.backend, self.config
-        y = ops.linear(h, w)
         if bias is not None:
             y = y + bias
-        y = y.reshape(h.shape[0], n_heads, c.head_dim)
+        y = y.reshape(y.shape[0], n_heads, c.head_dim)
         return y if norm is None else ops.rmsnorm(y, norm, c.norm_eps)
 
     def _experts(self, h: np.ndarray, L: LayerWeights) -> np.ndarray:
@@ -414,7 +448,8 @@ class Llama:
             if hidden.ndim != 2 or hidden.shape[1] != self.config.dim or hidden.shape[0] == 0:
                 raise ValueError(f"hidden states must be [T, {self.config.dim}], got {list(hidden.shape)}")
         caches = [s.caches.get(layers) or s.caches.setdefault(layers, r.new_cache()) for s in sessions]
-        return r.forward([h.astype(np.float32, copy=False) for h in hiddens], caches)
+        adapters = [s.adapter for s in sessions]
+        return r.forward([h.astype(np.float32, copy=False) for h in hiddens], caches, adapters)
 
     def final_norm(self, hidden: np.ndarray) -> np.ndarray:
         """The last layer's hidden states as the head reads them (after the final RMSNorm)."""

@@ -22,7 +22,7 @@ from appliance.serving.client_keys import ClientKeys, KeyNameError
 from appliance.serving.kserve.repository import Repository
 from appliance.serving.scheduler import Event, Ticket
 from appliance.serving.state import ServerState, server_state
-from models.errors import ModelStoreError
+from models.errors import ModelError, ModelStoreError
 from models.sampling import SamplingParams
 from models.store import KNOWN_MODELS, ModelSpec, ModelStore
 from offload.coordinator import Coordinator, OffloadError
@@ -116,6 +116,40 @@ def load_model(repo: Repo, name: str) -> dict:
 def unload_model(repo: Repo, name: str) -> dict:
     repo.unload(name)
     return {"name": name, "state": "UNAVAILABLE"}
+
+
+# -- LoRA adapters -----------------------------------------------------------------------------
+def _adapter_entry(state: ServerState, adapter) -> dict:
+    return {"model": f"{state.model_name}+{adapter.name}", **adapter.describe()}
+
+
+@router.get("/adapters")
+def adapters(state: State) -> list[dict]:
+    return [_adapter_entry(state, a) for a in state.adapters.all()]
+
+
+class AdapterBody(BaseModel):
+    path: str = Field(max_length=4096)  # a GGUF LoRA file on the appliance's disk
+    name: str | None = Field(None, max_length=64)  # default: the file's stem
+
+
+@router.post("/adapters/load")
+def load_adapter(state: State, body: AdapterBody) -> dict:
+    """Read and check the file, then serve it as BASE+NAME from the next request on (no restart)."""
+    try:
+        return _adapter_entry(state, state.adapters.load(body.path, body.name))
+    except ModelError as e:
+        raise HTTPException(400, str(e)) from e
+
+
+@router.post("/adapters/{name}/unload")
+def unload_adapter(state: State, name: str) -> dict:
+    """New requests can no longer name it; requests already running finish with it."""
+    try:
+        state.adapters.unload(name)
+    except KeyError:
+        raise HTTPException(404, f"no adapter {name!r} is loaded; loaded: {state.adapters.names()}") from None
+    return {"name": name, "unloaded": True}
 
 
 def _known(name: str) -> ModelSpec:
