@@ -22,6 +22,7 @@ from models.llama import Llama, layer_tensor_names
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.errors import WorkerRefused
+from offload.ledger import Statement
 from offload.pki import Identity, certificate_name
 from offload.protocol import CULPRIT_KEY, PROTOCOL, secure_channel
 from offload.wire import MalformedTensor, chunks, decode, encode, tensor_spec
@@ -172,6 +173,11 @@ class WorkerClient:
             ),
             timeout=120,
         )
+
+    def attest(self, timeout: float = 5.0) -> Statement:
+        """The worker's signed statement of its compute for us since its last one (offload/ledger.py)."""
+        a = self.stub.Attest(pb.AttestRequest(), timeout=timeout)
+        return Statement(a.statement, a.signature, a.certificate)
 
     def release(self, session_id: str) -> None:
         # A dead worker has freed it already; a live one that misses this frees it when idle.

@@ -29,6 +29,7 @@ from models.errors import ModelError
 from models.llama import Llama, Session
 from offload import offload_pb2 as pb
 from offload.client import ChainBroken, ChainSession, WorkerClient, WorkerRefused, layer_manifest, no_revocations
+from offload.ledger import Ledger, LedgerError
 from offload.pki import Identity
 from offload.planner import Device, NoPlacementError, Plan, local_layers, make_plan
 
@@ -126,6 +127,7 @@ class Coordinator:
         self.discovery = None  # a zeroconf browser adding workers as they appear, if any
         self.stopping = threading.Event()
         self.speeds_due = True  # re-read every worker's speed at the next maintenance pass
+        self.ledger: Ledger | None = None  # where the workers' signed statements of their compute go
         try:
             self.first_remote_layer = local_layers(self.layer_bytes, self.fixed_bytes, budget_bytes)
         except NoPlacementError as e:
@@ -186,16 +188,22 @@ class Coordinator:
             entry[0].close()
 
     # -- upkeep: dropped workers come back, speeds are re-read --------------------------------
-    def start_upkeep(self, probe_every_s: float = 2.0, speeds_every_s: float = 300.0) -> None:
-        """A daemon thread: re-probe dropped workers every probe_every_s; re-read speeds every speeds_every_s."""
+    def start_upkeep(
+        self, probe_every_s: float = 2.0, speeds_every_s: float = 300.0, ledger_every_s: float = 60.0
+    ) -> None:
+        """A daemon thread: re-probe dropped workers every probe_every_s; re-read speeds every speeds_every_s;
+        put the workers' statements of their compute in the ledger every ledger_every_s."""
 
         def loop() -> None:
-            last_speeds = time.monotonic()
+            last_speeds = last_ledger = time.monotonic()
             while not self.stopping.wait(probe_every_s):
                 self.reprobe()
                 if self.speeds_due or time.monotonic() - last_speeds > speeds_every_s:
                     self.refresh_speeds()
                     last_speeds = time.monotonic()
+                if time.monotonic() - last_ledger > ledger_every_s:
+                    self.record_contributions()
+                    last_ledger = time.monotonic()
 
         threading.Thread(target=loop, name="offload-upkeep", daemon=True).start()
 
@@ -203,6 +211,26 @@ class Coordinator:
         self.stopping.set()
         if self.discovery is not None:
             self.discovery.close()
+
+    def record_contributions(self) -> list[dict]:
+        """Ask each worker in use for its signed statement of the compute it did for us since its last
+        one; append those with work in them to the ledger (a statement that does not verify is left out)."""
+        added: list[dict] = []
+        if self.ledger is None:
+            return added
+        with self.lock:
+            workers = list(self.workers.values())
+        for client, device in workers:
+            try:
+                statement = client.attest()
+                fields = json.loads(statement.body)
+                if fields.get("device") != device.name:
+                    raise LedgerError(f"{device.name} sent a statement for {fields.get('device')!r}")
+                if fields.get("compute_s") or fields.get("hidden_bytes"):
+                    added.append(self.ledger.append(statement))
+            except (grpc.RpcError, LedgerError, ValueError):  # it answers at the next pass, or never counts
+                continue
+        return added
 
     def reprobe(self) -> list[str]:
         """Try every known worker that is not in use; take back those that answer. Returns them."""

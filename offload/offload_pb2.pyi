@@ -175,3 +175,17 @@ class HealthReply(_message.Message):
     sessions: int
     memory_used_bytes: int
     def __init__(self, serving: _Optional[bool] = ..., sessions: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+
+class AttestRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Attestation(_message.Message):
+    __slots__ = ("statement", "signature", "certificate")
+    STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    statement: bytes
+    signature: str
+    certificate: str
+    def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[str] = ..., certificate: _Optional[str] = ...) -> None: ...

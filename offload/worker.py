@@ -33,6 +33,7 @@ from models.errors import UnsupportedModelError
 from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig, held_nbytes, read_layer
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
+from offload.ledger import Statement
 from offload.pki import Identity, PairingError, certificate_name
 from offload.planner import parse_size
 from offload.protocol import CULPRIT_KEY, MESSAGE_OPTIONS, PROTOCOL, secure_channel
@@ -169,6 +170,9 @@ class WorkerService(rpc.OffloadServicer):
         self.results: dict[str, queue.Queue] = {}
         self.lock = threading.Lock()
         self.gflops, self.measured_at = measure_gflops(), time.monotonic()
+        # What this device has done for the appliance since its last signed statement (the ledger).
+        self.contributed = {"compute_s": 0.0, "hidden_bytes": 0}
+        self.attested_at, self.attestations = time.time(), 0
         threading.Thread(target=self._reap_idle, daemon=True).start()
 
     # -- memory ------------------------------------------------------------------------------
@@ -297,6 +301,9 @@ class WorkerService(rpc.OffloadServicer):
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this session's KV cache outgrew the budget")
                 out = self._output(y, session_id, msg.step, session.dtype)
                 out.compute_us.extend([*msg.compute_us, int((time.perf_counter() - started) * 1e6)])
+                with self.lock:
+                    self.contributed["compute_s"] += out.compute_us[-1] / 1e6
+                    self.contributed["hidden_bytes"] += len(msg.data)
                 if session.reply:
                     yield out
                 elif session.downstream is not None:
@@ -306,6 +313,18 @@ class WorkerService(rpc.OffloadServicer):
         finally:  # the stream is over: so is the session, and its KV cache is freed
             if session is not None:
                 self._release(session_id, _failure(context))
+
+    def Attest(self, request, context):
+        """This device's signed statement of its compute since the last one; the counters restart."""
+        if not is_appliance(context):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the appliance may ask for statements")
+        with self.lock:
+            amounts, since = dict(self.contributed), self.attested_at
+            self.contributed = {"compute_s": 0.0, "hidden_bytes": 0}
+            self.attestations += 1
+            self.attested_at, seq = time.time(), self.attestations
+        s = Statement.make(self.identity, "offload", amounts, since, seq)
+        return pb.Attestation(statement=s.body, signature=s.signature, certificate=s.cert_pem)
 
     def _output(self, hidden: np.ndarray, session_id: str, step: int, dtype: str) -> pb.Activation:
         return encode(hidden, session_id, step, dtype)
