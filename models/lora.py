@@ -124,6 +124,72 @@ def load_adapter(path: str | Path, base: GGUFModelFile, spec: ArchSpec, name: st
     return LoraAdapter(name, path, alpha or float(rank), rank, layers)
 
 
+def _permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order for adjacent-pair RoPE (convert_hf_to_gguf.py's `permute`)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_adapter(
+    path: str | Path,
+    arch: str,
+    spec: ArchSpec,
+    heads: tuple[int, int],
+    alpha: float,
+    pairs: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]],
+) -> Path:
+    """A GGUF LoRA file as convert_lora_to_gguf.py writes one, from (layer, LayerWeights field) ->
+    (A [r, in], B [out, r]) in transformers' layout (q/k rows permuted here as the converter does for
+    an adjacent-pair RoPE architecture); heads: (query heads, key/value heads)."""
+    from gguf import GGUFWriter
+
+    path = Path(path)
+    writer = GGUFWriter(path, arch)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(alpha))
+    for (layer, part), (a, b) in sorted(pairs.items()):
+        if part not in ADAPTABLE or part not in spec.tensors:
+            raise AdapterError(f"{part} is not a matrix adapters change in {arch}")
+        b = np.asarray(b, np.float32)
+        if part in ("wq", "wk") and not spec.rope_halves:
+            b = _permute_rows(b, heads[0] if part == "wq" else heads[1])
+        name = f"blk.{layer}.{spec.tensors[part]}"
+        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, np.float32))
+        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def wire_tensors(adapter: LoraAdapter, start: int, stop: int) -> dict[str, np.ndarray]:
+    """The adapter's part for layers [start, stop), as the float32 arrays it holds (Aᵀ, scale·Bᵀ): what
+    an offload worker is shipped to apply its layers' deltas (`from_wire` on its side)."""
+    out = {}
+    for layer in range(start, stop):
+        for part, d in sorted(adapter.layers.get(layer, {}).items()):
+            out[f"blk.{layer}.{part}.lora_a"], out[f"blk.{layer}.{part}.lora_b"] = d.a_t, d.b_t
+    return out
+
+
+def from_wire(name: str, tensors: dict[str, np.ndarray]) -> LoraAdapter:
+    """An adapter rebuilt from wire_tensors' arrays (on a worker); AdapterError for a malformed set."""
+    layers: dict[int, dict[str, LowRank]] = {}
+    for key, a_t in tensors.items():
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.lora_a", key)
+        if m is None:
+            continue
+        b_t = tensors.get(key.removesuffix("_a") + "_b")
+        if m.group(2) not in ADAPTABLE or b_t is None or a_t.ndim != 2 or b_t.ndim != 2 or a_t.shape[1] != b_t.shape[0]:
+            raise AdapterError(f"adapter tensors for {key} are malformed")
+        layers.setdefault(int(m.group(1)), {})[m.group(2)] = LowRank(a_t, b_t)
+    if 2 * sum(len(p) for p in layers.values()) != len(tensors):
+        raise AdapterError("adapter tensors come in lora_a / lora_b pairs")
+    rank = max((d.a_t.shape[1] for p in layers.values() for d in p.values()), default=1)
+    return LoraAdapter(name, Path(name), float(rank), rank, layers)
+
+
 @dataclass
 class AdapterRows:
     """The rows of a batch each adapter applies to (rows of sequences without one are left alone)."""
@@ -174,11 +240,6 @@ class Adapters:
             if name not in self._loaded:
                 raise KeyError(name)
             return self._loaded.pop(name)
-
-    def replace(self, adapter: LoraAdapter) -> None:
-        """Serve `adapter` under its name from the next request on (a new round's federated adapter)."""
-        with self._lock:
-            self._loaded[adapter.name] = adapter
 
     def get(self, name: str) -> LoraAdapter | None:
         with self._lock:

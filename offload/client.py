@@ -145,22 +145,7 @@ class WorkerClient:
     ) -> None:
         """Ship the tensors the worker's disk cache lacks, then have it build layers [start, stop) for
         `owner`'s plan `generation` (which frees what that owner's older plans left there)."""
-        missing = set(self.stub.MissingTensors(pb.Manifest(tensors=manifest), timeout=30).sha256)
-        if missing:
-            tensors = model.file.tensors
-            todo = {spec.sha256: spec for spec in manifest if spec.sha256 in missing}  # the same bytes ship once
-            shipping = self.shipping = Shipping(0, sum(tensors[spec.name].raw.nbytes for spec in todo.values()))
-
-            def stream():
-                for spec in todo.values():
-                    for chunk in chunks(spec, tensors[spec.name].raw):
-                        shipping.sent_bytes += len(chunk.data)
-                        yield chunk
-
-            try:
-                self.stub.PushTensors(stream(), timeout=600)
-            finally:
-                self.shipping = None
+        self.push(manifest, {name: t.raw for name, t in model.file.tensors.items()})
         self.stub.LoadLayers(
             pb.LoadRequest(
                 model_id=model_id,
@@ -173,6 +158,25 @@ class WorkerClient:
             ),
             timeout=120,
         )
+
+    def push(self, manifest: list[pb.TensorSpec], raw: dict[str, np.ndarray]) -> None:
+        """Ship the tensors of `manifest` (bytes by name in `raw`) that the worker's disk cache lacks."""
+        missing = set(self.stub.MissingTensors(pb.Manifest(tensors=manifest), timeout=30).sha256)
+        if not missing:
+            return
+        todo = {spec.sha256: spec for spec in manifest if spec.sha256 in missing}  # the same bytes ship once
+        shipping = self.shipping = Shipping(0, sum(raw[spec.name].nbytes for spec in todo.values()))
+
+        def stream():
+            for spec in todo.values():
+                for chunk in chunks(spec, raw[spec.name]):
+                    shipping.sent_bytes += len(chunk.data)
+                    yield chunk
+
+        try:
+            self.stub.PushTensors(stream(), timeout=600)
+        finally:
+            self.shipping = None
 
     def attest(self, timeout: float = 5.0) -> Statement:
         """The worker's signed statement of its compute for us since its last one (offload/ledger.py)."""

@@ -31,6 +31,7 @@ from gguf import GGMLQuantizationType
 from kernels.backend import Backend, describe, select_backend
 from models.errors import UnsupportedModelError
 from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig, held_nbytes, read_layer
+from models.lora import AdapterError, LoraAdapter, from_wire
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.ledger import Statement
@@ -98,6 +99,7 @@ class WorkerSession:
     dtype: str
     reply: bool  # outputs go back on the Forward stream (a one-worker chain) rather than onward
     downstream: Downstream | None = None
+    adapter: LoraAdapter | None = None  # the session's LoRA adapter for these layers
     last_used: float = field(default_factory=time.monotonic)
     closed: bool = False  # released (or its range superseded) while its stream is still open
 
@@ -168,6 +170,7 @@ class WorkerService(rpc.OffloadServicer):
         self.ranges: dict[tuple[str, int, int], LoadedRange] = {}  # by (model id, start, stop)
         self.sessions: dict[str, WorkerSession] = {}
         self.results: dict[str, queue.Queue] = {}
+        self.adapters: dict[tuple[str, ...], LoraAdapter] = {}  # by the sha256s of their tensors
         self.lock = threading.Lock()
         self.gflops, self.measured_at = measure_gflops(), time.monotonic()
         # What this device has done for the appliance since its last signed statement (the ledger).
@@ -295,7 +298,7 @@ class WorkerService(rpc.OffloadServicer):
                 except MalformedTensor as e:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {session_id}: {e}")
                 started = time.perf_counter()
-                y = session.layers.forward([x], [session.cache])[0]
+                y = session.layers.forward([x], [session.cache], [session.adapter])[0]
                 session.last_used = time.monotonic()
                 if self.used > self.budget:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this session's KV cache outgrew the budget")
@@ -339,6 +342,31 @@ class WorkerService(rpc.OffloadServicer):
             context.abort(grpc.StatusCode.DATA_LOSS, error.details())
         context.abort(grpc.StatusCode.UNAVAILABLE, f"next worker {address}: {error.code().name}: {error.details()}")
 
+    def _adapter(self, hop: pb.Hop, context) -> LoraAdapter | None:
+        """The hop's LoRA adapter from the pushed tensors (built once per set of tensors), or None."""
+        if not hop.adapter:
+            return None
+        key = tuple(t.sha256 for t in hop.adapter)
+        with self.lock:
+            if key in self.adapters:
+                return self.adapters[key]
+        missing = [t.name for t in hop.adapter if not self.tensors.has(t.sha256)]
+        if missing or any(t.ggml_type != GGMLQuantizationType.F32 for t in hop.adapter):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"adapter tensors missing or not F32: {missing[:3]}")
+        try:
+            arrays = {
+                t.name: self.tensors.read(t).view(np.float32).reshape(tuple(int(n) for n in t.shape))
+                for t in hop.adapter
+            }
+            adapter = from_wire(key[0][:12], arrays)
+        except (ValueError, AdapterError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot build the adapter: {e}")
+        with self.lock:
+            while len(self.adapters) >= 8:  # a few adapters in use at once; older ones are rebuilt on demand
+                self.adapters.pop(next(iter(self.adapters)))
+            self.adapters[key] = adapter
+        return adapter
+
     def _open(self, first: pb.Activation, context, inbox: queue.Queue) -> WorkerSession:
         hop = first.hop
         key = (hop.model_id, hop.layer_start, hop.layer_stop)
@@ -349,6 +377,7 @@ class WorkerService(rpc.OffloadServicer):
         if first.dtype not in WIRE_DTYPES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"wire dtype {first.dtype!r} not supported")
         layers = self.ranges[key].layers
+        adapter = self._adapter(hop, context)
         downstream = None
         if first.next:
             nxt = first.next[0]
@@ -358,7 +387,7 @@ class WorkerService(rpc.OffloadServicer):
             if first.session_id in self.sessions:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"session {first.session_id} is already open")
             reply = first.deliver == pb.REPLY and not first.next
-            session = WorkerSession(layers, key, layers.new_cache(), first.dtype, reply, downstream)
+            session = WorkerSession(layers, key, layers.new_cache(), first.dtype, reply, downstream, adapter=adapter)
             self.sessions[first.session_id] = session
         return session
 

@@ -17,12 +17,17 @@ import ollama
 import openai
 import pytest
 
+from appliance.startup import load_engine
 from models.engine import Engine
-from models.llama import Session
-from models.lora import AdapterError, Adapters
+from models.llama import Llama, Session
+from models.lora import AdapterError, Adapters, load_adapter
+from offload import train
+from offload.coordinator import layer_costs
+from offload.pki import certificate_authority
 from tests import hf_models
 from tests.hf_models import hf_logits, merged_logits, rel_err
 from tests.serving import ADMIN_KEY, running_server
+from tests.test_offload import new_worker
 
 IDS = list(range(40, 80))
 PROMPT = "The appliance runs language models at home, and"
@@ -36,9 +41,12 @@ def files(model_path, tmp_path_factory):
     hf = hf_models.random_llama(folder / "hf", tokenizer)
     base = hf_models.convert(folder / "hf", folder / "base.gguf")
     adapters = {}
-    for name, seed, targets in (("alpha", 1, hf_models.LORA_TARGETS), ("beta", 2, ["q_proj", "v_proj", "down_proj"])):
-        peft_model = hf_models.random_lora(hf, folder / name, seed=seed, targets=targets)
-        adapters[name] = (hf_models.convert_lora(folder / name, folder / "hf", folder / f"{name}.gguf"), peft_model)
+    alpha = hf_models.random_lora(hf, folder / "alpha", seed=1)
+    adapters["alpha"] = (hf_models.convert_lora(folder / "alpha", folder / "hf", folder / "alpha.gguf"), alpha)
+    # The second is written by our own writer (one converter run less; the writer is held to the
+    # converter's bytes in test_adapters_written_here_equal_llama_cpp_converters).
+    beta = hf_models.random_lora(hf, folder / "beta", seed=2, targets=["q_proj", "v_proj", "down_proj"])
+    adapters["beta"] = (train.save(base, train.lora_pairs(beta), 8.0, folder / "beta.gguf"), beta)
     return base, adapters, hf
 
 
@@ -84,6 +92,25 @@ def test_bad_adapter_files_are_refused_by_name(files):
     loaded.load(adapters["alpha"][0])
     with pytest.raises(AdapterError, match="already loaded"):
         loaded.load(adapters["alpha"][0])
+
+
+def test_offloaded_layers_apply_their_part_of_the_adapter_on_the_worker(files, tmp_path_factory):
+    """Layer 1 runs on a real worker process: it gets its layer's part of each session's adapter."""
+    base, adapters, hf = files
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APPLIANCE_HOME", str(tmp_path_factory.mktemp("lora-home")))
+        ca = certificate_authority()
+        model = Llama.load(str(base), "numpy")
+        budget = model.fixed_nbytes + layer_costs(model)[0]  # layer 0 here, layer 1 on the worker
+        with new_worker(ca, tmp_path_factory, "w1", "50MB") as w1:
+            engine = load_engine(base, "numpy", str(budget), [w1.address])
+            assert engine.offload.first_remote_layer == 1
+            loaded = Adapters(engine.model.file, engine.model.config.spec)
+            a, b = (loaded.load(adapters[n][0]) for n in ("alpha", "beta"))
+            rows = engine.next_logits_batch([IDS, IDS, IDS], [Session(adapter=a), Session(), Session(adapter=b)])
+    assert rel_err(rows[0], merged_logits(adapters["alpha"][1], IDS)[-1]) < 1e-5
+    assert rel_err(rows[1], hf_logits(hf, IDS)[-1]) < 1e-5
+    assert rel_err(rows[2], merged_logits(adapters["beta"][1], IDS)[-1]) < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +204,42 @@ def test_adapters_load_and_unload_while_serving_and_share_a_batch(files, server)
     assert gone.returncode == 5 and "no adapter 'beta'" in gone.stderr
     bad = ctl(server, "adapters", "load", str(base))
     assert bad.returncode == 1 and "is not a LoRA adapter" in bad.stderr
+
+
+def corpus(seed: int, n: int) -> str:
+    """Sentences of one small grammar: what a home's own text looks like to a model that never saw it."""
+    rng = np.random.default_rng(seed)
+    who, what, where = ["Anna", "Ben", "Chloe", "Dev"], ["keys", "book", "phone", "tea"], ["kitchen", "hall", "garden"]
+    return " ".join(f"{rng.choice(who)} left the {rng.choice(what)} in the {rng.choice(where)}." for _ in range(n))
+
+
+def test_adapters_written_here_equal_llama_cpp_converters(files, tmp_path):
+    """models.lora.write_adapter (what on-device training writes) against convert_lora_to_gguf.py on one adapter."""
+    base, adapters, _ = files
+    path, peft_model = adapters["alpha"]
+    alpha = peft_model.peft_config["default"].lora_alpha
+    ours_path = train.save(base, train.lora_pairs(peft_model), alpha, tmp_path / "o.gguf")
+    engine = Engine.load(base, "numpy")
+    ours, theirs = (load_adapter(p, engine.model.file, engine.model.config.spec) for p in (ours_path, path))
+    assert ours.alpha == theirs.alpha and sorted(ours.layers) == sorted(theirs.layers)
+    for layer, parts in theirs.layers.items():
+        assert sorted(parts) == sorted(ours.layers[layer])
+        for part, d in parts.items():
+            assert np.array_equal(d.a_t, ours.layers[layer][part].a_t)
+            assert np.array_equal(d.b_t, ours.layers[layer][part].b_t)
+
+
+def test_an_adapter_trained_on_a_device_lowers_served_perplexity(files, server, tmp_path):
+    base, _, _ = files
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "notes.txt").write_text(corpus(0, 120))
+    data = train.examples(base, tmp_path / "corpus")
+    peft_model = train.with_lora(train.base_model(base), rank=8, alpha=16)
+    train.train(peft_model, data, steps=40)
+    train.save(base, train.lora_pairs(peft_model), 16, tmp_path / "home.gguf")
+    assert ctl(server, "adapters", "load", str(tmp_path / "home.gguf")).returncode == 0
+    client, held_out = _openai(server), corpus(1, 12)
+    base_nll = -_prompt_logprobs(client, base.stem, held_out).mean()
+    tuned_nll = -_prompt_logprobs(client, f"{base.stem}+home", held_out).mean()
+    assert tuned_nll < 0.7 * base_nll, (tuned_nll, base_nll)
+    ctl(server, "adapters", "unload", "home")
