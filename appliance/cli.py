@@ -190,6 +190,10 @@ def serve(
         bool,
         typer.Option("--admin-mtls", help="Administration also needs a client certificate from the appliance's CA."),
     ] = False,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="A GGUF LoRA adapter file, served as MODEL+STEM; may be repeated."),
+    ] = None,
 ) -> None:
     """Serve the model to the home: OpenAI-compatible REST, Anthropic's Messages API, Ollama's API, KServe v2
     (Triton) over REST and gRPC."""
@@ -243,6 +247,8 @@ def serve(
         max_tokens_limit=max_tokens_limit,
         admin_ca=admin_ca,
     )
+    for path in adapter or []:
+        state.adapters.load(path)
     app = create_app(state)
 
     async def run() -> None:

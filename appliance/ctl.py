@@ -47,6 +47,10 @@ keys_app = typer.Typer(help="Named client API keys (revocable without a restart)
 app.add_typer(keys_app, name="keys")
 ca_app = typer.Typer(help="The appliance's certificate authority, from this machine's files.", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
+ledger_app = typer.Typer(help="Each device's compute for the home, signed (local files).", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+adapters_app = typer.Typer(help="LoRA adapters served beside the model (MODEL+ADAPTER).", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
 
 NameArg = Annotated[str, typer.Argument(help="Model name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
@@ -538,6 +542,89 @@ def list_keys(as_json: JsonOpt = False) -> None:
 def revoke_key(name: KeyArg, as_json: JsonOpt = False) -> None:
     """Revoke a named key: refused from the next request on, no restart."""
     show(_client.call("DELETE", f"/keys/{name}"), as_json, lambda d: print(f"revoked key {name}"))
+
+
+# -- the contribution ledger (this machine's files) ----------------------------------------------
+def _ledger():
+    from offload.ledger import Ledger, ledger_path
+    from offload.pki import certificate_authority
+
+    ca = certificate_authority()
+    return Ledger(ledger_path(ca.folder.parent), ca.identity())
+
+
+@ledger_app.command("show")
+@command
+def show_ledger(as_json: JsonOpt = False) -> None:
+    """Every entry (who, what, when) and each device's share."""
+    book = _ledger()
+    rows = []
+    for e in book.entries():
+        s = json.loads(e["statement"])
+        amounts = {k: v for k, v in s.items() if k not in ("device", "kind", "since", "until", "seq")}
+        rows.append({"index": e["index"], "time": e["time"], "device": e["device"], "kind": s["kind"], **amounts})
+
+    def table(d: dict) -> None:
+        entries = [
+            {**r, "time": dt.datetime.fromtimestamp(r["time"]).isoformat(timespec="seconds"), "amounts": _amounts(r)}
+            for r in d["entries"]
+        ]
+        _table(f"ledger ({book.path})", entries, ["index", "time", "device", "kind", "amounts"], "no entries yet")
+        _table("shares", d["shares"], ["device", "compute_s", "compute_share", "hidden_bytes", "rounds", "examples"])
+
+    show({"entries": rows, "shares": book.shares()}, as_json, table)
+
+
+def _amounts(row: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in row.items() if k not in ("index", "time", "device", "kind"))
+
+
+@ledger_app.command("verify")
+@command
+def verify_ledger(as_json: JsonOpt = False) -> None:
+    """Check every entry: its place in the chain, the appliance's and the device's signatures. Exit 1
+    naming the first entry that fails."""
+    from offload.ledger import LedgerError
+
+    book = _ledger()
+    try:
+        n = book.verify()
+    except LedgerError as e:
+        raise CtlError(str(e)) from e
+    show({"entries": n, "verified": True}, as_json, lambda d: print(f"ledger verified: {n} entries ({book.path})"))
+
+
+# -- LoRA adapters -----------------------------------------------------------------------------
+@adapters_app.command("list")
+@command
+def list_adapters(as_json: JsonOpt = False) -> None:
+    """The adapters served now, each as the model name requests use."""
+
+    def table(rows: list[dict]) -> None:
+        _table("adapters", rows, ["model", "rank", "alpha", "layers", "parts", "path"], "none (adapters load FILE)")
+
+    show(_client.call("GET", "/adapters"), as_json, table)
+
+
+@adapters_app.command("load")
+@command
+def load_adapter(
+    path: Annotated[str, typer.Argument(help="A GGUF LoRA file (convert_lora_to_gguf.py's) on the appliance.")],
+    name: Annotated[str | None, typer.Option(help="The adapter's name (default: the file's stem).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve an adapter as MODEL+NAME from the next request on, no restart."""
+    import os
+
+    result = _client.call("POST", "/adapters/load", {"path": os.path.abspath(path), "name": name})
+    show(result, as_json, lambda d: print(f"serving {d['model']} (rank {d['rank']}, alpha {d['alpha']:g})"))
+
+
+@adapters_app.command("unload")
+@command
+def unload_adapter(name: Annotated[str, typer.Argument(help="The adapter's name.")], as_json: JsonOpt = False) -> None:
+    """Stop offering an adapter (requests already running finish with it)."""
+    show(_client.call("POST", f"/adapters/{name}/unload"), as_json, lambda d: print(f"unloaded adapter {name}"))
 
 
 if __name__ == "__main__":

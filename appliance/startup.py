@@ -30,6 +30,7 @@ def coordinator_for(
     that do not answer now (or drop out later) are probed again in the background.
     """
     from offload.coordinator import Coordinator, OffloadError  # grpc: loaded only when layers may go to workers
+    from offload.ledger import Ledger, ledger_path
     from offload.pki import certificate_authority
     from offload.planner import parse_size
     from offload.revocation import RevokedFile
@@ -37,6 +38,7 @@ def coordinator_for(
     ca = certificate_authority()
     revoked = RevokedFile(ca.folder / "revoked.json")
     coordinator = Coordinator(model, parse_size(memory_budget), ca.identity(), revoked, wire_dtype, step_timeout)
+    coordinator.ledger = Ledger(ledger_path(ca.folder.parent), ca.identity())
 
     def take(address: str) -> None:
         try:

@@ -30,9 +30,10 @@ from kernels import reference
 from kernels.backend import Backend, select_backend
 from kernels.dequant import dequantize
 from models import rope
-from models.arch import LAYER_TENSORS, LLAMA, ArchSpec, check_layout, spec_of
+from models.arch import LAYER_TENSORS, LLAMA, MLP_TENSORS, ArchSpec, check_layout, spec_of
 from models.errors import ContextLengthError, UnsupportedModelError
 from models.gguf_file import GGUFModelFile, StoredTensor, open_gguf
+from models.lora import AdapterRows, LoraAdapter
 
 
 @dataclass(frozen=True)
@@ -289,10 +290,16 @@ class Session:
 
     caches: dict[tuple[int, int], KVCache] = field(default_factory=dict)
     remote: RemoteSession | None = None  # set by the offload stage when layers run on LAN workers
+    adapter: LoraAdapter | None = None  # the LoRA adapter this conversation runs with (models/lora.py)
 
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches.values())
+
+
+# A matmul as the per-operation path calls it: (x, weight, the LayerWeights field) -> x·Wᵀ, plus any
+# LoRA delta the batch's adapters add to that matrix.
+Linear = Callable[[np.ndarray, Any, str], np.ndarray]
 
 
 class LayerRange:
@@ -318,13 +325,24 @@ class LayerRange:
         c, dtype = self.config, getattr(self.fused, "kv_dtype", np.float32)
         return KVCache(len(self.layers), c.n_kv_heads, c.head_dim, c.context_length, dtype=dtype)
 
-    def forward(self, xs: list[np.ndarray], caches: list[KVCache]) -> list[np.ndarray]:
+    def forward(
+        self,
+        xs: list[np.ndarray],
+        caches: list[KVCache],
+        adapters: list[LoraAdapter | None] | None = None,
+        fused: bool = True,
+    ) -> list[np.ndarray]:
         """Run a batch of sequences through every layer of the range, each with its own cache.
 
         xs[j] holds the hidden states [T_j, D] of the next T_j positions of sequence j (a prompt
         chunk, or one token when decoding). The sequences share every matmul (one pass over the
         weights for the whole batch); only attention is per sequence, over its own cache.
+        adapters[j]: sequence j's LoRA adapter or None; each adapter's delta is added to its own rows
+        after every base matmul it names (models/lora.py). fused=False: the per-operation path.
         """
+        adapters = adapters or [None] * len(xs)
+        if self.fused is not None and fused and any(adapters):
+            return self._split(xs, caches, adapters)
         c, ops = self.config, self.backend
         H, E = c.n_heads, c.head_dim
         sizes = [x.shape[0] for x in xs]
@@ -336,7 +354,7 @@ class LayerRange:
         positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, sizes, strict=True)])
         cos, sin = ops.rope_tables(positions, c.inv_freq, c.rope_attn_factor)
         x = np.concatenate(xs)
-        if self.fused is not None:
+        if self.fused is not None and fused:
             seqs = [(n, s, cache.k, cache.v, cache.capacity) for n, s, cache in zip(sizes, starts, caches, strict=True)]
             x = self.fused.forward(x, cos, sin, seqs)
             for cache, n in zip(caches, sizes, strict=True):
@@ -346,34 +364,41 @@ class LayerRange:
         local = ops.rope_tables(positions, c.rope_inv_freq_swa, c.rope_attn_factor) if c.rope_inv_freq_swa else None
         # A query scale other than 1/sqrt(E) is folded into q, so every backend's attention serves.
         q_mult = c.query_scale * np.sqrt(E) if c.query_scale else 1.0
+        lora = AdapterRows.of(adapters, sizes)
         for i, L in enumerate(self.layers):
+
+            def lin(h, w, part, layer=self.start + i):
+                return lora.add(ops.linear(h, w), h, layer, part)
+
             window = self.windows[i]
             rc, rs = local if local is not None and window else (cos, sin)
             h = ops.rmsnorm(x, L.attn_norm, c.norm_eps)
-            q, k, v = self._qkv(h, L)
+            q, k, v = self._qkv(h, L, lin)
             q = ops.rope(q, rc, rs, halves=halves) * q_mult
             k = ops.rope(k, rc, rs, halves=halves)
             attended = []
             for row, cache, start in zip(rows, caches, starts, strict=True):
                 keys, values = cache.store(i, k[row], v[row])
                 attended.append(ops.attention(q[row], keys, values, start, window, c.attn_softcap))
-            x = x + self._post_norm(ops.linear(np.concatenate(attended).reshape(T, H * E), L.wo), L.attn_post_norm)
+            x = x + self._post_norm(lin(np.concatenate(attended).reshape(T, H * E), L.wo, "wo"), L.attn_post_norm)
             h = ops.rmsnorm(x, L.ffn_norm, c.norm_eps)
-            x = x + self._post_norm(self._mlp(h, L) if L.router is None else self._experts(h, L), L.ffn_post_norm)
+            tuned = lora.touches(self.start + i, MLP_TENSORS)
+            mlp = self._mlp(h, L, lin, tuned) if L.router is None else self._experts(h, L)
+            x = x + self._post_norm(mlp, L.ffn_post_norm)
         for cache, n in zip(caches, sizes, strict=True):
             cache.advance(n)
         return [x[row] for row in rows]
 
-    def _qkv(self, h: np.ndarray, L: LayerWeights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _qkv(self, h: np.ndarray, L: LayerWeights, lin: Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """q [T, H, E], k and v [T, G, E]: three projections, or Phi-3's one split in three."""
         c = self.config
         if L.wqkv is None:
             return (
-                self._heads(self.backend.linear(h, L.wq), L.bq, L.q_norm, c.n_heads),
-                self._heads(self.backend.linear(h, L.wk), L.bk, L.k_norm, c.n_kv_heads),
-                self._heads(self.backend.linear(h, L.wv), L.bv, None, c.n_kv_heads),
+                self._heads(lin(h, L.wq, "wq"), L.bq, L.q_norm, c.n_heads),
+                self._heads(lin(h, L.wk, "wk"), L.bk, L.k_norm, c.n_kv_heads),
+                self._heads(lin(h, L.wv, "wv"), L.bv, None, c.n_kv_heads),
             )
-        q, k, v = np.split(self.backend.linear(h, L.wqkv), np.cumsum([c.n_heads, c.n_kv_heads]) * c.head_dim, axis=-1)
+        q, k, v = np.split(lin(h, L.wqkv, "wqkv"), np.cumsum([c.n_heads, c.n_kv_heads]) * c.head_dim, axis=-1)
         return (
             self._heads(q, None, None, c.n_heads),
             self._heads(k, None, None, c.n_kv_heads),
@@ -389,21 +414,34 @@ class LayerRange:
         y = y.reshape(y.shape[0], n_heads, c.head_dim)
         return y if norm is None else self.backend.rmsnorm(y, norm, c.norm_eps)
 
-    def _mlp(self, h: np.ndarray, L: LayerWeights) -> np.ndarray:
-        """down(act(W1·h) * W3·h): SiLU (the backend's fused swiglu), or Gemma's GELU; Phi-3's W1 and W3
-        are the two halves of one matrix's output."""
-        ops = self.backend
-        if L.w_gate_up is None and not self.config.spec.gelu:
-            return ops.swiglu(h, L.w_gate, L.w_up, L.w_down)
+    def _mlp(self, h: np.ndarray, L: LayerWeights, lin: Linear, tuned: bool) -> np.ndarray:
+        """down(act(W1·h) * W3·h): SiLU (the backend's fused swiglu, unless an adapter adds to one of the
+        three), or Gemma's GELU; Phi-3's W1 and W3 are the two halves of one matrix's output."""
+        if L.w_gate_up is None and not self.config.spec.gelu and not tuned:
+            return self.backend.swiglu(h, L.w_gate, L.w_up, L.w_down)
         if L.w_gate_up is None:
-            gate, up = ops.linear(h, L.w_gate), ops.linear(h, L.w_up)
+            gate, up = lin(h, L.w_gate, "w_gate"), lin(h, L.w_up, "w_up")
         else:
-            gate, up = np.split(ops.linear(h, L.w_gate_up), 2, axis=-1)
+            gate, up = np.split(lin(h, L.w_gate_up, "w_gate_up"), 2, axis=-1)
         act = reference.gelu_tanh if self.config.spec.gelu else reference.silu
-        return ops.linear(act(gate) * up, L.w_down)
+        return lin(act(gate) * up, L.w_down, "w_down")
 
     def _post_norm(self, y: np.ndarray, norm: Any) -> np.ndarray:
         return y if norm is None else self.backend.rmsnorm(y, norm, self.config.norm_eps)
+
+    def _split(self, xs: list[np.ndarray], caches: list[KVCache], adapters: list) -> list[np.ndarray]:
+        """The fused pass cannot add a delta inside its layers: sequences with an adapter run the
+        per-operation path together, those without keep the fused pass (their bits never depend on
+        whether an adapter shares the batch)."""
+        out: list = [None] * len(xs)
+        for tuned in (False, True):
+            js = [j for j, a in enumerate(adapters) if (a is not None) == tuned]
+            if js:
+                pick = [adapters[j] for j in js]
+                ys = self.forward([xs[j] for j in js], [caches[j] for j in js], pick, fused=not tuned)
+                for j, y in zip(js, ys, strict=True):
+                    out[j] = y
+        return out
 
     def _experts(self, h: np.ndarray, L: LayerWeights) -> np.ndarray:
         """Each token through the k experts its router scores highest, weighted by the router's softmax
@@ -499,7 +537,8 @@ class Llama:
             if hidden.ndim != 2 or hidden.shape[1] != self.config.dim or hidden.shape[0] == 0:
                 raise ValueError(f"hidden states must be [T, {self.config.dim}], got {list(hidden.shape)}")
         caches = [s.caches.get(layers) or s.caches.setdefault(layers, r.new_cache()) for s in sessions]
-        return r.forward([h.astype(np.float32, copy=False) for h in hiddens], caches)
+        adapters = [s.adapter for s in sessions]
+        return r.forward([h.astype(np.float32, copy=False) for h in hiddens], caches, adapters)
 
     def final_norm(self, hidden: np.ndarray) -> np.ndarray:
         """The last layer's hidden states as the head reads them (after the final RMSNorm)."""

@@ -22,6 +22,7 @@ from models.llama import Llama, layer_tensor_names
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.errors import WorkerRefused
+from offload.ledger import Statement
 from offload.pki import Identity, certificate_name
 from offload.protocol import CULPRIT_KEY, PROTOCOL, secure_channel
 from offload.wire import MalformedTensor, chunks, decode, encode, tensor_spec
@@ -144,22 +145,7 @@ class WorkerClient:
     ) -> None:
         """Ship the tensors the worker's disk cache lacks, then have it build layers [start, stop) for
         `owner`'s plan `generation` (which frees what that owner's older plans left there)."""
-        missing = set(self.stub.MissingTensors(pb.Manifest(tensors=manifest), timeout=30).sha256)
-        if missing:
-            tensors = model.file.tensors
-            todo = {spec.sha256: spec for spec in manifest if spec.sha256 in missing}  # the same bytes ship once
-            shipping = self.shipping = Shipping(0, sum(tensors[spec.name].raw.nbytes for spec in todo.values()))
-
-            def stream():
-                for spec in todo.values():
-                    for chunk in chunks(spec, tensors[spec.name].raw):
-                        shipping.sent_bytes += len(chunk.data)
-                        yield chunk
-
-            try:
-                self.stub.PushTensors(stream(), timeout=600)
-            finally:
-                self.shipping = None
+        self.push(manifest, {name: t.raw for name, t in model.file.tensors.items()})
         self.stub.LoadLayers(
             pb.LoadRequest(
                 model_id=model_id,
@@ -172,6 +158,30 @@ class WorkerClient:
             ),
             timeout=120,
         )
+
+    def push(self, manifest: list[pb.TensorSpec], raw: dict[str, np.ndarray]) -> None:
+        """Ship the tensors of `manifest` (bytes by name in `raw`) that the worker's disk cache lacks."""
+        missing = set(self.stub.MissingTensors(pb.Manifest(tensors=manifest), timeout=30).sha256)
+        if not missing:
+            return
+        todo = {spec.sha256: spec for spec in manifest if spec.sha256 in missing}  # the same bytes ship once
+        shipping = self.shipping = Shipping(0, sum(raw[spec.name].nbytes for spec in todo.values()))
+
+        def stream():
+            for spec in todo.values():
+                for chunk in chunks(spec, raw[spec.name]):
+                    shipping.sent_bytes += len(chunk.data)
+                    yield chunk
+
+        try:
+            self.stub.PushTensors(stream(), timeout=600)
+        finally:
+            self.shipping = None
+
+    def attest(self, timeout: float = 5.0) -> Statement:
+        """The worker's signed statement of its compute for us since its last one (offload/ledger.py)."""
+        a = self.stub.Attest(pb.AttestRequest(), timeout=timeout)
+        return Statement(a.statement, a.signature, a.certificate)
 
     def release(self, session_id: str) -> None:
         # A dead worker has freed it already; a live one that misses this frees it when idle.

@@ -19,18 +19,23 @@ import statistics
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import grpc
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from models.errors import ModelError
 from models.llama import Llama, Session
+from models.lora import LoraAdapter, wire_tensors
 from offload import offload_pb2 as pb
 from offload.client import ChainBroken, ChainSession, WorkerClient, WorkerRefused, layer_manifest, no_revocations
+from offload.ledger import Ledger, LedgerError
 from offload.pki import Identity
 from offload.planner import Device, NoPlacementError, Plan, local_layers, make_plan
+from offload.wire import tensor_spec
 
 REPLAY_ROWS = 512  # rows per message when rebuilding a chain's caches
 SLOWDOWN = 3.0  # a worker this many times slower than its own usual pace ...
@@ -50,6 +55,7 @@ class RemoteState:
     inputs: list[np.ndarray] = field(default_factory=list)
     chain: ChainSession | None = None
     generation: int = -1  # of the plan the chain was built for
+    adapter: LoraAdapter | None = None  # the session's LoRA adapter: each hop gets its layers' part
 
 
 @dataclass
@@ -116,6 +122,7 @@ class Coordinator:
         self.slowdowns: dict[str, float] = {}  # by worker: how much slower than measured its pace has shown it
         self.usage: dict[str, Usage] = {}  # by worker address, for /metrics
         self.manifests: dict[tuple[int, int], list[pb.TensorSpec]] = {}
+        self.adapter_parts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> range -> specs
         self.model_id = self._model_id()
         self.plan: Plan | None = None
         self.generation = 0  # bumped by any change of workers or of their costs: chains rebuild on it
@@ -126,6 +133,7 @@ class Coordinator:
         self.discovery = None  # a zeroconf browser adding workers as they appear, if any
         self.stopping = threading.Event()
         self.speeds_due = True  # re-read every worker's speed at the next maintenance pass
+        self.ledger: Ledger | None = None  # where the workers' signed statements of their compute go
         try:
             self.first_remote_layer = local_layers(self.layer_bytes, self.fixed_bytes, budget_bytes)
         except NoPlacementError as e:
@@ -186,16 +194,22 @@ class Coordinator:
             entry[0].close()
 
     # -- upkeep: dropped workers come back, speeds are re-read --------------------------------
-    def start_upkeep(self, probe_every_s: float = 2.0, speeds_every_s: float = 300.0) -> None:
-        """A daemon thread: re-probe dropped workers every probe_every_s; re-read speeds every speeds_every_s."""
+    def start_upkeep(
+        self, probe_every_s: float = 2.0, speeds_every_s: float = 300.0, ledger_every_s: float = 60.0
+    ) -> None:
+        """A daemon thread: re-probe dropped workers every probe_every_s; re-read speeds every speeds_every_s;
+        put the workers' statements of their compute in the ledger every ledger_every_s."""
 
         def loop() -> None:
-            last_speeds = time.monotonic()
+            last_speeds = last_ledger = time.monotonic()
             while not self.stopping.wait(probe_every_s):
                 self.reprobe()
                 if self.speeds_due or time.monotonic() - last_speeds > speeds_every_s:
                     self.refresh_speeds()
                     last_speeds = time.monotonic()
+                if time.monotonic() - last_ledger > ledger_every_s:
+                    self.record_contributions()
+                    last_ledger = time.monotonic()
 
         threading.Thread(target=loop, name="offload-upkeep", daemon=True).start()
 
@@ -203,6 +217,26 @@ class Coordinator:
         self.stopping.set()
         if self.discovery is not None:
             self.discovery.close()
+
+    def record_contributions(self) -> list[dict]:
+        """Ask each worker in use for its signed statement of the compute it did for us since its last
+        one; append those with work in them to the ledger (a statement that does not verify is left out)."""
+        added: list[dict] = []
+        if self.ledger is None:
+            return added
+        with self.lock:
+            workers = list(self.workers.values())
+        for client, device in workers:
+            try:
+                statement = client.attest()
+                fields = json.loads(statement.body)
+                if fields.get("device") != device.name:
+                    raise LedgerError(f"{device.name} sent a statement for {fields.get('device')!r}")
+                if fields.get("compute_s") or fields.get("hidden_bytes"):
+                    added.append(self.ledger.append(statement))
+            except (grpc.RpcError, LedgerError, ValueError):  # it answers at the next pass, or never counts
+                continue
+        return added
 
     def reprobe(self) -> list[str]:
         """Try every known worker that is not in use; take back those that answer. Returns them."""
@@ -345,8 +379,27 @@ class Coordinator:
 
     def _state(self, session: Session) -> RemoteState:
         if session.remote is None:
-            session.remote = RemoteState()
+            session.remote = RemoteState(adapter=session.adapter)
         return session.remote
+
+    def _adapter_part(self, client: WorkerClient, adapter: LoraAdapter | None, start: int, stop: int) -> list:
+        """The adapter's tensors for layers [start, stop), pushed to the worker (its cache keeps them)."""
+        if adapter is None:
+            return []
+        parts = self.adapter_parts.setdefault(adapter, {})
+        if (start, stop) not in parts:  # hashed once per adapter and range
+            arrays = wire_tensors(adapter, start, stop)
+            specs = [tensor_spec(name, GGMLQuantizationType.F32, a.shape, a) for name, a in arrays.items()]
+            parts[(start, stop)] = (specs, arrays)
+        specs, arrays = parts[(start, stop)]
+        if specs:
+            try:
+                client.push(specs, arrays)
+            except grpc.RpcError as e:
+                raise ChainBroken(
+                    f"worker {client.address}: adapter not shipped: {e.code().name}", client.address
+                ) from e
+        return specs
 
     def _connect(self, state: RemoteState, plan: Plan, generation: int) -> None:
         """Make the session's chain match the plan, replaying its past rows into a new one."""
@@ -361,6 +414,7 @@ class Coordinator:
             if entry is None:
                 raise ChainBroken(f"worker {s.device.address} was dropped")
             hop = pb.Hop(address=s.device.address, model_id=self.model_id, layer_start=s.start, layer_stop=s.stop)
+            hop.adapter.extend(self._adapter_part(entry[0], state.adapter, s.start, s.stop))
             chain.append((entry[0], hop))
         state.chain = ChainSession(
             state.id + f"-{generation}", chain, self.wire_dtype, self.model.config.dim, self.step_timeout_s

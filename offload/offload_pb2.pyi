@@ -107,16 +107,18 @@ class LoadReply(_message.Message):
     def __init__(self, bytes: _Optional[int] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("address", "model_id", "layer_start", "layer_stop")
+    __slots__ = ("address", "model_id", "layer_start", "layer_stop", "adapter")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_STOP_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     address: str
     model_id: str
     layer_start: int
     layer_stop: int
-    def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ...) -> None: ...
+    adapter: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., adapter: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class Activation(_message.Message):
     __slots__ = ("session_id", "step", "rows", "cols", "dtype", "data", "hop", "next", "deliver", "compute_us")
@@ -175,3 +177,17 @@ class HealthReply(_message.Message):
     sessions: int
     memory_used_bytes: int
     def __init__(self, serving: _Optional[bool] = ..., sessions: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+
+class AttestRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Attestation(_message.Message):
+    __slots__ = ("statement", "signature", "certificate")
+    STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    statement: bytes
+    signature: str
+    certificate: str
+    def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[str] = ..., certificate: _Optional[str] = ...) -> None: ...

@@ -74,6 +74,11 @@ class OffloadStub:
                 request_serializer=offload_dot_offload__pb2.HealthRequest.SerializeToString,
                 response_deserializer=offload_dot_offload__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Attest = channel.unary_unary(
+                '/appliance.offload.v1.Offload/Attest',
+                request_serializer=offload_dot_offload__pb2.AttestRequest.SerializeToString,
+                response_deserializer=offload_dot_offload__pb2.Attestation.FromString,
+                _registered_method=True)
 
 
 class OffloadServicer:
@@ -134,6 +139,14 @@ class OffloadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attest(self, request, context):
+        """The worker's statement of its compute for the appliance since its last one, signed with its
+        pairing key (offload/ledger.py); only the appliance may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OffloadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +189,11 @@ def add_OffloadServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=offload_dot_offload__pb2.HealthRequest.FromString,
                     response_serializer=offload_dot_offload__pb2.HealthReply.SerializeToString,
+            ),
+            'Attest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attest,
+                    request_deserializer=offload_dot_offload__pb2.AttestRequest.FromString,
+                    response_serializer=offload_dot_offload__pb2.Attestation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +412,33 @@ class Offload:
             '/appliance.offload.v1.Offload/Health',
             offload_dot_offload__pb2.HealthRequest.SerializeToString,
             offload_dot_offload__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appliance.offload.v1.Offload/Attest',
+            offload_dot_offload__pb2.AttestRequest.SerializeToString,
+            offload_dot_offload__pb2.Attestation.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,8 +31,10 @@ from gguf import GGMLQuantizationType
 from kernels.backend import Backend, describe, select_backend
 from models.errors import UnsupportedModelError
 from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig, held_nbytes, read_layer
+from models.lora import AdapterError, LoraAdapter, from_wire
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
+from offload.ledger import Statement
 from offload.pki import Identity, PairingError, certificate_name
 from offload.planner import parse_size
 from offload.protocol import CULPRIT_KEY, MESSAGE_OPTIONS, PROTOCOL, secure_channel
@@ -97,6 +99,7 @@ class WorkerSession:
     dtype: str
     reply: bool  # outputs go back on the Forward stream (a one-worker chain) rather than onward
     downstream: Downstream | None = None
+    adapter: LoraAdapter | None = None  # the session's LoRA adapter for these layers
     last_used: float = field(default_factory=time.monotonic)
     closed: bool = False  # released (or its range superseded) while its stream is still open
 
@@ -167,8 +170,12 @@ class WorkerService(rpc.OffloadServicer):
         self.ranges: dict[tuple[str, int, int], LoadedRange] = {}  # by (model id, start, stop)
         self.sessions: dict[str, WorkerSession] = {}
         self.results: dict[str, queue.Queue] = {}
+        self.adapters: dict[tuple[str, ...], LoraAdapter] = {}  # by the sha256s of their tensors
         self.lock = threading.Lock()
         self.gflops, self.measured_at = measure_gflops(), time.monotonic()
+        # What this device has done for the appliance since its last signed statement (the ledger).
+        self.contributed = {"compute_s": 0.0, "hidden_bytes": 0}
+        self.attested_at, self.attestations = time.time(), 0
         threading.Thread(target=self._reap_idle, daemon=True).start()
 
     # -- memory ------------------------------------------------------------------------------
@@ -291,12 +298,15 @@ class WorkerService(rpc.OffloadServicer):
                 except MalformedTensor as e:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {session_id}: {e}")
                 started = time.perf_counter()
-                y = session.layers.forward([x], [session.cache])[0]
+                y = session.layers.forward([x], [session.cache], [session.adapter])[0]
                 session.last_used = time.monotonic()
                 if self.used > self.budget:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this session's KV cache outgrew the budget")
                 out = self._output(y, session_id, msg.step, session.dtype)
                 out.compute_us.extend([*msg.compute_us, int((time.perf_counter() - started) * 1e6)])
+                with self.lock:
+                    self.contributed["compute_s"] += out.compute_us[-1] / 1e6
+                    self.contributed["hidden_bytes"] += len(msg.data)
                 if session.reply:
                     yield out
                 elif session.downstream is not None:
@@ -306,6 +316,18 @@ class WorkerService(rpc.OffloadServicer):
         finally:  # the stream is over: so is the session, and its KV cache is freed
             if session is not None:
                 self._release(session_id, _failure(context))
+
+    def Attest(self, request, context):
+        """This device's signed statement of its compute since the last one; the counters restart."""
+        if not is_appliance(context):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the appliance may ask for statements")
+        with self.lock:
+            amounts, since = dict(self.contributed), self.attested_at
+            self.contributed = {"compute_s": 0.0, "hidden_bytes": 0}
+            self.attestations += 1
+            self.attested_at, seq = time.time(), self.attestations
+        s = Statement.make(self.identity, "offload", amounts, since, seq)
+        return pb.Attestation(statement=s.body, signature=s.signature, certificate=s.cert_pem)
 
     def _output(self, hidden: np.ndarray, session_id: str, step: int, dtype: str) -> pb.Activation:
         return encode(hidden, session_id, step, dtype)
@@ -320,6 +342,31 @@ class WorkerService(rpc.OffloadServicer):
             context.abort(grpc.StatusCode.DATA_LOSS, error.details())
         context.abort(grpc.StatusCode.UNAVAILABLE, f"next worker {address}: {error.code().name}: {error.details()}")
 
+    def _adapter(self, hop: pb.Hop, context) -> LoraAdapter | None:
+        """The hop's LoRA adapter from the pushed tensors (built once per set of tensors), or None."""
+        if not hop.adapter:
+            return None
+        key = tuple(t.sha256 for t in hop.adapter)
+        with self.lock:
+            if key in self.adapters:
+                return self.adapters[key]
+        missing = [t.name for t in hop.adapter if not self.tensors.has(t.sha256)]
+        if missing or any(t.ggml_type != GGMLQuantizationType.F32 for t in hop.adapter):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"adapter tensors missing or not F32: {missing[:3]}")
+        try:
+            arrays = {
+                t.name: self.tensors.read(t).view(np.float32).reshape(tuple(int(n) for n in t.shape))
+                for t in hop.adapter
+            }
+            adapter = from_wire(key[0][:12], arrays)
+        except (ValueError, AdapterError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot build the adapter: {e}")
+        with self.lock:
+            while len(self.adapters) >= 8:  # a few adapters in use at once; older ones are rebuilt on demand
+                self.adapters.pop(next(iter(self.adapters)))
+            self.adapters[key] = adapter
+        return adapter
+
     def _open(self, first: pb.Activation, context, inbox: queue.Queue) -> WorkerSession:
         hop = first.hop
         key = (hop.model_id, hop.layer_start, hop.layer_stop)
@@ -330,6 +377,7 @@ class WorkerService(rpc.OffloadServicer):
         if first.dtype not in WIRE_DTYPES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"wire dtype {first.dtype!r} not supported")
         layers = self.ranges[key].layers
+        adapter = self._adapter(hop, context)
         downstream = None
         if first.next:
             nxt = first.next[0]
@@ -339,7 +387,7 @@ class WorkerService(rpc.OffloadServicer):
             if first.session_id in self.sessions:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"session {first.session_id} is already open")
             reply = first.deliver == pb.REPLY and not first.next
-            session = WorkerSession(layers, key, layers.new_cache(), first.dtype, reply, downstream)
+            session = WorkerSession(layers, key, layers.new_cache(), first.dtype, reply, downstream, adapter=adapter)
             self.sessions[first.session_id] = session
         return session
 

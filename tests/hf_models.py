@@ -208,3 +208,69 @@ def rel_err(a, b) -> float:
     import numpy as np
 
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_lora(hf, folder: Path, seed: int = 0, rank: int = 4, alpha: float = 8.0, targets=LORA_TARGETS):
+    """A PEFT LoRA adapter on `hf` with random A and B (PEFT's own init leaves B zero: a no-op that any
+    bug would still "match"), sized so it moves the logits clearly; saved in `folder`. Returns the
+    PEFT model (eval mode) on a copy of `hf`, which stays as it was; `merged_logits` gives
+    transformers' answer with the adapter merged."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(hf), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 / math.sqrt(p.shape[1]))
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def merged_logits(peft_model, ids: list[int]):
+    """transformers' logits with the adapter merged into a copy of the base weights."""
+    import copy
+
+    return hf_logits(copy.deepcopy(peft_model).merge_and_unload(), ids)
+
+
+def log_softmax(logits):
+    """log softmax over the last axis, in float64 (what the API's logprobs are)."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f32") -> Path:
+    """llama.cpp's convert_lora_to_gguf.py, as a user runs it (the base's config from `base_dir`)."""
+    script = llama_cpp_dir() / "convert_lora_to_gguf.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _RUN_CONVERTER,
+            str(script),
+            "",
+            str(adapter_dir),
+            "--base",
+            str(base_dir),
+            "--outfile",
+            str(out),
+            "--outtype",
+            outtype,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, f"convert_lora_to_gguf.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return out

@@ -150,3 +150,16 @@ def test_generate_loads_no_grpc():
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=os.environ)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_serving_loads_no_torch():
+    """The server, the worker and the admin CLI never load torch or PEFT (on-device training, offload/train.py,
+    is the `.[train]` extra)."""
+    probe = (
+        "import sys\n"
+        "import appliance.cli, appliance.ctl, appliance.serving.app, appliance.worker_cli, offload.coordinator\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'peft', 'transformers')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=os.environ)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -22,10 +22,11 @@ from appliance.serving.client_keys import ClientKeys, KeyNameError
 from appliance.serving.kserve.repository import Repository
 from appliance.serving.scheduler import Event, Ticket
 from appliance.serving.state import ServerState, server_state
-from models.errors import ModelStoreError
+from models.errors import ModelError, ModelStoreError
 from models.sampling import SamplingParams
 from models.store import KNOWN_MODELS, ModelSpec, ModelStore
 from offload.coordinator import Coordinator, OffloadError
+from offload.ledger import Ledger, LedgerError, ledger_path
 from offload.pki import PairingError, certificate_authority
 from offload.planner import Plan
 
@@ -91,6 +92,7 @@ def summary(state: ServerState, repo: Repository) -> dict:
         "layers": engine.model.config.n_layers,
         "local_layers": [0, engine.offload.first_remote_layer if engine.offload else engine.model.config.n_layers],
         "devices": _devices(state),
+        "contributions": _ledger(state).shares(),
         "gpus": scheduler.metrics.gpu.read(),
     }
 
@@ -116,6 +118,68 @@ def load_model(repo: Repo, name: str) -> dict:
 def unload_model(repo: Repo, name: str) -> dict:
     repo.unload(name)
     return {"name": name, "state": "UNAVAILABLE"}
+
+
+# -- the contribution ledger -------------------------------------------------------------------
+def _ledger(state: ServerState) -> Ledger:
+    """The coordinator's (it appends the workers' statements), else the file, read-only."""
+    ledger = getattr(state.engine.offload, "ledger", None)
+    if ledger is None:
+        ca = certificate_authority()
+        ledger = Ledger(ledger_path(ca.folder.parent), ca.identity())
+    return ledger
+
+
+@router.get("/ledger")
+def ledger(state: State) -> dict:
+    """Each device's share, and whether the whole history verifies (which entry fails, if one does)."""
+    book = _ledger(state)
+    try:
+        entries, problem = book.verify(), None
+    except LedgerError as e:
+        entries, problem = len(book.lines()), str(e)
+    return {"entries": entries, "verified": problem is None, "problem": problem, "shares": book.shares()}
+
+
+@router.post("/ledger/record")
+def record(state: State) -> list[dict]:
+    """Ask the workers in use for their statements now (the upkeep does every minute)."""
+    coordinator = state.engine.offload
+    return coordinator.record_contributions() if isinstance(coordinator, Coordinator) else []
+
+
+# -- LoRA adapters -----------------------------------------------------------------------------
+def _adapter_entry(state: ServerState, adapter) -> dict:
+    return {"model": f"{state.model_name}+{adapter.name}", **adapter.describe()}
+
+
+@router.get("/adapters")
+def adapters(state: State) -> list[dict]:
+    return [_adapter_entry(state, a) for a in state.adapters.all()]
+
+
+class AdapterBody(BaseModel):
+    path: str = Field(max_length=4096)  # a GGUF LoRA file on the appliance's disk
+    name: str | None = Field(None, max_length=64)  # default: the file's stem
+
+
+@router.post("/adapters/load")
+def load_adapter(state: State, body: AdapterBody) -> dict:
+    """Read and check the file, then serve it as BASE+NAME from the next request on (no restart)."""
+    try:
+        return _adapter_entry(state, state.adapters.load(body.path, body.name))
+    except ModelError as e:
+        raise HTTPException(400, str(e)) from e
+
+
+@router.post("/adapters/{name}/unload")
+def unload_adapter(state: State, name: str) -> dict:
+    """New requests can no longer name it; requests already running finish with it."""
+    try:
+        state.adapters.unload(name)
+    except KeyError:
+        raise HTTPException(404, f"no adapter {name!r} is loaded; loaded: {state.adapters.names()}") from None
+    return {"name": name, "unloaded": True}
 
 
 def _known(name: str) -> ModelSpec:

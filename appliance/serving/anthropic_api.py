@@ -80,8 +80,11 @@ def _text(content: str | list[Block], where: str) -> str:
 
 def _prompt_ids(state: ServerState, body: _Conversation) -> list[int]:
     """404 for a model not served, 400 for what this one cannot do; else the prompt in the model's chat template."""
-    if body.model != state.model_name:
-        raise HTTPException(404, f"model: {body.model} not found; available: {state.model_name}")
+    try:
+        state.adapter_for(body.model)
+    except LookupError:
+        available = ", ".join(state.model_names())
+        raise HTTPException(404, f"model: {body.model} not found; available: {available}") from None
     if body.tools:
         raise HTTPException(400, "tools are not supported")
     turns = [{"role": "system", "content": _text(body.system, "system")}] if body.system else []
@@ -137,7 +140,9 @@ async def _events(stream: TokenStream, gen: Generation, id_: str, model: str) ->
 @router.post("")
 async def messages(request: Request, body: MessagesRequest, state: State):
     sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
-    gen = state.generation(_prompt_ids(state, body), sampling, body.max_tokens, body.stop_sequences or [])
+    gen = state.generation(
+        _prompt_ids(state, body), sampling, body.max_tokens, body.stop_sequences or [], model=body.model
+    )
     stream = state.scheduler.stream(gen)  # admitted now: a full queue is a 429, not a broken stream
     id_ = f"msg_{uuid.uuid4().hex[:24]}"
     if body.stream:

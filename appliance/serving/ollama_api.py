@@ -26,7 +26,7 @@ from appliance.serving.auth import authorize
 from appliance.serving.disconnect import unless_client_leaves
 from appliance.serving.errors import plain_error_body
 from appliance.serving.fields import Message, Text
-from appliance.serving.ollama_models import TAG, listed, running, shown, timestamp
+from appliance.serving.ollama_models import TAG, listed_all, running, shown, timestamp
 from appliance.serving.scheduler import GenerationError, TokenStream, drain
 from appliance.serving.state import ServerState, server_state
 from models.engine import Generation
@@ -120,14 +120,16 @@ State = Annotated[ServerState, Depends(server_state)]
 
 def _served(state: ServerState, name: str) -> None:
     """404 unless `name` is the served model (Ollama's names ignore case; ":latest" is the default tag)."""
-    if name.removesuffix(TAG).casefold() != state.model_name.casefold():
-        raise HTTPException(404, f"model '{name}' not found")
+    try:
+        state.adapter_for(name.removesuffix(TAG), fold_case=True)
+    except LookupError:
+        raise HTTPException(404, f"model '{name}' not found") from None
 
 
 # --- requests to generations ---
 
 
-def _generation(state: ServerState, options: Options, prompt_ids: list[int]) -> Generation:
+def _generation(state: ServerState, options: Options, prompt_ids: list[int], model: str) -> Generation:
     context = state.engine.model.config.context_length
     if options.num_ctx is not None and options.num_ctx > context:
         raise HTTPException(
@@ -142,7 +144,9 @@ def _generation(state: ServerState, options: Options, prompt_ids: list[int]) -> 
     )
     stop = [options.stop] if isinstance(options.stop, str) else list(options.stop or [])
     max_tokens = options.num_predict if options.num_predict > 0 else state.max_tokens_limit
-    return state.generation(prompt_ids, sampling, max_tokens, stop, max_tokens_field="num_predict")
+    return state.generation(
+        prompt_ids, sampling, max_tokens, stop, max_tokens_field="num_predict", model=model.removesuffix(TAG)
+    )
 
 
 def _check(state: ServerState, body: _Request, asks: dict[str, bool]) -> None:
@@ -207,7 +211,7 @@ async def _answer(
 ):
     """Run one generation: NDJSON objects as the text grows then a final one with the figures, or (stream
     false) that final one alone with the whole text. `content` shapes text as the endpoint sends it."""
-    gen = _generation(state, body.options or Options(), prompt_ids)
+    gen = _generation(state, body.options or Options(), prompt_ids, body.model)
     stream = state.scheduler.stream(gen)  # admitted now: a full queue is a 429, not a broken stream
 
     def final(text: str) -> dict:
@@ -257,7 +261,7 @@ async def version() -> dict:
 
 @router.api_route("/tags", methods=["GET", "HEAD"])
 async def tags(state: State) -> dict:
-    return {"models": [await listed(state)]}
+    return {"models": await listed_all(state)}
 
 
 @router.get("/ps")

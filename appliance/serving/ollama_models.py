@@ -89,6 +89,27 @@ async def listed(state: ServerState) -> dict:
     }
 
 
+async def listed_all(state: ServerState) -> list[dict]:
+    """/api/tags: the served model, then BASE+ADAPTER for each LoRA adapter loaded now (its own file's
+    size and digest; details name the base as parent_model)."""
+    base = await listed(state)
+    entries = [base]
+    for adapter in state.adapters.all():
+        name = f"{state.model_name}+{adapter.name}{TAG}"
+        entries.append(
+            {
+                **base,
+                "name": name,
+                "model": name,
+                "modified_at": _modified(adapter.path),
+                "size": adapter.path.stat().st_size,
+                "digest": await _digest(adapter.path),
+                "details": {**base["details"], "parent_model": base["name"]},
+            }
+        )
+    return entries
+
+
 @functools.lru_cache(maxsize=2)
 def _weight_bytes(engine: Engine) -> int:
     """The weights this device holds for the model, as its backend prepared them (measured once: the

@@ -122,6 +122,7 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int]) -> li
             body.ignore_eos,
             logprobs=n_top,
             echo=echo,
+            model=body.model,
         )
         for i in range(body.n)
     ]
@@ -191,22 +192,29 @@ State = Annotated[ServerState, Depends(server_state)]
 async def list_models(state: State) -> dict:
     return {
         "object": "list",
-        "data": [{"id": state.model_name, "object": "model", "created": state.started, "owned_by": "appliance"}],
+        "data": [
+            {"id": name, "object": "model", "created": state.started, "owned_by": "appliance"}
+            for name in state.model_names()
+        ],
     }
 
 
 def check_model(state: ServerState, name: str) -> None:
-    if name != state.model_name:
+    """404 unless `name` is served: the base model, or BASE+ADAPTER for a loaded adapter."""
+    try:
+        state.adapter_for(name)
+    except LookupError:
+        available = ", ".join(state.model_names())
         raise OpenAIError(
-            404, f"model {name!r} does not exist; available: {state.model_name}", param="model", code="model_not_found"
-        )
+            404, f"model {name!r} does not exist; available: {available}", param="model", code="model_not_found"
+        ) from None
 
 
 async def _respond(request: Request, state: ServerState, body: _Common, prompt_ids: list[int], chat: bool):
     gens = _generations(state, body, prompt_ids)
     streams = state.scheduler.streams(gens)  # admitted now, all or none: a full queue is a 429, not a broken stream
     kind = "chat.completion" if chat else "text_completion"
-    envelope = {"id": _new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": state.model_name}
+    envelope = {"id": _new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": body.model}
     logprobs = [ChoiceLogprobs(state.engine.tokenizer, g, chat) for g in gens]
     echo = body.prompt if isinstance(body, CompletionRequest) and body.echo else None
     if body.stream:

@@ -10,6 +10,7 @@ from fastapi import Request
 from appliance.serving.client_keys import ClientKeys
 from appliance.serving.scheduler import Scheduler
 from models.engine import Engine, Generation
+from models.lora import Adapters, LoraAdapter
 from models.sampling import InvalidParameterError, SamplingParams
 from offload.pki import CertificateAuthority
 
@@ -27,6 +28,31 @@ class ServerState:
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20
     started: int = field(default_factory=lambda: int(time.time()))
+    adapters: Adapters | None = None  # LoRA adapters served as MODEL+ADAPTER (made empty when not given)
+
+    def __post_init__(self) -> None:
+        if self.adapters is None:
+            self.adapters = Adapters(self.engine.model.file, self.engine.model.config.spec)
+
+    def model_names(self) -> list[str]:
+        """What requests may name: the base model, and BASE+ADAPTER for each adapter loaded now."""
+        return [self.model_name, *(f"{self.model_name}+{n}" for n in self.adapters.names())]
+
+    def adapter_for(self, name: str, fold_case: bool = False) -> LoraAdapter | None:
+        """The adapter a model name picks (None: the base model); LookupError for a name not served.
+        fold_case: Ollama's names ignore case."""
+        base, plus, adapter = name.partition("+")
+        same = base.casefold() == self.model_name.casefold() if fold_case else base == self.model_name
+        if not same:
+            raise LookupError(name)
+        if not plus:
+            return None
+        if fold_case:
+            adapter = next((n for n in self.adapters.names() if n.casefold() == adapter.casefold()), adapter)
+        found = self.adapters.get(adapter)
+        if found is None:
+            raise LookupError(name)
+        return found  # layers on offload workers get their part of it there (offload/coordinator.py)
 
     def generation(
         self,
@@ -38,10 +64,12 @@ class ServerState:
         max_tokens_field: str = "max_tokens",
         logprobs: int | None = None,
         echo: bool = False,
+        model: str | None = None,
     ) -> Generation:
         """A generation within this server's limits (every protocol's requests pass through here);
         max_tokens_field: what the protocol calls max_tokens, for the error that names it; logprobs,
-        echo: models.engine.Generation's."""
+        echo: models.engine.Generation's; model: the name the request gave, which picks its adapter
+        (checked before, so LookupError here is a bug)."""
         max_tokens = min(self.default_max_tokens, self.max_tokens_limit) if max_tokens is None else max_tokens
         if max_tokens > self.max_tokens_limit:
             raise InvalidParameterError(
@@ -49,9 +77,12 @@ class ServerState:
             )
         if len(stop) > 16:
             raise InvalidParameterError("at most 16 stop strings")
-        return self.engine.generate(
+        adapter = None if model is None else self.adapter_for(model, fold_case=True)
+        generation = self.engine.generate(
             prompt_ids, sampling, max_tokens, stop, ignore_eos=ignore_eos, logprobs=logprobs, echo=echo
         )
+        generation.session.adapter = adapter
+        return generation
 
 
 def server_state(request: Request) -> ServerState:
