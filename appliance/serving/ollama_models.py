@@ -148,6 +148,6 @@ def shown(engine: Engine, verbose: bool) -> dict:
             {"name": t.name, "type": t.qtype.name, "shape": list(reversed(t.shape))}  # ggml's order
             for t in engine.model.file.tensors.values()
         ],
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],  # tools: models/tools.py's format, the generic one if need be
         "modified_at": _modified(path),
     }

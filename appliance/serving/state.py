@@ -36,10 +36,12 @@ class ServerState:
         max_tokens_field: str = "max_tokens",
         logprobs: int | None = None,
         echo: bool = False,
+        grammar: str | None = None,
     ) -> Generation:
         """A generation within this server's limits (every protocol's requests pass through here);
         max_tokens_field: what the protocol calls max_tokens, for the error that names it; logprobs,
-        echo: models.engine.Generation's."""
+        echo: models.engine.Generation's; grammar: a compiled grammar (engine.grammars) the text must follow,
+        each generation with its own matcher."""
         max_tokens = min(self.default_max_tokens, self.max_tokens_limit) if max_tokens is None else max_tokens
         if max_tokens > self.max_tokens_limit:
             raise InvalidParameterError(
@@ -47,8 +49,16 @@ class ServerState:
             )
         if len(stop) > 16:
             raise InvalidParameterError("at most 16 stop strings")
+        constraint = None if grammar is None else self.engine.grammars.constraint(grammar)
         return self.engine.generate(
-            prompt_ids, sampling, max_tokens, stop, ignore_eos=ignore_eos, logprobs=logprobs, echo=echo
+            prompt_ids,
+            sampling,
+            max_tokens,
+            stop,
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            echo=echo,
+            constraint=constraint,
         )
 
 
