@@ -171,6 +171,9 @@ def serve(
     wire_dtype: WireOpt = "float32",
     step_timeout: StepTimeoutOpt = 10.0,
     advertise: Annotated[bool, typer.Option(help="Announce this appliance on the LAN by mDNS (for pairing).")] = True,
+    prefix_cache_mb: Annotated[
+        int, typer.Option(min=0, help="MiB of finished requests' KV kept for prompts that start the same way (0: off).")
+    ] = 256,
 ) -> None:
     """Serve the model to the home: OpenAI-compatible REST, Anthropic's Messages API, Ollama's API, KServe v2
     (Triton) over REST and gRPC."""
@@ -207,6 +210,7 @@ def serve(
     engine = load_engine(
         ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout, threads
     )
+    engine.enable_prefix_cache(prefix_cache_mb << 20)
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
     state = ServerState(
         engine, scheduler, engine.name, keys, admin_keys, ClientKeys(), max_tokens_limit=max_tokens_limit

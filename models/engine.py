@@ -20,6 +20,7 @@ from models.errors import ContextLengthError
 from models.llama import Llama, Session
 from models.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from models.memory import release_memory
+from models.prefix_cache import PrefixCache
 from models.sampling import InvalidParameterError, Sampler, SamplingParams
 from models.tokenizer import Tokenizer
 from models.tools import Tool
@@ -51,6 +52,13 @@ class Engine:
         n = offload.first_remote_layer if offload is not None else model.config.n_layers
         self.ranges = [(0, n)] if n else []  # the layers run here
         self.grammars = Grammars(self.tokenizer)  # structured output: schemas compiled for this vocabulary
+        self.prefix_cache: PrefixCache | None = None  # enable_prefix_cache
+
+    def enable_prefix_cache(self, max_bytes: int) -> None:
+        """Keep finished generations' KV (up to max_bytes) for later prompts that start the same way; all
+        layers must run here (with offload workers it stays off)."""
+        if self.offload is None and max_bytes > 0:
+            self.prefix_cache = PrefixCache(max_bytes, lambda layers: self.model.layer_range(*layers).new_cache())
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> Engine:
@@ -290,6 +298,10 @@ class Generation(PromptRun):
         self._emitted = 0  # characters of text already handed out
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.stop_sequence: str | None = None  # the stop string that ended the text, if one did
+        cache = engine.prefix_cache
+        # the prompt's leading positions already computed by an earlier request (echo scores every position)
+        self.cached_tokens = 0 if cache is None or echo else cache.restore(self.prompt_ids, self.session)
+        self._prefilled = self.cached_tokens
 
     @property
     def completion_tokens(self) -> int:
@@ -372,6 +384,8 @@ class Generation(PromptRun):
 
     def _finish(self, reason: str) -> str:
         self.finish_reason = reason
+        if self.engine.prefix_cache is not None:  # this conversation's KV, for its next turn
+            self.engine.prefix_cache.store(self.prompt_ids + self.token_ids, self.session)
         self.engine.release(self.session)
         return self._emit(len(self.text))
 

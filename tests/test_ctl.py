@@ -70,8 +70,10 @@ def test_status(server, model_path):
     assert status["model"] == model_path.stem and status["backend"] == select_backend().name  # auto's choice
     assert status["layers"] == 30 and status["uptime_s"] >= 0 and status["active"] == 0
     assert isinstance(status["gpus"], list) and status["devices"] == []
+    assert status["prefix_cache"]["max_bytes"] == 256 << 20  # serve's default --prefix-cache-mb
     people = ctl("status", server=server)
     assert people.returncode == 0 and f"model {model_path.stem} (30 layers)" in people.stdout
+    assert "prefix cache: " in people.stdout
 
 
 def test_bench(server):

@@ -218,3 +218,17 @@ def test_metrics(url, client, served):
     assert float(generated[0].split()[-1]) >= 3
     if not gpu_present():
         assert "appliance_gpu_utilization_percent" not in text  # absent, not zero, without a GPU
+
+
+def test_a_second_turn_reuses_the_first(client, url, served):
+    """The prefix cache: turn 2 starts with turn 1's prompt and answer, whose KV it reuses; same greedy text."""
+    turn = [{"role": "system", "content": "You answer in one short sentence. " * 8}, *QUESTION]
+    first = client.chat.completions.create(model=served.name, messages=turn, temperature=0, max_tokens=12)
+    follow = [*turn, {"role": "assistant", "content": first.choices[0].message.content}, *QUESTION]
+    second = client.chat.completions.create(model=served.name, messages=follow, temperature=0, max_tokens=12)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    expected = served.generate(served.chat_ids(follow), SamplingParams(), 12)
+    assert second.choices[0].message.content == expected.run()
+    metrics = httpx.get(f"{url}/metrics").text
+    hits = next(line for line in metrics.splitlines() if line.startswith("appliance_prefix_cache_hits_total"))
+    assert float(hits.split()[-1]) >= 1 and "appliance_prefix_cache_bytes " in metrics

@@ -92,6 +92,7 @@ def summary(state: ServerState, repo: Repository) -> dict:
         "local_layers": [0, engine.offload.first_remote_layer if engine.offload else engine.model.config.n_layers],
         "devices": _devices(state),
         "gpus": scheduler.metrics.gpu.read(),
+        "prefix_cache": engine.prefix_cache.stats() if engine.prefix_cache is not None else None,
     }
 
 

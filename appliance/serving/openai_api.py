@@ -147,8 +147,14 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int], gramm
 
 
 def _usage(gens: list[Generation]) -> dict:
+    """OpenAI's usage; cached_tokens: the prompt's positions the prefix cache gave (not prefilled again)."""
     prompt, completion = gens[0].prompt_tokens, sum(g.completion_tokens for g in gens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": gens[0].cached_tokens},
+    }
 
 
 def _sse(obj: dict | str) -> str:
