@@ -341,12 +341,21 @@ def bench_serve(
     max_tokens: int = 32,
     peers: Annotated[bool, typer.Option(help="Measure llama.cpp's servers in the same run.")] = True,
     max_batch: Annotated[int, typer.Option(help="Our --max-batch and llama-server's -np.")] = 16,
+    chat_only: Annotated[
+        bool, typer.Option(help="Only the chat figures (prefix cache, constrained decoding).")
+    ] = False,
+    system_words: Annotated[int, typer.Option(help="The two-turn chat's system prompt, in words.")] = 1500,
 ) -> None:
     """Aggregate tokens/s, TTFT and inter-token latency at 1, 4, 8 and 16 clients, beside llama.cpp's
-    llama-server and llama-cpp-python's server; then the same while a 2000-token prompt arrives."""
+    llama-server and llama-cpp-python's server; then the same while a 2000-token prompt arrives; then a
+    two-turn chat's TTFT with and without the prefix cache, and constrained against free decoding."""
+    from appliance.bench.chat import run_chat_bench
     from appliance.bench.serve import run_bench_serve
 
-    run_bench_serve(ModelStore().resolve(model), clients or [1, 4, 8, 16], max_tokens, peers, max_batch)
+    path = ModelStore().resolve(model)
+    if not chat_only:
+        run_bench_serve(path, clients or [1, 4, 8, 16], max_tokens, peers, max_batch)
+    run_chat_bench(path, system_words)
 
 
 @app.command("bench-offload")
