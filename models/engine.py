@@ -22,6 +22,7 @@ from models.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from models.memory import release_memory
 from models.prefix_cache import PrefixCache
 from models.sampling import InvalidParameterError, Sampler, SamplingParams
+from models.store import model_name
 from models.tokenizer import Tokenizer
 from models.tools import Tool
 from models.tools import render as render_chat
@@ -68,7 +69,8 @@ class Engine:
 
     @property
     def name(self) -> str:
-        return self.model.file.path.stem
+        """models.store.model_name: the store's name for a known model, else the file's stem."""
+        return model_name(self.model.file.path)
 
     def prompt_ids(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         """Token ids for a plain prompt, or for one user turn rendered with the model's chat template."""

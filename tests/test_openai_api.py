@@ -29,8 +29,11 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def test_models(client, served):
-    assert [m.id for m in client.models.list()] == [served.name]
+def test_models(client, served, model_path):
+    assert [m.id for m in client.models.list()] == [served.name] == ["smollm2-135m-instruct"]  # the store's name
+    for alias in (model_path.stem, model_path.name, "SmolLM2-135M-Instruct"):  # other spellings are taken
+        r = client.completions.create(model=alias, prompt="Hi", max_tokens=1)
+        assert r.model == served.name
 
 
 def test_chat_equals_the_engine(client, served):

@@ -358,3 +358,26 @@ def test_the_call_parser_streams_arguments():
     assert parser.content == "Let me check.and  done <tool"
     assert sum(e.kind == "arguments" and e.index == 0 for e in events) > 1
     assert parse("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+
+
+def test_anthropic_tool_use(url, served):
+    """tool_choice "tool" forces a call: a tool_use block whose input validates, plain and streamed alike."""
+    client = anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+    fn = WEATHER["function"]
+    ask = {
+        "model": served.name,
+        "max_tokens": 64,
+        "messages": ASK,
+        "tools": [{"name": fn["name"], "description": fn["description"], "input_schema": fn["parameters"]}],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "extra_body": GREEDY,
+    }
+    message = client.messages.create(**ask)
+    assert message.stop_reason == "tool_use"
+    (use,) = [b for b in message.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.id.startswith("toolu_")
+    jsonschema.validate(use.input, fn["parameters"])
+    with client.messages.stream(**ask) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.stop_reason == "tool_use"
+    assert [b.input for b in streamed.content if b.type == "tool_use"] == [use.input]

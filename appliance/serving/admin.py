@@ -110,13 +110,13 @@ def models(repo: Repo) -> list[dict]:
 @router.post("/models/{name}/load")
 def load_model(repo: Repo, name: str) -> dict:
     repo.load(name)
-    return {"name": name, "state": "READY"}
+    return {"name": repo.state.canonical(name), "state": "READY"}
 
 
 @router.post("/models/{name}/unload")
 def unload_model(repo: Repo, name: str) -> dict:
     repo.unload(name)
-    return {"name": name, "state": "UNAVAILABLE"}
+    return {"name": repo.state.canonical(name), "state": "UNAVAILABLE"}
 
 
 def _known(name: str) -> ModelSpec:

@@ -125,7 +125,7 @@ def _tools(body: _Conversation) -> tuple[list[Tool], list[Tool]]:
 
 def _prompt_ids(state: ServerState, body: _Conversation) -> list[int]:
     """404 for a model not served, 400 for what this one cannot do; else the prompt in the model's chat template."""
-    if body.model != state.model_name:
+    if not state.serves(body.model):
         raise HTTPException(404, f"model: {body.model} not found; available: {state.model_name}")
     turns = [{"role": "system", "content": _text(body.system, "system")}] if body.system else []
     for i, m in enumerate(body.messages):

@@ -26,7 +26,7 @@ from appliance.serving.auth import authorize
 from appliance.serving.disconnect import unless_client_leaves
 from appliance.serving.errors import plain_error_body
 from appliance.serving.fields import Message, Text
-from appliance.serving.ollama_models import TAG, listed, running, shown, timestamp
+from appliance.serving.ollama_models import listed, running, shown, timestamp
 from appliance.serving.scheduler import GenerationError, TokenStream, drain
 from appliance.serving.state import ServerState, server_state
 from appliance.serving.structured import any_json, function_tools, schema_grammar
@@ -122,7 +122,7 @@ State = Annotated[ServerState, Depends(server_state)]
 
 def _served(state: ServerState, name: str) -> None:
     """404 unless `name` is the served model (Ollama's names ignore case; ":latest" is the default tag)."""
-    if name.removesuffix(TAG).casefold() != state.model_name.casefold():
+    if not state.serves(name):
         raise HTTPException(404, f"model '{name}' not found")
 
 

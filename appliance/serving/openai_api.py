@@ -261,7 +261,7 @@ async def list_models(state: State) -> dict:
 
 
 def check_model(state: ServerState, name: str) -> None:
-    if name != state.model_name:
+    if not state.serves(name):
         raise OpenAIError(
             404, f"model {name!r} does not exist; available: {state.model_name}", param="model", code="model_not_found"
         )

@@ -11,6 +11,9 @@ from appliance.serving.client_keys import ClientKeys
 from appliance.serving.scheduler import Scheduler
 from models.engine import Engine, Generation
 from models.sampling import InvalidParameterError, SamplingParams
+from models.store import model_aliases
+
+TAG = ":latest"  # Ollama's default tag: "NAME" and "NAME:latest" are the same model
 
 
 @dataclass
@@ -25,6 +28,17 @@ class ServerState:
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20
     started: int = field(default_factory=lambda: int(time.time()))
+
+    def serves(self, name: str) -> bool:
+        """Whether a request's model name is this model's: its name or another spelling of it (the file's stem or
+        name, any case, with or without Ollama's ":latest")."""
+        aliases = model_aliases(self.engine.model.file.path) | {self.model_name.casefold()}
+        return name.removesuffix(TAG).casefold() in aliases
+
+    def canonical(self, name: str) -> str:
+        """A model name as the server lists it (`NAME-logits` too, KServe's scoring model), else `name` itself."""
+        base, logits = (name[: -len("-logits")], "-logits") if name.endswith("-logits") else (name, "")
+        return self.model_name + logits if self.serves(base) else name
 
     def generation(
         self,
