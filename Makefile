@@ -66,6 +66,7 @@ bench: $(VENV)/.installed-bench $(VENV)/llama-rpc/llama-bench
 	$(BIN)/appliance bench
 
 ## bench-serve: tokens/s, TTFT and inter-token latency at 1/4/8/16 streaming clients, beside llama.cpp's server;
+##   a two-turn chat's TTFT with and without the prefix cache, constrained vs free decoding tokens/s;
 ##   then Triton's perf_analyzer over HTTP and gRPC streaming, and NVIDIA's aiperf where .venv-aiperf exists
 bench-serve: $(VENV)/.installed-bench $(VENV)/llama-rpc/llama-bench
 	$(BIN)/appliance bench-serve

@@ -194,6 +194,9 @@ def serve(
         list[str] | None,
         typer.Option(help="A GGUF LoRA adapter file, served as MODEL+STEM; may be repeated."),
     ] = None,
+    prefix_cache_mb: Annotated[
+        int, typer.Option(min=0, help="MiB of finished requests' KV kept for prompts that start the same way (0: off).")
+    ] = 256,
 ) -> None:
     """Serve the model to the home: OpenAI-compatible REST, Anthropic's Messages API, Ollama's API, KServe v2
     (Triton) over REST and gRPC."""
@@ -231,6 +234,7 @@ def serve(
     engine = load_engine(
         ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout, threads
     )
+    engine.enable_prefix_cache(prefix_cache_mb << 20)
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
     admin_ca = None
     if admin_mtls:
@@ -417,12 +421,21 @@ def bench_serve(
     max_tokens: int = 32,
     peers: Annotated[bool, typer.Option(help="Measure llama.cpp's servers in the same run.")] = True,
     max_batch: Annotated[int, typer.Option(help="Our --max-batch and llama-server's -np.")] = 16,
+    chat_only: Annotated[
+        bool, typer.Option(help="Only the chat figures (prefix cache, constrained decoding).")
+    ] = False,
+    system_words: Annotated[int, typer.Option(help="The two-turn chat's system prompt, in words.")] = 1500,
 ) -> None:
     """Aggregate tokens/s, TTFT and inter-token latency at 1, 4, 8 and 16 clients, beside llama.cpp's
-    llama-server and llama-cpp-python's server; then the same while a 2000-token prompt arrives."""
+    llama-server and llama-cpp-python's server; then the same while a 2000-token prompt arrives; then a
+    two-turn chat's TTFT with and without the prefix cache, and constrained against free decoding."""
+    from appliance.bench.chat import run_chat_bench
     from appliance.bench.serve import run_bench_serve
 
-    run_bench_serve(ModelStore().resolve(model), clients or [1, 4, 8, 16], max_tokens, peers, max_batch)
+    path = ModelStore().resolve(model)
+    if not chat_only:
+        run_bench_serve(path, clients or [1, 4, 8, 16], max_tokens, peers, max_batch)
+    run_chat_bench(path, system_words)
 
 
 @app.command("bench-offload")

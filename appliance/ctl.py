@@ -181,6 +181,13 @@ def status(as_json: JsonOpt = False) -> None:
             f"requests: {s['active']} running, {s['waiting']} waiting; {s['tokens_per_s']:.1f} tokens/s now, "
             f"{s['tokens_total']} generated since start"
         )
+        pc = s.get("prefix_cache")
+        out.print(
+            "prefix cache: off"
+            if not pc
+            else f"prefix cache: {pc['hits']} hits, {pc['misses']} misses, {pc['tokens_reused']} tokens reused; "
+            f"{pc['entries']} entries, {pc['bytes'] / 2**20:.1f} / {pc['max_bytes'] / 2**20:.0f} MiB"
+        )
         gpus = [
             {
                 **g,

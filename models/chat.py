@@ -30,15 +30,18 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._template = env.from_string(source or FALLBACK_TEMPLATE)
+        # a template that writes Hermes-style calls itself takes `tools=` and messages with tool calls (models/tools.py)
+        self.writes_tool_calls = "<tool_call>" in (source or "")
         self._specials = {"bos_token": bos_token, "eos_token": eos_token}
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """tools: the functions offered, as transformers passes them to a template that takes them."""
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ChatTemplateError("each chat message needs a string 'role' and a string 'content'")
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self._specials
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **self._specials
             )
         except TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from e

@@ -14,13 +14,18 @@ from typing import Protocol
 import numpy as np
 
 from models.chat import ChatTemplate
+from models.constraint import Constraint, Grammars
 from models.detokenize import IncrementalDecoder
 from models.errors import ContextLengthError
 from models.llama import Llama, Session
 from models.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from models.memory import release_memory
+from models.prefix_cache import PrefixCache
 from models.sampling import InvalidParameterError, Sampler, SamplingParams
+from models.store import model_name
 from models.tokenizer import Tokenizer
+from models.tools import Tool
+from models.tools import render as render_chat
 
 
 class OffloadStage(Protocol):
@@ -47,6 +52,14 @@ class Engine:
         )
         n = offload.first_remote_layer if offload is not None else model.config.n_layers
         self.ranges = [(0, n)] if n else []  # the layers run here
+        self.grammars = Grammars(self.tokenizer)  # structured output: schemas compiled for this vocabulary
+        self.prefix_cache: PrefixCache | None = None  # enable_prefix_cache
+
+    def enable_prefix_cache(self, max_bytes: int) -> None:
+        """Keep finished generations' KV (up to max_bytes) for later prompts that start the same way; all
+        layers must run here (with offload workers it stays off)."""
+        if self.offload is None and max_bytes > 0:
+            self.prefix_cache = PrefixCache(max_bytes, lambda layers: self.model.layer_range(*layers).new_cache())
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> Engine:
@@ -56,7 +69,8 @@ class Engine:
 
     @property
     def name(self) -> str:
-        return self.model.file.path.stem
+        """models.store.model_name: the store's name for a known model, else the file's stem."""
+        return model_name(self.model.file.path)
 
     def prompt_ids(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         """Token ids for a plain prompt, or for one user turn rendered with the model's chat template."""
@@ -67,9 +81,11 @@ class Engine:
             return self.chat_ids(messages)
         return self.tokenizer.encode(prompt)
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: Sequence[Tool] = ()) -> list[int]:
+        """A conversation (with tool calls and results, models/tools.py) and the tools offered, as prompt ids."""
         # The template writes the BOS (and any EOS) text itself where the model wants one.
-        return self.tokenizer.encode(self.chat_template.render(messages), add_bos=False, add_eos=False)
+        text = render_chat(self.chat_template, messages, list(tools))
+        return self.tokenizer.encode(text, add_bos=False, add_eos=False)
 
     def forward(self, ids: list[int], session: Session) -> np.ndarray:
         """Logits [T, vocab] for the next T tokens of a session, through every layer range."""
@@ -124,9 +140,10 @@ class Engine:
         ignore_eos: bool = False,
         logprobs: int | None = None,
         echo: bool = False,
+        constraint: Constraint | None = None,
     ) -> Generation:
         """ignore_eos: run on past the model's own end-of-generation tokens (fixed-length output, for benchmarks);
-        logprobs, echo: see Generation."""
+        logprobs, echo, constraint: see Generation."""
         model_stops = frozenset() if ignore_eos else self.tokenizer.stop_ids
         return Generation(
             self,
@@ -137,6 +154,7 @@ class Engine:
             model_stops | set(stop_token_ids),
             logprobs,
             echo,
+            constraint,
         )
 
 
@@ -231,7 +249,9 @@ class Generation(PromptRun):
     `TokenLogprob` carries (in `logprobs`; `piece_tokens[i]` is how many of them the i-th text piece
     covers). echo: also the prompt's tokens' logprobs (`prompt_logprobs`, the first None): the head
     then runs on every prompt position of this request, not just the last; with echo, max_tokens may
-    be 0 (score the prompt, sample nothing)."""
+    be 0 (score the prompt, sample nothing). constraint: a grammar's token mask (models/constraint.py) applied to
+    each step's logits before sampling; the text ends ("stop") once the grammar is complete, and a text cut off
+    by max_tokens before that ends "length" as any other."""
 
     def __init__(
         self,
@@ -243,6 +263,7 @@ class Generation(PromptRun):
         stop_ids: set[int],
         logprobs: int | None = None,
         echo: bool = False,
+        constraint: Constraint | None = None,
     ):
         ctx = engine.model.config.context_length
         least = 0 if echo else 1  # echo with max_tokens 0 scores the prompt only
@@ -270,6 +291,7 @@ class Generation(PromptRun):
         self.stop = list(stop)
         self.stop_ids = stop_ids
         self.sampler = Sampler(sampling)
+        self.constraint = constraint
         self.token_ids: list[int] = []
         self._history = list(prompt_ids)  # what the repetition penalty looks at: prompt and output
         self._decoder = IncrementalDecoder(partial(engine.tokenizer.decode, continuation=True))  # llama.cpp keeps
@@ -278,6 +300,10 @@ class Generation(PromptRun):
         self._emitted = 0  # characters of text already handed out
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.stop_sequence: str | None = None  # the stop string that ended the text, if one did
+        cache = engine.prefix_cache
+        # the prompt's leading positions already computed by an earlier request (echo scores every position)
+        self.cached_tokens = 0 if cache is None or echo else cache.restore(self.prompt_ids, self.session)
+        self._prefilled = self.cached_tokens
 
     @property
     def completion_tokens(self) -> int:
@@ -296,12 +322,19 @@ class Generation(PromptRun):
                 return ""  # a prompt chunk: nothing to sample yet
             if self.max_tokens == 0:
                 return self._finish("length")
+        raw = logits  # logprobs are the model's own, before the grammar's mask
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         token = self.sampler(logits, self._history)
-        if token in self.stop_ids:  # not part of the text, so no logprob of its own (as OpenAI's)
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        if token in self.stop_ids or (
+            self.constraint is not None and self.constraint.finished and token in self.engine.tokenizer.stop_ids
+        ):  # no logprob of its own (as OpenAI's)
             self.text = self._decoder.final()
             return self._finish("stop")
         if self.n_top is not None:
-            self.logprobs.append(token_logprob(logits, token, self.n_top))
+            self.logprobs.append(token_logprob(raw, token, self.n_top))
         self.token_ids.append(token)
         self._history.append(token)
         self._decoder.add(token)
@@ -312,6 +345,9 @@ class Generation(PromptRun):
             at, self.stop_sequence = min(found, key=lambda f: f[0])  # the earliest; on a tie, the first listed
             self.text = text[:at]
             self._drop_logprobs_past_text()
+            return self._finish("stop")
+        if self.constraint is not None and self.constraint.finished:  # the grammar admits nothing more
+            self.text = self._decoder.final()
             return self._finish("stop")
         if len(self.token_ids) >= self.max_tokens:
             self.text = self._decoder.final()
@@ -350,6 +386,8 @@ class Generation(PromptRun):
 
     def _finish(self, reason: str) -> str:
         self.finish_reason = reason
+        if self.engine.prefix_cache is not None:  # this conversation's KV, for its next turn
+            self.engine.prefix_cache.store(self.prompt_ids + self.token_ids, self.session)
         self.engine.release(self.session)
         return self._emit(len(self.text))
 

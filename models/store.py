@@ -49,6 +49,21 @@ DEFAULT_MODEL = ModelSpec(
 KNOWN_MODELS = {DEFAULT_MODEL.name: DEFAULT_MODEL}
 
 
+def model_name(path: Path) -> str:
+    """The one name a model file is known by everywhere (the APIs' model lists, the store, appliance-ctl): a
+    known model's store name where the file is its, else the file's stem."""
+    for spec in KNOWN_MODELS.values():
+        if Path(path).name == spec.filename:
+            return spec.name
+    return Path(path).stem
+
+
+def model_aliases(path: Path) -> frozenset[str]:
+    """The spellings a request may name the model by, casefolded: its name, the file's stem and file name."""
+    path = Path(path)
+    return frozenset(n.casefold() for n in (model_name(path), path.stem, path.name))
+
+
 def default_root() -> Path:
     """$APPLIANCE_HOME/models, else the user's cache directory."""
     home = os.environ.get("APPLIANCE_HOME")

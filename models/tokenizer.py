@@ -181,6 +181,8 @@ class Tokenizer:
         self.vocab_size = len(tokens)
         # the space SentencePiece put in front of the text, which decoding takes off again
         self._prefix_space = kind == "llama" and bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        self._sentencepiece = kind == "llama"
+        self._byte_tokens = frozenset(i for i, k in enumerate(types) if k == BYTE)  # SentencePiece's <0xNN>
 
         def special(key: str) -> int | None:
             value = metadata.get(f"tokenizer.ggml.{key}_token_id")
@@ -229,8 +231,13 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (a piece of a UTF-8 character too): byte-level BPE spells
-        each byte as one character of GPT-2's table; special tokens are their own text."""
+        each byte as one character of GPT-2's table, SentencePiece a space as ▁ and a lone byte as <0xNN>;
+        special tokens are their own text."""
         piece = self.tokens[token_id]
+        if self._sentencepiece and token_id not in self.special_ids:
+            if token_id in self._byte_tokens:
+                return bytes([int(piece[3:-1], 16)])
+            return piece.replace("\u2581", " ").encode("utf-8")
         if token_id in self.special_ids or any(ch not in _BYTE_OF for ch in piece):
             return piece.encode("utf-8")
         return bytes(_BYTE_OF[ch] for ch in piece)

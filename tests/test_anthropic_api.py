@@ -132,7 +132,7 @@ def test_errors_are_anthropic_s(client, url, served):
         {"extra_body": {"temperature": 1.5}},
         {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}]},
         {"messages": [{"role": "system", "content": "Hi"}]},
-        {"tools": [{"name": "f", "input_schema": {"type": "object"}}]},
+        {"tools": [{"name": "f", "input_schema": {"type": 7}}], "tool_choice": {"type": "any"}},
     ):
         with pytest.raises(anthropic.BadRequestError) as e:
             client.messages.create(**{"model": served.name, "max_tokens": 4, "messages": QUESTION, **bad})

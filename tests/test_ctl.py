@@ -16,6 +16,7 @@ import pytest
 
 from kernels.backend import select_backend
 from models.llama import Llama
+from models.store import model_name
 from offload.coordinator import layer_costs
 from offload.planner import local_layers, parse_size
 from tests.serving import ADMIN_KEY, running_server
@@ -67,11 +68,16 @@ def ok_json(*args: str, server) -> object:
 
 def test_status(server, model_path):
     status = ok_json("status", server=server)
-    assert status["model"] == model_path.stem and status["backend"] == select_backend().name  # auto's choice
+    assert (
+        status["model"] == model_name(model_path) == "smollm2-135m-instruct"
+        and status["backend"] == select_backend().name
+    )  # auto's choice
     assert status["layers"] == 30 and status["uptime_s"] >= 0 and status["active"] == 0
     assert isinstance(status["gpus"], list) and status["devices"] == []
+    assert status["prefix_cache"]["max_bytes"] == 256 << 20  # serve's default --prefix-cache-mb
     people = ctl("status", server=server)
-    assert people.returncode == 0 and f"model {model_path.stem} (30 layers)" in people.stdout
+    assert people.returncode == 0 and f"model {model_name(model_path)} (30 layers)" in people.stdout
+    assert "prefix cache: " in people.stdout
 
 
 def test_bench(server):
@@ -88,11 +94,13 @@ def test_models_list_load_unload(server, model_path):
     listing = ok_json("models", "list", server=server)
     assert listing["stored"][0]["state"] == "verified"
     assert {m["name"]: m["state"] for m in listing["served"]} == {
-        model_path.stem: "READY",
-        f"{model_path.stem}-logits": "READY",
+        model_name(model_path): "READY",  # the store's name (listing["stored"]'s) is the one served
+        f"{model_name(model_path)}-logits": "READY",
     }
-    logits = f"{model_path.stem}-logits"
-    assert ok_json("models", "unload", logits, server=server) == {"name": logits, "state": "UNAVAILABLE"}
+    assert listing["stored"][0]["name"] == model_name(model_path)
+    logits = f"{model_name(model_path)}-logits"
+    alias = f"{model_path.stem}-logits"  # another spelling of the name is taken too, and answered by the name
+    assert ok_json("models", "unload", alias, server=server) == {"name": logits, "state": "UNAVAILABLE"}
     served = {m["name"]: m["state"] for m in ok_json("models", "list", server=server)["served"]}
     assert served[logits] == "UNAVAILABLE"
     assert ok_json("models", "load", logits, server=server)["state"] == "READY"

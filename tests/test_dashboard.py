@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from appliance.testbed.netsim import worker_process
+from models.store import model_name
 from offload.pki import certificate_authority, issue_identity
 from tests.serving import running_server
 
@@ -120,7 +121,7 @@ def test_dashboard_shows_devices_and_streams_a_chat_reply(tmp_path, monkeypatch,
         assert summary.status_code == 200, summary.text
         wait_for(lambda: find(By.ID, "board").is_displayed(), 30, f"opening with the key ({find(By.ID, 'state').text})")
         assert browser.execute_script("return sessionStorage.getItem('appliance-api-key')") == "test-key"
-        assert model_path.stem in find(By.ID, "model").text
+        assert model_name(model_path) in find(By.ID, "model").text
         rows = wait_for(  # read in one script: the page re-renders the table every poll, staling elements
             lambda: browser.execute_script(
                 "return [...document.querySelectorAll('#devices tbody tr')].map(r => r.innerText.replace(/\\s+/g, ' '))"

@@ -47,7 +47,7 @@ def test_version_tags_show_ps(client, http, served, model_path):
 
     for name in (served.name, f"{served.name}:latest"):
         shown = client.show(name)
-        assert shown.capabilities == ["completion"]
+        assert shown.capabilities == ["completion", "tools"]
         assert shown.template == served.model.file.metadata["tokenizer.chat_template"]
         info = shown.modelinfo
         assert info["general.architecture"] == "llama" and info["llama.context_length"] == 8192
@@ -147,9 +147,9 @@ def test_load_and_unload_answer_as_ollama_does(client, http, served):
         ("/api/generate", {"model": "{name}", "prompt": "hi", "raw": True, "system": "x"}, 400, "raw mode"),
         ("/api/generate", {"model": "{name}", "prompt": "hi", "context": [10**9]}, 400, "context"),
         ("/api/generate", {"model": "{name}", "prompt": "word " * 9000}, 400, "context window"),
-        ("/api/chat", {"model": "{name}", "messages": QUESTION, "format": "json"}, 400, "constrained decoding"),
+        ("/api/chat", {"model": "{name}", "messages": QUESTION, "format": "yaml"}, 400, "format"),
         ("/api/chat", {"model": "{name}", "messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools"),
-        ("/api/chat", {"model": "{name}", "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+        ("/api/chat", {"model": "{name}", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
         ("/api/chat", {"model": "{name}", "messages": [{**QUESTION[0], "images": ["aGk="]}]}, 400, "vision"),
         ("/api/chat", {"model": "{name}", "messages": QUESTION, "think": True}, 400, "thinking"),
         ("/api/pull", {"model": "llama3.2"}, 501, "/api/chat"),

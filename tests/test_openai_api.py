@@ -29,8 +29,11 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def test_models(client, served):
-    assert [m.id for m in client.models.list()] == [served.name]
+def test_models(client, served, model_path):
+    assert [m.id for m in client.models.list()] == [served.name] == ["smollm2-135m-instruct"]  # the store's name
+    for alias in (model_path.stem, model_path.name, "SmolLM2-135M-Instruct"):  # other spellings are taken
+        r = client.completions.create(model=alias, prompt="Hi", max_tokens=1)
+        assert r.model == served.name
 
 
 def test_chat_equals_the_engine(client, served):
@@ -218,3 +221,17 @@ def test_metrics(url, client, served):
     assert float(generated[0].split()[-1]) >= 3
     if not gpu_present():
         assert "appliance_gpu_utilization_percent" not in text  # absent, not zero, without a GPU
+
+
+def test_a_second_turn_reuses_the_first(client, url, served):
+    """The prefix cache: turn 2 starts with turn 1's prompt and answer, whose KV it reuses; same greedy text."""
+    turn = [{"role": "system", "content": "You answer in one short sentence. " * 8}, *QUESTION]
+    first = client.chat.completions.create(model=served.name, messages=turn, temperature=0, max_tokens=12)
+    follow = [*turn, {"role": "assistant", "content": first.choices[0].message.content}, *QUESTION]
+    second = client.chat.completions.create(model=served.name, messages=follow, temperature=0, max_tokens=12)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    expected = served.generate(served.chat_ids(follow), SamplingParams(), 12)
+    assert second.choices[0].message.content == expected.run()
+    metrics = httpx.get(f"{url}/metrics").text
+    hits = next(line for line in metrics.splitlines() if line.startswith("appliance_prefix_cache_hits_total"))
+    assert float(hits.split()[-1]) >= 1 and "appliance_prefix_cache_bytes " in metrics

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes
 
 from appliance.serving.tls import ServerTLS
 from appliance.testbed.launch import free_port, running
+from models.store import model_name
 from offload.pki import SERVER_NAME, CertificateAuthority, certificate_authority
 from tests.serving import ADMIN_KEY, serve_command
 
@@ -64,7 +65,7 @@ def server(tmp_path_factory, model_path) -> Iterator[TlsServer]:
         mp.delenv("APPLIANCE_SERVER", raising=False)
         ca_file = home / "pki" / "ca.pem"
         with running(cmd, f"https://127.0.0.1:{port}/health", cafile=ca_file) as pid:
-            yield TlsServer(port, grpc_port, pid, home, ca_file, model_path.stem)
+            yield TlsServer(port, grpc_port, pid, home, ca_file, model_name(model_path))
 
 
 def trusting(server: TlsServer) -> ssl.SSLContext:

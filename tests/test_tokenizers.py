@@ -572,6 +572,15 @@ def test_decode_round_trips(family, text):
 
 
 @pytest.mark.parametrize("text", [t for t in TEXTS if t])
+def test_token_bytes_spell_the_text(family, text):
+    """What a grammar's token mask (models/constraint.py) and OpenAI's logprob bytes read: each token's bytes."""
+    ours = family.ours
+    ids = ours.encode(text, add_bos=False, add_eos=False)
+    expected = ours.decode(ids, skip_special=False, continuation=True).encode()
+    assert b"".join(ours.token_bytes(i) for i in ids) == expected
+
+
+@pytest.mark.parametrize("text", [t for t in TEXTS if t])
 def test_decode_matches_the_reference(family, text):
     ids = family.reference(text)
     assert family.ours.decode(ids) == family.hf.decode(ids, skip_special_tokens=True)

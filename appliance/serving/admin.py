@@ -94,6 +94,7 @@ def summary(state: ServerState, repo: Repository) -> dict:
         "devices": _devices(state),
         "contributions": _ledger(state).shares(),
         "gpus": scheduler.metrics.gpu.read(),
+        "prefix_cache": engine.prefix_cache.stats() if engine.prefix_cache is not None else None,
     }
 
 
@@ -111,13 +112,13 @@ def models(repo: Repo) -> list[dict]:
 @router.post("/models/{name}/load")
 def load_model(repo: Repo, name: str) -> dict:
     repo.load(name)
-    return {"name": name, "state": "READY"}
+    return {"name": repo.state.canonical(name), "state": "READY"}
 
 
 @router.post("/models/{name}/unload")
 def unload_model(repo: Repo, name: str) -> dict:
     repo.unload(name)
-    return {"name": name, "state": "UNAVAILABLE"}
+    return {"name": repo.state.canonical(name), "state": "UNAVAILABLE"}
 
 
 # -- the contribution ledger -------------------------------------------------------------------

@@ -103,6 +103,26 @@ class OffloadCollector:
         yield from (seconds, sent)
 
 
+class PrefixCacheCollector:
+    """The prefix cache (models/prefix_cache.py), read at scrape time."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def collect(self):
+        stats = self.cache.stats()
+        for name, kind, help_ in (
+            ("hits", CounterMetricFamily, "Prompts that reused cached KV"),
+            ("misses", CounterMetricFamily, "Prompts that found no cached prefix"),
+            ("tokens_reused", CounterMetricFamily, "Prompt tokens not prefilled again"),
+            ("evictions", CounterMetricFamily, "Entries evicted (least recently used first)"),
+            ("bytes", GaugeMetricFamily, "KV bytes the prefix cache holds"),
+            ("max_bytes", GaugeMetricFamily, "The prefix cache's bound"),
+            ("entries", GaugeMetricFamily, "Cached prefixes"),
+        ):
+            yield kind(f"appliance_prefix_cache_{name}", help_, value=stats[name])
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -132,6 +152,9 @@ class Metrics:
         self.backend = Info("appliance_backend", "The compute backend, its instruction set and threads", registry=r)
         self.gpu = GpuCollector()
         r.register(self.gpu)
+
+    def watch_prefix_cache(self, cache) -> None:
+        self.registry.register(PrefixCacheCollector(cache))
 
     def watch_offload(self, coordinator) -> None:
         self.registry.register(OffloadCollector(coordinator))

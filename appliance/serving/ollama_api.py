@@ -26,11 +26,13 @@ from appliance.serving.auth import authorize
 from appliance.serving.disconnect import unless_client_leaves
 from appliance.serving.errors import plain_error_body
 from appliance.serving.fields import Message, Text
-from appliance.serving.ollama_models import TAG, listed_all, running, shown, timestamp
+from appliance.serving.ollama_models import listed_all, running, shown, timestamp
 from appliance.serving.scheduler import GenerationError, TokenStream, drain
 from appliance.serving.state import ServerState, server_state
+from appliance.serving.structured import any_json, function_tools, schema_grammar
 from models.engine import Generation
 from models.sampling import SamplingParams
+from models.tools import CallParser, ToolCall, parse
 
 # The Ollama release whose API (docs/api.md, api/types.go) this follows: clients compare it with the least
 # Ollama version they need. Our own version is in /admin/status.
@@ -70,7 +72,7 @@ class _Request(_Body):
     stream: bool = True  # Ollama streams unless told not to
     options: Options | None = None
     keep_alive: float | str | None = None
-    format: Any = None  # JSON mode / a JSON schema: refused (needs constrained decoding)
+    format: Any = None  # "json" (any JSON object) or a JSON schema: enforced by constrained decoding
     think: bool | str | None = None
 
 
@@ -121,7 +123,7 @@ State = Annotated[ServerState, Depends(server_state)]
 def _served(state: ServerState, name: str) -> None:
     """404 unless `name` is the served model (Ollama's names ignore case; ":latest" is the default tag)."""
     try:
-        state.adapter_for(name.removesuffix(TAG), fold_case=True)
+        state.adapter_for(name)
     except LookupError:
         raise HTTPException(404, f"model '{name}' not found") from None
 
@@ -129,7 +131,19 @@ def _served(state: ServerState, name: str) -> None:
 # --- requests to generations ---
 
 
-def _generation(state: ServerState, options: Options, prompt_ids: list[int], model: str) -> Generation:
+def _grammar(state: ServerState, fmt: Any) -> str | None:
+    """Ollama's `format`: "json" for any JSON object, or a JSON schema (an object)."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return any_json(state)
+    if not isinstance(fmt, dict):
+        raise HTTPException(400, 'format must be "json" or a JSON schema object')
+    return schema_grammar(state, fmt)
+
+
+def _generation(state: ServerState, body: _Request, prompt_ids: list[int]) -> Generation:
+    options = body.options or Options()
     context = state.engine.model.config.context_length
     if options.num_ctx is not None and options.num_ctx > context:
         raise HTTPException(
@@ -144,8 +158,9 @@ def _generation(state: ServerState, options: Options, prompt_ids: list[int], mod
     )
     stop = [options.stop] if isinstance(options.stop, str) else list(options.stop or [])
     max_tokens = options.num_predict if options.num_predict > 0 else state.max_tokens_limit
+    grammar = _grammar(state, body.format)
     return state.generation(
-        prompt_ids, sampling, max_tokens, stop, max_tokens_field="num_predict", model=model.removesuffix(TAG)
+        prompt_ids, sampling, max_tokens, stop, max_tokens_field="num_predict", model=body.model, grammar=grammar
     )
 
 
@@ -153,8 +168,6 @@ def _check(state: ServerState, body: _Request, asks: dict[str, bool]) -> None:
     """404 for a model not served; 400 for what this one cannot do, in Ollama's words ("NAME does not support
     tools"); `asks` names each capability the request needs."""
     _served(state, body.model)
-    if body.format not in (None, ""):
-        raise HTTPException(400, "format (JSON mode, JSON schemas) is not supported yet: it needs constrained decoding")
     for capability, asked in {"thinking": body.think not in (None, False), **asks}.items():
         if asked:
             raise HTTPException(400, f"{body.model} does not support {capability}")
@@ -208,10 +221,13 @@ async def _answer(
     started: float,
     content: Callable[[str], dict],
     final_extra: Callable[[Generation], dict] = lambda g: {},
+    tools: bool = False,
 ):
     """Run one generation: NDJSON objects as the text grows then a final one with the figures, or (stream
-    false) that final one alone with the whole text. `content` shapes text as the endpoint sends it."""
-    gen = _generation(state, body.options or Options(), prompt_ids, body.model)
+    false) that final one alone with the whole text. `content` shapes text as the endpoint sends it. tools:
+    the text may hold tool calls (tools were offered): they come back as the message's tool_calls, streamed
+    in an object of their own once each is whole."""
+    gen = _generation(state, body, prompt_ids)
     stream = state.scheduler.stream(gen)  # admitted now: a full queue is a 429, not a broken stream
 
     def final(text: str) -> dict:
@@ -227,13 +243,35 @@ async def _answer(
 
     if not body.stream:
         await unless_client_leaves(request, drain([stream]))
-        return final(gen.text)
+        if not tools:
+            return final(gen.text)
+        text, calls = parse(gen.text)
+        return _with_calls(final(text), calls)
+
+    def line(text: str, calls: list[ToolCall] = ()) -> str:
+        return _line(
+            _with_calls({"model": body.model, "created_at": timestamp(), **content(text), "done": False}, calls)
+        )
 
     async def lines() -> AsyncIterator[str]:
+        parser = CallParser() if tools else None
         try:
             try:
                 async for piece in stream:
-                    yield _line({"model": body.model, "created_at": timestamp(), **content(piece), "done": False})
+                    if parser is None:
+                        yield line(piece)
+                        continue
+                    called = len(parser.calls)
+                    text = "".join(e.text for e in parser.feed(piece) if e.kind == "content")
+                    if text:
+                        yield line(text)
+                    if parser.mode == "content" and len(parser.calls) > called:  # a call is whole
+                        yield line("", parser.calls[called:])
+                if parser is not None:
+                    called = len(parser.calls)
+                    text = "".join(e.text for e in parser.finish() if e.kind == "content")
+                    if text or len(parser.calls) > called:
+                        yield line(text, parser.calls[called:])
                 yield _line(final(""))
             except GenerationError as e:  # the headers are gone: the failure is the last line
                 yield _line(plain_error_body(str(e)))
@@ -241,6 +279,21 @@ async def _answer(
             stream.cancel()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _with_calls(obj: dict, calls: list[ToolCall]) -> dict:
+    """Ollama's tool_calls on a message: [{"function": {"name", "arguments": {...}}}]."""
+    if calls:
+        obj["message"]["tool_calls"] = [{"function": {"name": c.name, "arguments": _args(c)}} for c in calls]
+    return obj
+
+
+def _args(call: ToolCall) -> dict:
+    try:
+        value = json.loads(call.arguments or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _response(text: str) -> dict:
@@ -313,11 +366,12 @@ async def generate(request: Request, body: GenerateRequest, state: State):
 @router.post("/chat")
 async def chat(request: Request, body: ChatRequest, state: State):
     started = time.monotonic()
-    _check(state, body, {"tools": bool(body.tools), "vision": any(m.images for m in body.messages)})
+    _check(state, body, {"vision": any(m.images for m in body.messages)})
     if not body.messages:
         return _no_work(body, _message(""))
-    ids = state.engine.chat_ids([{"role": m.role, "content": m.content} for m in body.messages])
-    return await _answer(request, state, body, ids, started, _message)
+    tools = function_tools(body.tools)
+    ids = state.engine.chat_ids([m.turn() for m in body.messages], tools)
+    return await _answer(request, state, body, ids, started, _message, tools=bool(tools))
 
 
 SERVED = "/api/version, /api/tags, /api/show, /api/ps, /api/chat and /api/generate"

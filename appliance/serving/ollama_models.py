@@ -12,11 +12,10 @@ from pathlib import Path
 
 from gguf import LlamaFileType
 
-from appliance.serving.state import ServerState
+from appliance.serving.state import TAG, ServerState
 from models.engine import Engine
 from models.store import ModelStore
 
-TAG = ":latest"  # Ollama's default tag: "NAME" and "NAME:latest" are the same model
 FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)  # Go's longest duration: what Ollama shows for keep_alive -1
 
 
@@ -169,6 +168,6 @@ def shown(engine: Engine, verbose: bool) -> dict:
             {"name": t.name, "type": t.qtype.name, "shape": list(reversed(t.shape))}  # ggml's order
             for t in engine.model.file.tensors.values()
         ],
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],  # tools: models/tools.py's format, the generic one if need be
         "modified_at": _modified(path),
     }

@@ -25,9 +25,11 @@ from appliance.serving.fields import Message, Text
 from appliance.serving.openai_logprobs import ChoiceLogprobs
 from appliance.serving.scheduler import GenerationError, TokenStream, drain
 from appliance.serving.state import ServerState, server_state
+from appliance.serving.structured import choose, forced_grammar, function_tools, openai_format
 from models.engine import Generation
 from models.logprobs import MAX_TOP
 from models.sampling import SamplingParams
+from models.tools import CallParser, Event, ToolCall, parse
 
 
 class OpenAIError(Exception):
@@ -68,6 +70,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     ignore_eos: bool = False  # vLLM's extension: fixed-length output for benchmarks
+    response_format: dict | None = None  # text, json_object or json_schema: enforced by constrained decoding
 
     def logprob_options(self) -> tuple[int | None, bool]:
         """(alternatives per token, or None for no logprobs; whether the prompt is echoed)."""
@@ -78,6 +81,21 @@ class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None  # auto, none, required, or {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool | None = None  # accepted; a required call is one call
+
+    def choice(self) -> str | None:
+        """tool_choice as structured.choose takes it: "auto", "none", "required" or a tool's name."""
+        c = self.tool_choice
+        if isinstance(c, dict):
+            name = (c.get("function") or {}).get("name") if c.get("type") == "function" else None
+            if not isinstance(name, str):
+                raise OpenAIError(400, "tool_choice is {'type': 'function', 'function': {'name': ...}}", "tool_choice")
+            return name
+        if c not in (None, "auto", "none", "required"):
+            raise OpenAIError(400, "tool_choice must be auto, none, required or a function", param="tool_choice")
+        return c
 
     def logprob_options(self) -> tuple[int | None, bool]:
         if self.top_logprobs is not None and not self.logprobs:
@@ -98,7 +116,7 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def _generations(state: ServerState, body: _Common, prompt_ids: list[int]) -> list[Generation]:
+def _generations(state: ServerState, body: _Common, prompt_ids: list[int], grammar: str | None) -> list[Generation]:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise OpenAIError(400, "stop takes up to 4 strings", param="stop")
@@ -123,18 +141,38 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int]) -> li
             logprobs=n_top,
             echo=echo,
             model=body.model,
+            grammar=grammar,
         )
         for i in range(body.n)
     ]
 
 
 def _usage(gens: list[Generation]) -> dict:
+    """OpenAI's usage; cached_tokens: the prompt's positions the prefix cache gave (not prefilled again)."""
     prompt, completion = gens[0].prompt_tokens, sum(g.completion_tokens for g in gens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": gens[0].cached_tokens},
+    }
 
 
 def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def _finish_reason(gen: Generation, calls: list[ToolCall]) -> str | None:
+    return "tool_calls" if calls and gen.finish_reason == "stop" else gen.finish_reason
+
+
+def _call_delta(event: Event, calls: list[ToolCall]) -> dict:
+    """OpenAI's tool_calls delta: the id, type and name first, then the arguments' text as it grows."""
+    if event.kind == "call":
+        call = calls[event.index]
+        fn = {"name": call.name, "arguments": ""}
+        return {"tool_calls": [{"index": event.index, "id": call.id, "type": "function", "function": fn}]}
+    return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
 
 
 async def _sse_chunks(
@@ -145,13 +183,23 @@ async def _sse_chunks(
     chat: bool,
     include_usage: bool,
     echo: str | None,
+    tools: bool = False,
 ) -> AsyncIterator[str]:
     """One SSE chunk per text piece of each choice (after the echoed prompt, if any), each with the
-    logprobs of the tokens it covers; then finish chunks, usage and [DONE]."""
+    logprobs of the tokens it covers; with tools, the text's tool calls as tool_calls deltas; then finish
+    chunks, usage and [DONE]."""
 
-    def chunk(index: int, text: str | None, finish: str | None, lps: dict | None = None, first: bool = False) -> dict:
+    def chunk(
+        index: int,
+        text: str | None,
+        finish: str | None,
+        lps: dict | None = None,
+        first: bool = False,
+        delta: dict | None = None,
+    ) -> dict:
         if chat:
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lps}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lps}
@@ -163,14 +211,27 @@ async def _sse_chunks(
                 if chat:
                     yield _sse(chunk(i, None, None, first=True))
                 echoed = echo is None
+                parser = CallParser() if tools else None
                 async for piece in stream:
                     if not echoed:  # the prompt's logprobs are known once the first token is
                         echoed = True
                         yield _sse(chunk(i, echo, None, lp.prompt()))
-                    yield _sse(chunk(i, piece, None, lp.next_piece()))
+                    if parser is None:
+                        yield _sse(chunk(i, piece, None, lp.next_piece()))
+                        continue
+                    lps = lp.next_piece()
+                    for event in parser.feed(piece) or [None]:
+                        if event is None and lps is None:  # held back (it may open a tool call), nothing to say
+                            continue
+                        delta = {} if event is None else _delta(event, parser.calls)
+                        yield _sse(chunk(i, None, None, lps, delta=delta))
+                        lps = None
+                if parser is not None:
+                    for event in parser.finish():
+                        yield _sse(chunk(i, None, None, delta=_delta(event, parser.calls)))
                 if not echoed:
                     yield _sse(chunk(i, echo, None, lp.prompt()))
-                final = chunk(i, None, g.finish_reason, lp.rest())
+                final = chunk(i, None, _finish_reason(g, parser.calls if parser else []), lp.rest())
                 if i == len(gens) - 1:
                     final["usage"] = _usage(gens)
                 yield _sse(final)
@@ -182,6 +243,10 @@ async def _sse_chunks(
     finally:  # also when the client disconnects mid-stream
         for stream in streams:
             stream.cancel()
+
+
+def _delta(event: Event, calls: list[ToolCall]) -> dict:
+    return {"content": event.text} if event.kind == "content" else _call_delta(event, calls)
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
@@ -210,8 +275,17 @@ def check_model(state: ServerState, name: str) -> None:
         ) from None
 
 
-async def _respond(request: Request, state: ServerState, body: _Common, prompt_ids: list[int], chat: bool):
-    gens = _generations(state, body, prompt_ids)
+async def _respond(
+    request: Request,
+    state: ServerState,
+    body: _Common,
+    prompt_ids: list[int],
+    chat: bool,
+    grammar: str | None = None,
+    tools: bool = False,
+):
+    """tools: the text may hold tool calls (tools were offered): they come back as tool_calls."""
+    gens = _generations(state, body, prompt_ids, grammar)
     streams = state.scheduler.streams(gens)  # admitted now, all or none: a full queue is a 429, not a broken stream
     kind = "chat.completion" if chat else "text_completion"
     envelope = {"id": _new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": body.model}
@@ -220,29 +294,37 @@ async def _respond(request: Request, state: ServerState, body: _Common, prompt_i
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         envelope = {**envelope, "object": f"{kind}.chunk"}
-        chunks = _sse_chunks(streams, gens, logprobs, envelope, chat, include_usage, echo)
+        chunks = _sse_chunks(streams, gens, logprobs, envelope, chat, include_usage, echo, tools)
         return StreamingResponse(chunks, media_type="text/event-stream")
     await unless_client_leaves(request, drain(streams))
-    choices = [
-        {
-            "index": i,
-            "finish_reason": g.finish_reason,
-            "logprobs": lp.whole(),
-            **({"message": {"role": "assistant", "content": g.text}} if chat else {"text": (echo or "") + g.text}),
-        }
-        for i, (g, lp) in enumerate(zip(gens, logprobs, strict=True))
-    ]
+    choices = []
+    for i, (g, lp) in enumerate(zip(gens, logprobs, strict=True)):
+        content, calls = parse(g.text) if tools else (g.text, [])
+        choice = {"index": i, "finish_reason": _finish_reason(g, calls), "logprobs": lp.whole()}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": content if content or not calls else None}
+            if calls:
+                choice["message"]["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls
+                ]
+        else:
+            choice["text"] = (echo or "") + g.text
+        choices.append(choice)
     return {**envelope, "object": kind, "choices": choices, "usage": _usage(gens)}
 
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, body: ChatRequest, state: State):
     check_model(state, body.model)
-    ids = state.engine.chat_ids([m.model_dump() for m in body.messages])
-    return await _respond(request, state, body, ids, chat=True)
+    offered, forced = choose(function_tools(body.tools), body.choice())
+    ids = state.engine.chat_ids([m.turn() for m in body.messages], offered)
+    grammar = forced_grammar(state, forced) or openai_format(state, body.response_format)
+    return await _respond(request, state, body, ids, chat=True, grammar=grammar, tools=bool(offered))
 
 
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest, state: State):
     check_model(state, body.model)
-    return await _respond(request, state, body, state.engine.prompt_ids(body.prompt), chat=False)
+    grammar = openai_format(state, body.response_format)
+    return await _respond(request, state, body, state.engine.prompt_ids(body.prompt), chat=False, grammar=grammar)

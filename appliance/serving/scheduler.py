@@ -142,6 +142,8 @@ class Scheduler:
         self.metrics.backend.info({"name": engine.model.backend.name, "description": describe(engine.model.backend)})
         if engine.offload is not None:
             self.metrics.watch_offload(engine.offload)
+        if engine.prefix_cache is not None:
+            self.metrics.watch_prefix_cache(engine.prefix_cache)
         self.max_batch, self.max_queue, self.step_tokens = max_batch, max_queue, step_tokens
         self.prefill_slowdown = prefill_slowdown
         self.decode_step_s: float | None = None  # running estimate of a decode-only step

@@ -12,7 +12,10 @@ from appliance.serving.scheduler import Scheduler
 from models.engine import Engine, Generation
 from models.lora import Adapters, LoraAdapter
 from models.sampling import InvalidParameterError, SamplingParams
+from models.store import model_aliases
 from offload.pki import CertificateAuthority
+
+TAG = ":latest"  # Ollama's default tag: "NAME" and "NAME:latest" are the same model
 
 
 @dataclass
@@ -38,21 +41,30 @@ class ServerState:
         """What requests may name: the base model, and BASE+ADAPTER for each adapter loaded now."""
         return [self.model_name, *(f"{self.model_name}+{n}" for n in self.adapters.names())]
 
-    def adapter_for(self, name: str, fold_case: bool = False) -> LoraAdapter | None:
-        """The adapter a model name picks (None: the base model); LookupError for a name not served.
-        fold_case: Ollama's names ignore case."""
-        base, plus, adapter = name.partition("+")
-        same = base.casefold() == self.model_name.casefold() if fold_case else base == self.model_name
-        if not same:
+    def adapter_for(self, name: str) -> LoraAdapter | None:
+        """The adapter a model name picks (None: the base model); LookupError for a name not served. The
+        base may be any spelling `serves` accepts, the adapter's name any case (Ollama's names ignore it)."""
+        base, plus, adapter = name.removesuffix(TAG).partition("+")
+        if not self.serves(base):
             raise LookupError(name)
         if not plus:
             return None
-        if fold_case:
-            adapter = next((n for n in self.adapters.names() if n.casefold() == adapter.casefold()), adapter)
+        adapter = next((n for n in self.adapters.names() if n.casefold() == adapter.casefold()), adapter)
         found = self.adapters.get(adapter)
         if found is None:
             raise LookupError(name)
         return found  # layers on offload workers get their part of it there (offload/coordinator.py)
+
+    def serves(self, name: str) -> bool:
+        """Whether a request's model name is this model's: its name or another spelling of it (the file's stem or
+        name, any case, with or without Ollama's ":latest")."""
+        aliases = model_aliases(self.engine.model.file.path) | {self.model_name.casefold()}
+        return name.removesuffix(TAG).casefold() in aliases
+
+    def canonical(self, name: str) -> str:
+        """A model name as the server lists it (`NAME-logits` too, KServe's scoring model), else `name` itself."""
+        base, logits = (name[: -len("-logits")], "-logits") if name.endswith("-logits") else (name, "")
+        return self.model_name + logits if self.serves(base) else name
 
     def generation(
         self,
@@ -65,11 +77,13 @@ class ServerState:
         logprobs: int | None = None,
         echo: bool = False,
         model: str | None = None,
+        grammar: str | None = None,
     ) -> Generation:
         """A generation within this server's limits (every protocol's requests pass through here);
         max_tokens_field: what the protocol calls max_tokens, for the error that names it; logprobs,
         echo: models.engine.Generation's; model: the name the request gave, which picks its adapter
-        (checked before, so LookupError here is a bug)."""
+        (checked before, so LookupError here is a bug); grammar: a compiled grammar (engine.grammars) the
+        text must follow, each generation with its own matcher."""
         max_tokens = min(self.default_max_tokens, self.max_tokens_limit) if max_tokens is None else max_tokens
         if max_tokens > self.max_tokens_limit:
             raise InvalidParameterError(
@@ -77,9 +91,17 @@ class ServerState:
             )
         if len(stop) > 16:
             raise InvalidParameterError("at most 16 stop strings")
-        adapter = None if model is None else self.adapter_for(model, fold_case=True)
+        adapter = None if model is None else self.adapter_for(model)
+        constraint = None if grammar is None else self.engine.grammars.constraint(grammar)
         generation = self.engine.generate(
-            prompt_ids, sampling, max_tokens, stop, ignore_eos=ignore_eos, logprobs=logprobs, echo=echo
+            prompt_ids,
+            sampling,
+            max_tokens,
+            stop,
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            echo=echo,
+            constraint=constraint,
         )
         generation.session.adapter = adapter
         return generation

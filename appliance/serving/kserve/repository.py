@@ -188,6 +188,7 @@ class Repository:
     # --- repository and metadata ---
 
     def model(self, name: str, version: str = "", need_ready: bool = True) -> KServeModel:
+        name = self.state.canonical(name)  # another spelling of the served model's name
         if name not in self.models:
             raise KServeError(404, f"unknown model '{name}'; available: {', '.join(self.models)}")
         if version not in ("", MODEL_VERSION):

@@ -1,0 +1,218 @@
+"""Tool calls in the model's own format: tools rendered into the prompt, the calls it writes parsed back, and the
+grammar that forces a call when one is required.
+
+The format is Hermes' (Qwen2.5, Qwen3, SmolLM3, Hermes): each call is `<tool_call>\\n{"name": ..., "arguments":
+{...}}\\n</tool_call>`. A chat template that writes `<tool_call>` itself is given the tools and the messages as
+transformers gives them (`tools=`, assistant `tool_calls`, `tool` turns). Any other template (SmolLM2's has no
+tools section) gets the generic form of the same format: the tools described in a system turn (Qwen2.5's words),
+earlier calls written as the assistant's text and results as `<tool_response>` user turns.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.chat import ChatTemplate
+from models.constraint import JSON_OPTIONS, Grammars, closed
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
+
+GENERIC_PROMPT = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> \
+XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    def as_function(self) -> dict[str, Any]:
+        """As OpenAI and transformers' templates spell a tool."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI carries it
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+
+def render(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[Tool]) -> str:
+    """The prompt for a conversation that may hold tool calls ({"role": "assistant", "content", "tool_calls":
+    [{"name", "arguments": dict}]}) and results ({"role": "tool", "content"}), with `tools` offered (none: not
+    mentioned)."""
+    if template.writes_tool_calls:
+        turns = [
+            {
+                **m,
+                "tool_calls": [
+                    {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                    for c in m["tool_calls"]
+                ],
+            }
+            if m.get("tool_calls")
+            else m
+            for m in messages
+        ]
+        return template.render(turns, tools=[t.as_function() for t in tools] or None)
+    turns = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = "\n".join(f"{OPEN}\n{json.dumps(call)}\n{CLOSE}" for call in m["tool_calls"])
+            turns.append({"role": "assistant", "content": ((m.get("content") or "") + "\n" + calls).lstrip("\n")})
+        elif m["role"] == "tool":
+            turns.append({"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"})
+        else:
+            turns.append({"role": m["role"], "content": m.get("content") or ""})
+    if tools:
+        described = GENERIC_PROMPT.format(tools="\n".join(json.dumps(t.as_function()) for t in tools))
+        if turns and turns[0]["role"] == "system":
+            turns[0] = {"role": "system", "content": turns[0]["content"] + "\n\n" + described}
+        else:
+            turns.insert(0, {"role": "system", "content": described})
+    return template.render(turns)
+
+
+def call_grammar(grammars: Grammars, tools: list[Tool]) -> str:
+    """A grammar for exactly one call of one of `tools`, its arguments valid against the tool's parameters (no
+    properties beyond those listed, as OpenAI's strict mode)."""
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, "arguments": closed(t.parameters)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    schema = {"x-guidance": JSON_OPTIONS, **(options[0] if len(options) == 1 else {"anyOf": options})}
+    return grammars.lark(
+        f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}\n"
+    )
+
+
+@dataclass
+class Event:
+    """What the parser reads out of the text: plain text ("content"), a call's name ("call", with its index), or
+    more of its arguments' JSON text ("arguments")."""
+
+    kind: str
+    text: str = ""
+    index: int = 0
+
+
+class CallParser:
+    """Splits generated text, piece by piece, into content and tool calls, streaming each call's arguments as they
+    grow (what OpenAI's tool_call deltas carry). A block that does not parse as a call stays content."""
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.mode = "content"  # or "head" (inside a call, before its arguments) or "arguments"
+        self.calls: list[ToolCall] = []
+        self.content = ""
+        self._sent = 0  # argument characters already handed out for the current call
+        self._trim = False
+
+    def feed(self, piece: str) -> list[Event]:
+        self.buffer += piece
+        events: list[Event] = []
+        while True:
+            if self.mode == "content":
+                if self._trim:  # the newlines after a call belong to it
+                    self.buffer = self.buffer.lstrip("\n")
+                    self._trim = not self.buffer
+                at = self.buffer.find(OPEN)
+                if at < 0:
+                    keep = next((k for k in range(len(OPEN) - 1, 0, -1) if self.buffer.endswith(OPEN[:k])), 0)
+                    sent = self.buffer[: len(self.buffer) - keep].rstrip("\n")  # newlines may lead into a call
+                    self._content(events, sent)
+                    self.buffer = self.buffer[len(sent) :]
+                    return events
+                self._content(events, self.buffer[:at].rstrip("\n") if at else "")
+                self.buffer, self.mode = self.buffer[at + len(OPEN) :], "head"
+            close = self.buffer.find(CLOSE)
+            if self.mode == "head":
+                head = _HEAD.match(self.buffer)
+                if head:
+                    self.calls.append(ToolCall(json.loads(f'"{head.group(1)}"'), ""))
+                    events.append(Event("call", self.calls[-1].name, len(self.calls) - 1))
+                    self.buffer, self.mode, self._sent = self.buffer[head.end() :], "arguments", 0
+                    continue
+                if close < 0:
+                    return events
+                self._whole(events, self.buffer[:close])  # another shape (keys swapped, spaces): parsed whole
+            elif close < 0:  # arguments so far: all up to the last "}" (the call's own closing brace is last)
+                end = self.buffer.rfind("}")
+                if end > self._sent:
+                    self._arguments(events, self.buffer[self._sent : end])
+                    self._sent = end
+                return events
+            else:
+                text = self.buffer[:close].rstrip()
+                self._arguments(events, text[self._sent : -1 if text.endswith("}") else len(text)])
+            self.buffer, self.mode, self._trim = self.buffer[close + len(CLOSE) :], "content", True
+
+    def finish(self) -> list[Event]:
+        """The end of the text: what is held back comes out (an unclosed call's arguments as they are)."""
+        events: list[Event] = []
+        if self.mode == "content":
+            self._content(events, self.buffer)
+        elif self.mode == "arguments":
+            self._arguments(events, self.buffer[self._sent :])
+        else:
+            self._content(events, OPEN + self.buffer)
+        self.buffer = ""
+        return events
+
+    def _content(self, events: list[Event], text: str) -> None:
+        if text:
+            self.content += text
+            events.append(Event("content", text))
+
+    def _arguments(self, events: list[Event], text: str) -> None:
+        if text:
+            self.calls[-1].arguments += text
+            events.append(Event("arguments", text, len(self.calls) - 1))
+
+    def _whole(self, events: list[Event], block: str) -> None:
+        try:
+            call = json.loads(block)
+            name, arguments = call["name"], call.get("arguments", call.get("parameters", {}))
+            if not isinstance(name, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            self._content(events, f"{OPEN}{block}{CLOSE}")
+            return
+        self.calls.append(ToolCall(name, json.dumps(arguments)))
+        events.append(Event("call", name, len(self.calls) - 1))
+        events.append(Event("arguments", self.calls[-1].arguments, len(self.calls) - 1))
+
+
+def parse(text: str) -> tuple[str, list[ToolCall]]:
+    """A whole reply's content and its tool calls."""
+    parser = CallParser()
+    parser.feed(text)
+    parser.finish()
+    return parser.content, parser.calls
