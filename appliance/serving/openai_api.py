@@ -288,7 +288,8 @@ async def _respond(
     gens = _generations(state, body, prompt_ids, grammar)
     streams = state.scheduler.streams(gens)  # admitted now, all or none: a full queue is a 429, not a broken stream
     kind = "chat.completion" if chat else "text_completion"
-    envelope = {"id": _new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": body.model}
+    model = state.served_name(body.model)
+    envelope = {"id": _new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": model}
     logprobs = [ChoiceLogprobs(state.engine.tokenizer, g, chat) for g in gens]
     echo = body.prompt if isinstance(body, CompletionRequest) and body.echo else None
     if body.stream:

@@ -55,6 +55,11 @@ class ServerState:
             raise LookupError(name)
         return found  # layers on offload workers get their part of it there (offload/coordinator.py)
 
+    def served_name(self, name: str) -> str:
+        """A served model name as the server lists it: the base's one name, and the adapter's as loaded."""
+        adapter = self.adapter_for(name)
+        return self.model_name if adapter is None else f"{self.model_name}+{adapter.name}"
+
     def serves(self, name: str) -> bool:
         """Whether a request's model name is this model's: its name or another spelling of it (the file's stem or
         name, any case, with or without Ollama's ":latest")."""
