@@ -130,8 +130,7 @@ def generate_with_fault(engine: Engine, prompt: str, step_at: int, fault) -> lis
             fault()
         if time.monotonic() > deadline:
             raise TimeoutError(f"generation still running after {TRIAL_S:.0f} s")
-        ids = gen.next_input()
-        gen.advance(len(ids), engine.next_logits(ids, gen.session))
+        gen.step()
         step += 1
     return gen.token_ids
 
