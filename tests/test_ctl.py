@@ -280,7 +280,7 @@ def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_pa
         other = ({"w1", "w2"} - {holder}).pop()
         assert holding[0]["last_seen"] is not None and holding[0]["ms_per_layer"] > 0
         assert holding[0]["measured_ms_per_token"] > 0
-        assert {d["weights"] for d in devices.values()} == {"shipped"}  # neither holds the model file
+        assert {d["weights"] for d in devices.values()} == {"own copy"}  # this machine's model store has the file
 
         plan = ok_json("plan", server=s)
         assert plan["stages"][0] == {**plan["stages"][0], "device": "appliance", "layers": [0, local]}
