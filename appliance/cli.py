@@ -50,7 +50,9 @@ ThreadsOpt = Annotated[
 WireOpt = Annotated[str, typer.Option(help="Hidden states on the wire: float32 or float16.")]
 DraftOpt = Annotated[
     str,
-    typer.Option(help="Speculative decoding's drafts: auto or lookup (prompt lookup), none (one token a step)."),
+    typer.Option(
+        help="Speculative decoding: lookup (prompt-lookup drafts), none (one token a step), auto (lookup with workers)."
+    ),
 ]
 StepTimeoutOpt = Annotated[float, typer.Option(help="Seconds a worker may take per step before it is dropped.")]
 

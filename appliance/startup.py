@@ -76,17 +76,17 @@ def load_engine(
 ) -> Engine:
     """The engine, all local when the model fits the budget (or there is none), else split with workers.
     draft: how decode steps speculate (models.speculative.speculation_for: auto, lookup or none)."""
-    speculation = speculation_for(draft)
+    local = speculation_for(draft, offloading=False)  # also checks the name before the model loads
     model = Llama.load(str(path), backend, threads)
     if memory_budget is None:
-        return Engine(model, speculation=speculation)
+        return Engine(model, speculation=local)
     coordinator = coordinator_for(model, memory_budget, workers or [], discover, wire_dtype, step_timeout)
     k = coordinator.first_remote_layer
     if k == model.config.n_layers:
         coordinator.close()
-        return Engine(model, speculation=speculation)
+        return Engine(model, speculation=local)
     stderr.print(f"memory budget {memory_budget}: layers [0, {k}) here, [{k}, {model.config.n_layers}) on workers")
-    return Engine(model, offload=coordinator, speculation=_over_the_lan(speculation, coordinator))
+    return Engine(model, offload=coordinator, speculation=_over_the_lan(speculation_for(draft), coordinator))
 
 
 def _over_the_lan(speculation: Speculation | None, coordinator: Coordinator) -> Speculation | None:

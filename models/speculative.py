@@ -101,11 +101,15 @@ class DraftLength:
 DRAFTS = ("auto", "lookup", "none")
 
 
-def speculation_for(draft: str) -> Speculation | None:
-    """`--draft`: auto and lookup draft by prompt lookup (no draft model is run yet); none: no drafts."""
+def speculation_for(draft: str, offloading: bool = True) -> Speculation | None:
+    """`--draft`: lookup drafts by prompt lookup (no draft model is run yet); none: no drafts; auto: lookup
+    when layers run on workers (a LAN round trip saved per accepted draft), none all local, where
+    bench-offload measured drafts slower on the C kernels (a refused draft's row is not free there)."""
     if draft not in DRAFTS:
         raise ValueError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
-    return None if draft == "none" else Speculation(PromptLookup())
+    if draft == "none" or (draft == "auto" and not offloading):
+        return None
+    return Speculation(PromptLookup())
 
 
 def choose(sampler: Sampler, logits: np.ndarray, history: list[int], draft: int | None) -> int:

@@ -12,7 +12,6 @@ os.environ["APPLIANCE_MDNS_INTERFACES"] = "127.0.0.1"
 
 from kernels.cuda_backend import gpu_present  # NVML only: imports nothing of CUDA's
 from models.engine import Engine
-from models.speculative import speculation_for
 from models.store import ModelStore
 from offload.pki import CertificateAuthority, certificate_authority
 
@@ -56,11 +55,8 @@ def engine(model_path: Path) -> Engine:
 @pytest.fixture(scope="session")
 def served(model_path: Path) -> Engine:
     """The engine a test server runs by default (`--backend auto`: the C kernels where they are built):
-    what a served greedy text must equal; with its speculative decoding (`--draft auto`), so a seeded
-    sampled text is the server's too."""
-    engine = Engine.load(model_path, "auto")
-    engine.speculation = speculation_for("auto")
-    return engine
+    what a served greedy text must equal."""
+    return Engine.load(model_path, "auto")
 
 
 @pytest.fixture(scope="session")

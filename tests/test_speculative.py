@@ -84,6 +84,7 @@ def test_the_draft_length_follows_acceptance():
 
 def test_an_unknown_draft_is_a_clear_error():
     assert speculation_for("none") is None
+    assert speculation_for("auto", offloading=False) is None and speculation_for("lookup", offloading=False)
     with pytest.raises(ValueError, match="--draft must be one of auto, lookup, none"):
         speculation_for("llama-7b")
 

@@ -37,6 +37,7 @@ from appliance.testbed.netsim import relay_process, wait_listening, worker_proce
 from models.engine import Engine
 from models.gguf_file import open_gguf
 from models.llama import Llama
+from models.speculative import speculation_for
 from offload.client import WorkerClient
 from offload.pki import certificate_authority, issue_identity
 
@@ -140,7 +141,7 @@ def run_bench_offload(
     clients = clients or [1, 4, 8]
     ca = certificate_authority()
     local = load_engine(path, BACKEND, threads=1)
-    spec = local.speculation
+    spec = speculation_for("lookup")  # all local, auto does not draft: measured both ways here
     ids = local.prompt_ids(REPEAT, chat=True)
     n_layers = local.model.config.n_layers
     rows, base = [], {}
