@@ -48,6 +48,12 @@ ThreadsOpt = Annotated[
     int | None, typer.Option(min=1, help="Threads of the cpu backend's kernels (default: this machine's cores).")
 ]
 WireOpt = Annotated[str, typer.Option(help="Hidden states on the wire: float32 or float16.")]
+DraftOpt = Annotated[
+    str,
+    typer.Option(
+        help="Speculative decoding: lookup (prompt-lookup drafts), none (one token a step), auto (lookup with workers)."
+    ),
+]
 StepTimeoutOpt = Annotated[float, typer.Option(help="Seconds a worker may take per step before it is dropped.")]
 
 
@@ -125,13 +131,14 @@ def generate(
     discover: DiscoverOpt = False,
     wire_dtype: WireOpt = "float32",
     step_timeout: StepTimeoutOpt = 10.0,
+    draft: DraftOpt = "auto",
 ) -> None:
     """Generate text from a prompt, streamed token by token."""
     sampling = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repeat_penalty, seed=seed
     )
     engine = load_engine(
-        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout, threads
+        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout, threads, draft
     )
     gen = engine.generate(engine.prompt_ids(prompt, chat=chat, system=system), sampling, max_tokens, stop or ())
     start = time.perf_counter()
@@ -170,6 +177,7 @@ def serve(
     discover: DiscoverOpt = True,
     wire_dtype: WireOpt = "float32",
     step_timeout: StepTimeoutOpt = 10.0,
+    draft: DraftOpt = "auto",
     advertise: Annotated[bool, typer.Option(help="Announce this appliance on the LAN by mDNS (for pairing).")] = True,
     tls: Annotated[
         bool | None,
@@ -232,7 +240,7 @@ def serve(
         if not admin_key:
             stderr.print(f"admin key: in {key_file('admin')}")
     engine = load_engine(
-        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout, threads
+        ModelStore().resolve(model), backend, memory_budget, worker, discover, wire_dtype, step_timeout, threads, draft
     )
     engine.enable_prefix_cache(prefix_cache_mb << 20)
     scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
@@ -448,11 +456,16 @@ def bench_offload(
     llama_bin: Annotated[
         Path | None, typer.Option(help="Folder with llama.cpp's llama-bench and ggml-rpc-server (the peer).")
     ] = None,
+    clients: Annotated[list[int] | None, typer.Option(help="Clients decoding together; may be repeated.")] = None,
+    workers: Annotated[list[int] | None, typer.Option(help="Placements: 1 and/or 2 workers; may be repeated.")] = None,
 ) -> None:
-    """Tokens/s and TTFT all-local vs split over 1 and 2 workers, loopback and delayed links, beside llama.cpp RPC."""
+    """Tokens/s, round trips and draft acceptance all-local vs split over 1 and 2 workers, loopback and delayed
+    links, 1/4/8 clients, drafts on and off, beside llama.cpp RPC."""
     from appliance.bench.offload import run_bench_offload
 
-    run_bench_offload(ModelStore().resolve(model), prompt_tokens, decode_tokens, delay or [0.0, 2.0, 5.0], llama_bin)
+    run_bench_offload(
+        ModelStore().resolve(model), prompt_tokens, decode_tokens, delay or [0.0, 2.0, 5.0], llama_bin, clients, workers
+    )
 
 
 if __name__ == "__main__":

@@ -227,8 +227,10 @@ def plan(as_json: JsonOpt = False) -> None:
     """Where each layer runs now, with the predicted and measured ms per token."""
 
     def table(p: dict) -> None:
-        cols = ["device", "address", "layers", "bytes", "ms_per_layer", "one_way_ms", "measured_ms_per_token"]
+        cols = ["device", "address", "layers", "bytes", "ms_per_layer", "one_way_ms", "measured_ms_per_token", "why"]
         _table(f"placement of {p['layers']} layers", p["stages"], cols)
+        for d in p.get("left_out", []):
+            out.print(f"{d['device']} ({d['address']}) left out: {d['why']}")
         predicted, measured = p["predicted_ms_per_token"], p["measured_ms_per_step"]
         out.print(
             f"predicted: {'-' if predicted is None else f'{predicted:.2f}'} ms per token; "
@@ -350,7 +352,7 @@ def list_devices(as_json: JsonOpt = False) -> None:
 
     def table(rows: list[dict]) -> None:
         rows = [{**r, "last_seen": _ago(r.get("last_seen"))} for r in rows]
-        cols = ["name", "state", "address", "layers", "ms_per_layer", "one_way_ms", "mb_per_s", "last_seen"]
+        cols = ["name", "state", "address", "layers", "weights", "ms_per_layer", "one_way_ms", "mb_per_s", "last_seen"]
         _table("devices", rows, cols, "none paired (appliance-ctl devices pair)")
 
     show(_follow_shipping(as_json), as_json, table)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from appliance.console import stderr
 from models.engine import Engine
 from models.llama import Llama
+from models.speculative import Speculation, speculation_for
 from offload.errors import WorkerRefused
 
 if TYPE_CHECKING:
@@ -73,15 +74,32 @@ def load_engine(
     wire_dtype: str = "float32",
     step_timeout: float = 10.0,
     threads: int | None = None,
+    draft: str = "auto",
 ) -> Engine:
-    """The engine, all local when the model fits the budget (or there is none), else split with workers."""
+    """The engine, all local when the model fits the budget (or there is none), else split with workers.
+    draft: how decode steps speculate (models.speculative.speculation_for: auto, lookup or none)."""
+    local = speculation_for(draft, offloading=False)  # also checks the name before the model loads
     model = Llama.load(str(path), backend, threads)
     if memory_budget is None:
-        return Engine(model)
+        return Engine(model, speculation=local)
     coordinator = coordinator_for(model, memory_budget, workers or [], discover, wire_dtype, step_timeout)
     k = coordinator.first_remote_layer
     if k == model.config.n_layers:
         coordinator.close()
-        return Engine(model)
+        return Engine(model, speculation=local)
     stderr.print(f"memory budget {memory_budget}: layers [0, {k}) here, [{k}, {model.config.n_layers}) on workers")
-    return Engine(model, offload=coordinator)
+    return Engine(model, offload=coordinator, speculation=_over_the_lan(speculation_for(draft), coordinator))
+
+
+def _over_the_lan(speculation: Speculation | None, coordinator: Coordinator) -> Speculation | None:
+    """With a LAN round trip in every step, one more row costs a smaller share of it: longer drafts pay."""
+    if speculation is None:
+        return None
+    try:
+        plan = coordinator.make_plan()
+    except Exception:  # noqa: BLE001  no placement yet: the local figure until one exists
+        return speculation
+    compute = plan.local.device.ms_per_layer * plan.local.stop
+    compute += sum((s.stop - s.start) * s.device.ms_per_layer for s in plan.chain)
+    share = compute / max(plan.ms_per_token, 1e-9)
+    return Speculation(speculation.drafter, speculation.k_max, speculation.row_cost * share)

@@ -22,6 +22,7 @@ from models.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from models.memory import release_memory
 from models.prefix_cache import PrefixCache
 from models.sampling import InvalidParameterError, Sampler, SamplingParams
+from models.speculative import DraftLength, Speculation, choose
 from models.store import model_name
 from models.tokenizer import Tokenizer
 from models.tools import Tool
@@ -35,13 +36,15 @@ class OffloadStage(Protocol):
 
     def run(self, hiddens: list[np.ndarray], sessions: list[Session]) -> list[np.ndarray]: ...
     def release(self, session: Session) -> None: ...
+    def rollback(self, session: Session, length: int) -> None: ...
 
 
 class Engine:
-    """offload: runs the layers after the local ones elsewhere; without it every layer runs here."""
+    """offload: runs the layers after the local ones elsewhere; without it every layer runs here.
+    speculation: drafts checked in each decode step (models.speculative); None decodes one token a step."""
 
-    def __init__(self, model: Llama, offload: OffloadStage | None = None):
-        self.model, self.offload = model, offload
+    def __init__(self, model: Llama, offload: OffloadStage | None = None, speculation: Speculation | None = None):
+        self.model, self.offload, self.speculation = model, offload, speculation
         meta = model.file.metadata
         self.tokenizer = Tokenizer(meta)
         tok = self.tokenizer
@@ -121,6 +124,12 @@ class Engine:
         """Free what a finished session holds beyond this process (its KV caches on workers)."""
         if self.offload is not None:
             self.offload.release(session)
+
+    def rollback(self, session: Session, length: int) -> None:
+        """Keep the first `length` positions of a session everywhere (drafts the model refused)."""
+        session.truncate(length)
+        if self.offload is not None:
+            self.offload.rollback(session, length)
 
     def embed(self, ids: list[int]) -> Embedding:
         """A text's embedding, as a job the scheduler prefills in its chunks."""
@@ -304,17 +313,27 @@ class Generation(PromptRun):
         # the prompt's leading positions already computed by an earlier request (echo scores every position)
         self.cached_tokens = 0 if cache is None or echo else cache.restore(self.prompt_ids, self.session)
         self._prefilled = self.cached_tokens
+        self.drafting = DraftLength(engine.speculation) if engine.speculation is not None else None
+        self._drafts: list[int] | None = None  # proposed for the step in flight
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
 
     def next_input(self, prefill_chunk: int | None = None) -> list[int]:
-        """The ids to run next: the rest of the prompt (at most prefill_chunk of it), else the last token."""
-        return super().next_input(prefill_chunk) if not self.prompt_done else [self.token_ids[-1]]
+        """The ids to run next: the rest of the prompt (at most prefill_chunk of it), else the last
+        token, followed by drafts for it when the engine speculates."""
+        if not self.prompt_done:
+            return super().next_input(prefill_chunk)
+        if self.drafting is None or self.constraint is not None:  # a grammar's text is not drafted
+            return [self.token_ids[-1]]
+        room = self.max_tokens - len(self.token_ids) - 1  # the model's own token after the drafts counts too
+        self._drafts = self.engine.speculation.drafter.draft(self._history, min(self.drafting.k, room))
+        return [self.token_ids[-1], *self._drafts]
 
     def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str:
-        """Take the logits after running next_input(); sample once the prompt is in; return new text."""
+        """Take the logits after running next_input(); sample once the prompt is in; return new text.
+        A step with drafts needs `hidden` (its rows' logits are computed here) and may add several tokens."""
         if not self.prompt_done:
             if self.echo and self.n_top is not None:
                 self._score_prompt(hidden)
@@ -322,15 +341,40 @@ class Generation(PromptRun):
                 return ""  # a prompt chunk: nothing to sample yet
             if self.max_tokens == 0:
                 return self._finish("length")
-        raw = logits  # logprobs are the model's own, before the grammar's mask
-        if self.constraint is not None:
-            logits = self.constraint.mask(logits)
-        token = self.sampler(logits, self._history)
+        drafts, self._drafts = self._drafts, None
+        if drafts:
+            if hidden is None or n_fed != 1 + len(drafts):
+                raise ValueError(
+                    f"a step with {len(drafts)} drafts needs the hidden states of its {1 + len(drafts)} rows"
+                )
+            return self._verify(drafts, self.engine.model.head(hidden))
+        masked = logits if self.constraint is None else self.constraint.mask(logits)
+        return self._take(self.sampler(masked, self._history), logits)
+
+    def _verify(self, drafts: list[int], rows: np.ndarray) -> str:
+        """Take the model's token at each row while it agrees with the draft there (and the one after);
+        the session forgets the positions of the drafts it refused."""
+        text, kept = "", 0
+        for i, row in enumerate(rows):
+            draft = drafts[i] if i < len(drafts) else None
+            token = choose(self.sampler, row, self._history, draft)
+            text += self._take(token, row)
+            if self.done or token != draft:
+                break
+            kept += 1
+        self.drafting.record(len(drafts), kept)
+        if not self.done:  # the cache keeps the prompt and every token but the newest (the next input)
+            self.engine.rollback(self.session, len(self.prompt_ids) + len(self.token_ids) - 1)
+        return text
+
+    def _take(self, token: int, raw: np.ndarray) -> str:
+        """One chosen token: the end, or more text (held back while a stop string may be forming). raw:
+        the model's own logits for it (logprobs are taken before any grammar's mask)."""
         if self.constraint is not None:
             self.constraint.accept(token)
         if token in self.stop_ids or (
             self.constraint is not None and self.constraint.finished and token in self.engine.tokenizer.stop_ids
-        ):  # no logprob of its own (as OpenAI's)
+        ):  # not part of the text, so no logprob of its own (as OpenAI's)
             self.text = self._decoder.final()
             return self._finish("stop")
         if self.n_top is not None:
@@ -386,16 +430,21 @@ class Generation(PromptRun):
 
     def _finish(self, reason: str) -> str:
         self.finish_reason = reason
-        if self.engine.prefix_cache is not None:  # this conversation's KV, for its next turn
-            self.engine.prefix_cache.store(self.prompt_ids + self.token_ids, self.session)
+        if self.engine.prefix_cache is not None:  # this conversation's KV, for its next turn: every id but
+            # the newest, which never ran (or ran as a draft it refused: its position holds the draft's KV)
+            self.engine.prefix_cache.store((self.prompt_ids + self.token_ids)[:-1], self.session)
         self.engine.release(self.session)
         return self._emit(len(self.text))
 
+    def step(self) -> str:
+        """One pass of the model for this generation alone (the scheduler batches them instead): new text."""
+        ids = self.next_input()
+        logits, hiddens = self.engine.step([ids], [self.session])
+        return self.advance(len(ids), logits[0], hiddens[0])
+
     def __iter__(self) -> Iterator[str]:
         while not self.done:
-            ids = self.next_input()
-            logits, hiddens = self.engine.step([ids], [self.session])
-            piece = self.advance(len(ids), logits[0], hiddens[0])
+            piece = self.step()
             if piece:
                 yield piece
 

@@ -277,6 +277,13 @@ class KVCache:
     def advance(self, n_new: int) -> None:
         self.length += n_new
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (speculative drafts the model did not agree with):
+        the next store overwrites them. Nothing is copied."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot keep {length} positions of a cache holding {self.length}")
+        self.length = length
+
 
 class RemoteSession(Protocol):
     """A session's state on LAN workers (offload.coordinator.RemoteState): whatever the offload stage keeps."""
@@ -295,6 +302,11 @@ class Session:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches.values())
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions of every local cache (see KVCache.truncate)."""
+        for cache in self.caches.values():
+            cache.truncate(min(length, cache.length))
 
 
 # A matmul as the per-operation path calls it: (x, weight, the LayerWeights field) -> x·Wᵀ, plus any

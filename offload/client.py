@@ -19,6 +19,7 @@ import numpy as np
 from cryptography import x509
 
 from models.llama import Llama, layer_tensor_names
+from models.speculative import K_MAX
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.errors import WorkerRefused
@@ -26,6 +27,8 @@ from offload.ledger import Statement
 from offload.pki import Identity, certificate_name
 from offload.protocol import CULPRIT_KEY, PROTOCOL, secure_channel
 from offload.wire import MalformedTensor, chunks, decode, encode, tensor_spec
+
+DECODE_ROWS = 1 + K_MAX  # rows of a decode step: its token and its drafts
 
 
 class ChainBroken(Exception):
@@ -89,6 +92,7 @@ class WorkerClient:
     def __init__(self, address: str, identity: Identity, revoked: Callable[[], frozenset[int]] = no_revocations):
         self.address, self.identity, self.revoked = address, identity, revoked
         self.shipping: Shipping | None = None  # weights on their way to the worker now (appliance-ctl's bar)
+        self.shipped_bytes = 0  # weights sent to it in all
         self.channel = secure_channel(address, identity)
         self.stub = rpc.OffloadStub(self.channel)
         self.capabilities: pb.Capabilities | None = None
@@ -127,6 +131,10 @@ class WorkerClient:
         extra = max((time.perf_counter() - t) * 1e3 - rtt, 1e-3)
         return LinkStats(rtt / 2, payload / extra)
 
+    def holds(self, file_sha256: str) -> bool:
+        """Whether the worker reads layers of this model file from its own copy (nothing shipped)."""
+        return self.capabilities is not None and file_sha256 in self.capabilities.model_files
+
     def healthy(self, timeout: float = 1.0) -> bool:
         try:
             return self.stub.Health(pb.HealthRequest(), timeout=timeout).serving
@@ -142,26 +150,31 @@ class WorkerClient:
         manifest: list[pb.TensorSpec],
         owner: str = "",
         generation: int = 0,
+        file_sha256: str = "",
     ) -> None:
-        """Ship the tensors the worker's disk cache lacks, then have it build layers [start, stop) for
-        `owner`'s plan `generation` (which frees what that owner's older plans left there)."""
-        self.push(manifest, {name: t.raw for name, t in model.file.tensors.items()})
+        """Ship the tensors the worker lacks (none if it holds the model file `file_sha256` itself, or
+        has them in its disk cache), then have it build layers [start, stop) for `owner`'s plan
+        `generation` (which frees what that owner's older plans left there)."""
+        listed = pb.Manifest(tensors=manifest, file_sha256=file_sha256)
+        self.push(manifest, {name: t.raw for name, t in model.file.tensors.items()}, file_sha256)
         self.stub.LoadLayers(
             pb.LoadRequest(
                 model_id=model_id,
                 config_json=model.config.to_json(),
                 layer_start=start,
                 layer_stop=stop,
-                manifest=pb.Manifest(tensors=manifest),
+                manifest=listed,
                 owner=owner,
                 generation=generation,
             ),
             timeout=120,
         )
 
-    def push(self, manifest: list[pb.TensorSpec], raw: dict[str, np.ndarray]) -> None:
-        """Ship the tensors of `manifest` (bytes by name in `raw`) that the worker's disk cache lacks."""
-        missing = set(self.stub.MissingTensors(pb.Manifest(tensors=manifest), timeout=30).sha256)
+    def push(self, manifest: list[pb.TensorSpec], raw: dict[str, np.ndarray], file_sha256: str = "") -> None:
+        """Ship the tensors of `manifest` (bytes by name in `raw`) that the worker lacks: none if it holds
+        the model file `file_sha256` itself, else those its disk cache lacks."""
+        listed = pb.Manifest(tensors=manifest, file_sha256=file_sha256)
+        missing = set(self.stub.MissingTensors(listed, timeout=30).sha256)
         if not missing:
             return
         todo = {spec.sha256: spec for spec in manifest if spec.sha256 in missing}  # the same bytes ship once
@@ -171,6 +184,7 @@ class WorkerClient:
             for spec in todo.values():
                 for chunk in chunks(spec, raw[spec.name]):
                     shipping.sent_bytes += len(chunk.data)
+                    self.shipped_bytes += len(chunk.data)
                     yield chunk
 
         try:
@@ -215,7 +229,8 @@ class ChainSession:
         self.session_id, self.chain, self.dtype, self.dim, self.timeout_s = session_id, chain, dtype, dim, timeout_s
         self.step = 0
         self.sent_at = 0.0
-        self.overhead_ms: list[float] = []  # per one-row step: waiting on the chain minus its compute
+        self.overhead_ms: list[float] = []  # per decode step (a token and its drafts): waiting on the chain
+        # minus its compute
         self.hop_ms: list[float] = []  # each worker's time on the last reply, in chain order
         self.replies: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
@@ -256,8 +271,10 @@ class ChainSession:
 
         threading.Thread(target=pump, daemon=True).start()
 
-    def send(self, hidden: np.ndarray) -> None:
+    def send(self, hidden: np.ndarray, position: int) -> None:
+        """The session's rows from `position` on (workers forget any positions they hold past it)."""
         msg = encode(hidden, self.session_id, self.step, self.dtype)
+        msg.position = position
         if self.header is not None:
             msg.MergeFrom(self.header)
             self.header = None
@@ -279,7 +296,7 @@ class ChainSession:
         if out.shape[0] != rows:
             raise ChainBroken(f"worker {address} sent {out.shape[0]} rows for {rows}", culprit=address)
         self.hop_ms = [us / 1e3 for us in item.compute_us]
-        if rows == 1:
+        if rows <= DECODE_ROWS:
             self.overhead_ms.append((time.perf_counter() - self.sent_at) * 1e3 - sum(self.hop_ms))
         return out
 

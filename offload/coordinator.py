@@ -30,8 +30,17 @@ from gguf import GGMLQuantizationType
 from models.errors import ModelError
 from models.llama import Llama, Session
 from models.lora import LoraAdapter, wire_tensors
+from models.store import ModelStore
 from offload import offload_pb2 as pb
-from offload.client import ChainBroken, ChainSession, WorkerClient, WorkerRefused, layer_manifest, no_revocations
+from offload.client import (
+    DECODE_ROWS,
+    ChainBroken,
+    ChainSession,
+    WorkerClient,
+    WorkerRefused,
+    layer_manifest,
+    no_revocations,
+)
 from offload.ledger import Ledger, LedgerError
 from offload.pki import Identity
 from offload.planner import Device, NoPlacementError, Plan, local_layers, make_plan
@@ -53,6 +62,8 @@ class RemoteState:
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     inputs: list[np.ndarray] = field(default_factory=list)
+    length: int = 0  # positions the workers' caches hold for it (the rows of inputs)
+    round_trips: int = 0  # steps sent through the chain (not counting replays)
     chain: ChainSession | None = None
     generation: int = -1  # of the plan the chain was built for
     adapter: LoraAdapter | None = None  # the session's LoRA adapter: each hop gets its layers' part
@@ -118,17 +129,19 @@ class Coordinator:
         self.workers: dict[str, tuple[WorkerClient, Device]] = {}
         self.known: set[str] = set()  # every worker address offered (named or discovered): re-probed when dropped
         self.barred: dict[str, float] = {}  # address -> until when it is not probed again (it sent garbage)
-        self.paces: dict[tuple[str, int], Pace] = {}  # by worker and batch size: a bigger batch is slower
+        self.paces: dict[tuple[str, int, int], Pace] = {}  # by worker, batch size and rows: more is slower
         self.slowdowns: dict[str, float] = {}  # by worker: how much slower than measured its pace has shown it
         self.usage: dict[str, Usage] = {}  # by worker address, for /metrics
         self.manifests: dict[tuple[int, int], list[pb.TensorSpec]] = {}
         self.adapter_parts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> range -> specs
         self.model_id = self._model_id()
+        self.file_sha256 = ModelStore().sha256(model.file.path)  # workers holding this file read it themselves
         self.plan: Plan | None = None
         self.generation = 0  # bumped by any change of workers or of their costs: chains rebuild on it
         self.planned_generation = -1  # the generation self.plan was made and loaded for
         self.lock = threading.RLock()
         self.revoked_seen: frozenset[int] = frozenset()
+        self.round_trips = 0  # steps through the chain, all sessions of a step together (for bench-offload)
         self.overhead_ms: list[float] = []  # per decoded token: time on the wire and in gRPC, not computing
         self.discovery = None  # a zeroconf browser adding workers as they appear, if any
         self.stopping = threading.Event()
@@ -312,7 +325,7 @@ class Coordinator:
                     try:
                         client.ensure_layers(
                             self.model, self.model_id, stage.start, stage.stop, self._manifest(stage),
-                            self.owner, generation,
+                            self.owner, generation, self.file_sha256,
                         )  # fmt: skip
                     except grpc.RpcError as e:
                         if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # another appliance's sessions?
@@ -356,7 +369,7 @@ class Coordinator:
             for j in pending:
                 try:
                     self._connect(states[j], plan, generation)
-                    states[j].chain.send(hiddens[j])
+                    states[j].chain.send(hiddens[j], states[j].length)
                     sent.append(j)
                 except ChainBroken as e:
                     failed.append((j, e))
@@ -375,7 +388,25 @@ class Coordinator:
             raise OffloadError("the offloaded layers kept failing; no worker answered in time")
         for state, hidden in zip(states, hiddens, strict=True):
             state.inputs.append(hidden)
+            state.length += hidden.shape[0]
+            state.round_trips += 1
+        self.round_trips += 1  # the sessions of a step travel together
         return outs
+
+    def rollback(self, session: Session, length: int) -> None:
+        """Keep a session's first `length` positions: its replay rows are cut here, and each worker
+        cuts its cache when the next message arrives saying it starts at `length` (no extra trip)."""
+        state = session.remote
+        if state is None or length >= state.length:
+            return
+        drop = state.length - length
+        while drop:  # from the end: the refused drafts are the last rows sent
+            last = state.inputs.pop()
+            if last.shape[0] > drop:
+                state.inputs.append(last[: last.shape[0] - drop])
+                break
+            drop -= last.shape[0]
+        state.length = length
 
     def _state(self, session: Session) -> RemoteState:
         if session.remote is None:
@@ -424,7 +455,7 @@ class Coordinator:
             past = np.concatenate(state.inputs)
             for at in range(0, past.shape[0], REPLAY_ROWS):
                 rows = past[at : at + REPLAY_ROWS]
-                state.chain.send(rows)
+                state.chain.send(rows, at)
                 state.chain.receive(rows.shape[0])
 
     def _disconnect(self, state: RemoteState) -> None:
@@ -446,18 +477,18 @@ class Coordinator:
             self.generation += 1  # rebuild chains even if every worker still answers
 
     def _observe(self, plan: Plan, hop_ms: list[float], rows: int, batch: int) -> None:
-        """Count each chain worker's time and bytes, and on one-token steps track its pace: one that has
-        slowed down is re-costed, and if that changes the best placement, the next token runs on a new
-        plan (its chain rebuilt by replay)."""
+        """Count each chain worker's time and bytes, and on decode steps (one token, or one and its
+        drafts: a pace per row count) track its pace: one that has slowed down is re-costed, and if
+        that changes the best placement, the next token runs on a new plan (its chain rebuilt by replay)."""
         for stage, ms in zip(plan.chain, hop_ms, strict=False):
             address = stage.device.address
             usage = self.usage.setdefault(address, Usage(stage.device.name))
             usage.seconds += ms / 1e3
             usage.bytes += rows * self.hidden_bytes
             usage.last_seen = time.time()
-            if rows != 1:
+            if rows > DECODE_ROWS:
                 continue
-            factor = self.paces.setdefault((address, batch), Pace()).add(ms / (stage.stop - stage.start))
+            factor = self.paces.setdefault((address, batch, rows), Pace()).add(ms / (stage.stop - stage.start))
             if factor is None:
                 continue
             with self.lock:

@@ -24,51 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15offload/offload.proto\x12\x14\x61ppliance.offload.v1\".\n\x13\x43\x61pabilitiesRequest\x12\x17\n\x0frevoked_serials\x18\x01 \x03(\t\"\x9c\x01\n\x0c\x43\x61pabilities\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06gflops\x18\x06 \x01(\x01\x12\x13\n\x0bwire_dtypes\x18\x07 \x03(\t\"\\\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tggml_type\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"=\n\x08Manifest\x12\x31\n\x07tensors\x18\x01 \x03(\x0b\x32 .appliance.offload.v1.TensorSpec\"\x1e\n\x0cTensorHashes\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"I\n\x0bTensorChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x1b\n\tPushReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\"\xb2\x01\n\x0bLoadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x12\n\nlayer_stop\x18\x04 \x01(\r\x12\x30\n\x08manifest\x18\x05 \x01(\x0b\x32\x1e.appliance.offload.v1.Manifest\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x04\"\x1a\n\tLoadReply\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"\x84\x01\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x12\n\nlayer_stop\x18\x04 \x01(\r\x12\x31\n\x07\x61\x64\x61pter\x18\x05 \x03(\x0b\x32 .appliance.offload.v1.TensorSpec\"\xfc\x01\n\nActivation\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04\x63ols\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12&\n\x03hop\x18\x07 \x01(\x0b\x32\x19.appliance.offload.v1.Hop\x12\'\n\x04next\x18\x08 \x03(\x0b\x32\x19.appliance.offload.v1.Hop\x12.\n\x07\x64\x65liver\x18\t \x01(\x0e\x32\x1d.appliance.offload.v1.Deliver\x12\x12\n\ncompute_us\x18\n \x03(\x04\"$\n\x0eResultsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\" \n\rHealthRequest\x12\x0f\n\x07padding\x18\x01 \x01(\x0c\"K\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\"\x0f\n\rAttestRequest\"H\n\x0b\x41ttestation\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\t*!\n\x07\x44\x65liver\x12\t\n\x05REPLY\x10\x00\x12\x0b\n\x07RESULTS\x10\x01\x32\x89\x06\n\x07Offload\x12`\n\x0fGetCapabilities\x12).appliance.offload.v1.CapabilitiesRequest\x1a\".appliance.offload.v1.Capabilities\x12T\n\x0eMissingTensors\x12\x1e.appliance.offload.v1.Manifest\x1a\".appliance.offload.v1.TensorHashes\x12S\n\x0bPushTensors\x12!.appliance.offload.v1.TensorChunk\x1a\x1f.appliance.offload.v1.PushReply(\x01\x12P\n\nLoadLayers\x12!.appliance.offload.v1.LoadRequest\x1a\x1f.appliance.offload.v1.LoadReply\x12Q\n\x07\x46orward\x12 .appliance.offload.v1.Activation\x1a .appliance.offload.v1.Activation(\x01\x30\x01\x12S\n\x07Results\x12$.appliance.offload.v1.ResultsRequest\x1a .appliance.offload.v1.Activation0\x01\x12S\n\x07Release\x12$.appliance.offload.v1.ReleaseRequest\x1a\".appliance.offload.v1.ReleaseReply\x12P\n\x06Health\x12#.appliance.offload.v1.HealthRequest\x1a!.appliance.offload.v1.HealthReply\x12P\n\x06\x41ttest\x12#.appliance.offload.v1.AttestRequest\x1a!.appliance.offload.v1.Attestationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15offload/offload.proto\x12\x14\x61ppliance.offload.v1\".\n\x13\x43\x61pabilitiesRequest\x12\x17\n\x0frevoked_serials\x18\x01 \x03(\t\"\xb1\x01\n\x0c\x43\x61pabilities\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06gflops\x18\x06 \x01(\x01\x12\x13\n\x0bwire_dtypes\x18\x07 \x03(\t\x12\x13\n\x0bmodel_files\x18\x08 \x03(\t\"\\\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tggml_type\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"R\n\x08Manifest\x12\x31\n\x07tensors\x18\x01 \x03(\x0b\x32 .appliance.offload.v1.TensorSpec\x12\x13\n\x0b\x66ile_sha256\x18\x02 \x01(\t\"\x1e\n\x0cTensorHashes\x12\x0e\n\x06sha256\x18\x01 \x03(\t\"I\n\x0bTensorChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x1b\n\tPushReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\"\xb2\x01\n\x0bLoadRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x12\n\nlayer_stop\x18\x04 \x01(\r\x12\x30\n\x08manifest\x18\x05 \x01(\x0b\x32\x1e.appliance.offload.v1.Manifest\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x04\"\x1a\n\tLoadReply\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"\x84\x01\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x12\n\nlayer_stop\x18\x04 \x01(\r\x12\x31\n\x07\x61\x64\x61pter\x18\x05 \x03(\x0b\x32 .appliance.offload.v1.TensorSpec\"\xa0\x02\n\nActivation\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04\x63ols\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12&\n\x03hop\x18\x07 \x01(\x0b\x32\x19.appliance.offload.v1.Hop\x12\'\n\x04next\x18\x08 \x03(\x0b\x32\x19.appliance.offload.v1.Hop\x12.\n\x07\x64\x65liver\x18\t \x01(\x0e\x32\x1d.appliance.offload.v1.Deliver\x12\x12\n\ncompute_us\x18\n \x03(\x04\x12\x15\n\x08position\x18\x0b \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_position\"$\n\x0eResultsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\" \n\rHealthRequest\x12\x0f\n\x07padding\x18\x01 \x01(\x0c\"K\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\"\x0f\n\rAttestRequest\"H\n\x0b\x41ttestation\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\t*!\n\x07\x44\x65liver\x12\t\n\x05REPLY\x10\x00\x12\x0b\n\x07RESULTS\x10\x01\x32\x89\x06\n\x07Offload\x12`\n\x0fGetCapabilities\x12).appliance.offload.v1.CapabilitiesRequest\x1a\".appliance.offload.v1.Capabilities\x12T\n\x0eMissingTensors\x12\x1e.appliance.offload.v1.Manifest\x1a\".appliance.offload.v1.TensorHashes\x12S\n\x0bPushTensors\x12!.appliance.offload.v1.TensorChunk\x1a\x1f.appliance.offload.v1.PushReply(\x01\x12P\n\nLoadLayers\x12!.appliance.offload.v1.LoadRequest\x1a\x1f.appliance.offload.v1.LoadReply\x12Q\n\x07\x46orward\x12 .appliance.offload.v1.Activation\x1a .appliance.offload.v1.Activation(\x01\x30\x01\x12S\n\x07Results\x12$.appliance.offload.v1.ResultsRequest\x1a .appliance.offload.v1.Activation0\x01\x12S\n\x07Release\x12$.appliance.offload.v1.ReleaseRequest\x1a\".appliance.offload.v1.ReleaseReply\x12P\n\x06Health\x12#.appliance.offload.v1.HealthRequest\x1a!.appliance.offload.v1.HealthReply\x12P\n\x06\x41ttest\x12#.appliance.offload.v1.AttestRequest\x1a!.appliance.offload.v1.Attestationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'offload.offload_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DELIVER']._serialized_start=1458
-  _globals['_DELIVER']._serialized_end=1491
+  _globals['_DELIVER']._serialized_start=1536
+  _globals['_DELIVER']._serialized_end=1569
   _globals['_CAPABILITIESREQUEST']._serialized_start=47
   _globals['_CAPABILITIESREQUEST']._serialized_end=93
   _globals['_CAPABILITIES']._serialized_start=96
-  _globals['_CAPABILITIES']._serialized_end=252
-  _globals['_TENSORSPEC']._serialized_start=254
-  _globals['_TENSORSPEC']._serialized_end=346
-  _globals['_MANIFEST']._serialized_start=348
-  _globals['_MANIFEST']._serialized_end=409
-  _globals['_TENSORHASHES']._serialized_start=411
-  _globals['_TENSORHASHES']._serialized_end=441
-  _globals['_TENSORCHUNK']._serialized_start=443
-  _globals['_TENSORCHUNK']._serialized_end=516
-  _globals['_PUSHREPLY']._serialized_start=518
-  _globals['_PUSHREPLY']._serialized_end=545
-  _globals['_LOADREQUEST']._serialized_start=548
-  _globals['_LOADREQUEST']._serialized_end=726
-  _globals['_LOADREPLY']._serialized_start=728
-  _globals['_LOADREPLY']._serialized_end=754
-  _globals['_HOP']._serialized_start=757
-  _globals['_HOP']._serialized_end=889
-  _globals['_ACTIVATION']._serialized_start=892
-  _globals['_ACTIVATION']._serialized_end=1144
-  _globals['_RESULTSREQUEST']._serialized_start=1146
-  _globals['_RESULTSREQUEST']._serialized_end=1182
-  _globals['_RELEASEREQUEST']._serialized_start=1184
-  _globals['_RELEASEREQUEST']._serialized_end=1220
-  _globals['_RELEASEREPLY']._serialized_start=1222
-  _globals['_RELEASEREPLY']._serialized_end=1254
-  _globals['_HEALTHREQUEST']._serialized_start=1256
-  _globals['_HEALTHREQUEST']._serialized_end=1288
-  _globals['_HEALTHREPLY']._serialized_start=1290
-  _globals['_HEALTHREPLY']._serialized_end=1365
-  _globals['_ATTESTREQUEST']._serialized_start=1367
-  _globals['_ATTESTREQUEST']._serialized_end=1382
-  _globals['_ATTESTATION']._serialized_start=1384
-  _globals['_ATTESTATION']._serialized_end=1456
-  _globals['_OFFLOAD']._serialized_start=1494
-  _globals['_OFFLOAD']._serialized_end=2271
+  _globals['_CAPABILITIES']._serialized_end=273
+  _globals['_TENSORSPEC']._serialized_start=275
+  _globals['_TENSORSPEC']._serialized_end=367
+  _globals['_MANIFEST']._serialized_start=369
+  _globals['_MANIFEST']._serialized_end=451
+  _globals['_TENSORHASHES']._serialized_start=453
+  _globals['_TENSORHASHES']._serialized_end=483
+  _globals['_TENSORCHUNK']._serialized_start=485
+  _globals['_TENSORCHUNK']._serialized_end=558
+  _globals['_PUSHREPLY']._serialized_start=560
+  _globals['_PUSHREPLY']._serialized_end=587
+  _globals['_LOADREQUEST']._serialized_start=590
+  _globals['_LOADREQUEST']._serialized_end=768
+  _globals['_LOADREPLY']._serialized_start=770
+  _globals['_LOADREPLY']._serialized_end=796
+  _globals['_HOP']._serialized_start=799
+  _globals['_HOP']._serialized_end=931
+  _globals['_ACTIVATION']._serialized_start=934
+  _globals['_ACTIVATION']._serialized_end=1222
+  _globals['_RESULTSREQUEST']._serialized_start=1224
+  _globals['_RESULTSREQUEST']._serialized_end=1260
+  _globals['_RELEASEREQUEST']._serialized_start=1262
+  _globals['_RELEASEREQUEST']._serialized_end=1298
+  _globals['_RELEASEREPLY']._serialized_start=1300
+  _globals['_RELEASEREPLY']._serialized_end=1332
+  _globals['_HEALTHREQUEST']._serialized_start=1334
+  _globals['_HEALTHREQUEST']._serialized_end=1366
+  _globals['_HEALTHREPLY']._serialized_start=1368
+  _globals['_HEALTHREPLY']._serialized_end=1443
+  _globals['_ATTESTREQUEST']._serialized_start=1445
+  _globals['_ATTESTREQUEST']._serialized_end=1460
+  _globals['_ATTESTATION']._serialized_start=1462
+  _globals['_ATTESTATION']._serialized_end=1534
+  _globals['_OFFLOAD']._serialized_start=1572
+  _globals['_OFFLOAD']._serialized_end=2349
 # @@protoc_insertion_point(module_scope)

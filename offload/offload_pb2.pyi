@@ -21,7 +21,7 @@ class CapabilitiesRequest(_message.Message):
     def __init__(self, revoked_serials: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("protocol", "name", "backend", "memory_budget_bytes", "memory_used_bytes", "gflops", "wire_dtypes")
+    __slots__ = ("protocol", "name", "backend", "memory_budget_bytes", "memory_used_bytes", "gflops", "wire_dtypes", "model_files")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class Capabilities(_message.Message):
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     GFLOPS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILES_FIELD_NUMBER: _ClassVar[int]
     protocol: str
     name: str
     backend: str
@@ -36,7 +37,8 @@ class Capabilities(_message.Message):
     memory_used_bytes: int
     gflops: float
     wire_dtypes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol: _Optional[str] = ..., name: _Optional[str] = ..., backend: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., gflops: _Optional[float] = ..., wire_dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
+    model_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol: _Optional[str] = ..., name: _Optional[str] = ..., backend: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., gflops: _Optional[float] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., model_files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "ggml_type", "shape", "sha256", "nbytes")
@@ -53,10 +55,12 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., ggml_type: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., sha256: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("tensors",)
+    __slots__ = ("tensors", "file_sha256")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    FILE_SHA256_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    file_sha256: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., file_sha256: _Optional[str] = ...) -> None: ...
 
 class TensorHashes(_message.Message):
     __slots__ = ("sha256",)
@@ -121,7 +125,7 @@ class Hop(_message.Message):
     def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., adapter: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class Activation(_message.Message):
-    __slots__ = ("session_id", "step", "rows", "cols", "dtype", "data", "hop", "next", "deliver", "compute_us")
+    __slots__ = ("session_id", "step", "rows", "cols", "dtype", "data", "hop", "next", "deliver", "compute_us", "position")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +136,7 @@ class Activation(_message.Message):
     NEXT_FIELD_NUMBER: _ClassVar[int]
     DELIVER_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     rows: int
@@ -142,7 +147,8 @@ class Activation(_message.Message):
     next: _containers.RepeatedCompositeFieldContainer[Hop]
     deliver: Deliver
     compute_us: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., hop: _Optional[_Union[Hop, _Mapping]] = ..., next: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., deliver: _Optional[_Union[Deliver, str]] = ..., compute_us: _Optional[_Iterable[int]] = ...) -> None: ...
+    position: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., hop: _Optional[_Union[Hop, _Mapping]] = ..., next: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., deliver: _Optional[_Union[Deliver, str]] = ..., compute_us: _Optional[_Iterable[int]] = ..., position: _Optional[int] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("session_id",)

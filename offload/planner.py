@@ -10,7 +10,9 @@ Predicted time per token = sum over devices of (layers x ms per layer)
 
 With few devices we try every subset of workers; within one, layers go to the fastest first, up to
 each budget (optimal for a cost linear in layers). A chain hop between two workers is costed at
-the larger of their delays from the appliance.
+the larger of their delays from the appliance. So a device whose joining would raise the predicted
+time per token (slow compute, a slow link: one more hop than it saves) is left out, unless the model
+does not fit without it; the plan says, for every device, why it is in or out.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Plan:
     local: Stage  # the appliance's leading layers (may be empty: start == stop)
     chain: list[Stage] = field(default_factory=list)
     ms_per_token: float = 0.0
+    left_out: list[Device] = field(default_factory=list)  # workers offered but not in the chain
+    why: dict[str, str] = field(default_factory=dict)  # by worker address: why it is in or out
 
     @property
     def stages(self) -> list[Stage]:
@@ -72,8 +76,9 @@ def make_plan(
     local = Stage(appliance, 0, k, sum(layer_bytes[:k]))
     local_ms = k * appliance.ms_per_layer
     if k == n:
-        return Plan(local, [], local_ms)
-    best: Plan | None = None
+        why = {d.address: "out: the appliance holds every layer" for d in workers}
+        return Plan(local, [], local_ms, list(workers), why)
+    candidates: list[Plan] = []
     for size in range(1, len(workers) + 1):
         for subset in itertools.combinations(workers, size):
             chain = _fill(layer_bytes, k, sorted(subset, key=lambda d: d.ms_per_layer))
@@ -82,16 +87,35 @@ def make_plan(
             chain.sort(key=lambda s: s.start)
             ms = local_ms + sum((s.stop - s.start) * s.device.ms_per_layer for s in chain)
             ms += _links_ms([s.device for s in chain], hidden_bytes)
-            if best is None or ms < best.ms_per_token:
-                best = Plan(local, chain, ms)
-    if best is None:
+            candidates.append(Plan(local, chain, ms))
+    if not candidates:
         offloaded = sum(layer_bytes[k:])
         room = sum(d.budget_bytes for d in workers)
         raise NoPlacementError(
             f"the model does not fit: {n - k} layers ({offloaded / 1e6:.1f} MB) need a place beyond the "
             f"appliance's budget, and the {len(workers)} reachable worker(s) offer {room / 1e6:.1f} MB in all"
         )
+    best = min(candidates, key=lambda p: p.ms_per_token)  # the first of equals: the fewest workers
+    best.left_out = [d for d in workers if all(s.device is not d for s in best.chain)]
+    best.why = {d.address: _why(d, best, candidates) for d in workers}
     return best
+
+
+def _why(device: Device, best: Plan, candidates: list[Plan]) -> str:
+    """A worker's place in the best plan, against the best plan that leaves it out (or takes it in)."""
+
+    def uses(plan: Plan) -> bool:
+        return any(s.device is device for s in plan.chain)
+
+    inside = uses(best)
+    others = [p.ms_per_token for p in candidates if uses(p) != inside]
+    if inside:
+        stage = next(s for s in best.chain if s.device is device)
+        why = f"in: layers [{stage.start}, {stage.stop}), {best.ms_per_token:.1f} ms/token predicted"
+        return why + (f"; {min(others):.1f} without it" if others else "; the model does not fit without it")
+    if not others:
+        return "out: no placement that uses it holds the model within the budgets"
+    return f"out: with it {min(others):.1f} ms/token predicted, {best.ms_per_token:.1f} without"
 
 
 def local_layers(layer_bytes: list[int], fixed_bytes: int, budget: int) -> int:
@@ -156,6 +180,20 @@ def describe(plan: Plan, n_layers: int) -> list[dict]:
                 "budget": s.device.budget_bytes,
                 "ms/layer": s.device.ms_per_layer,
                 "one-way ms": s.device.one_way_ms,
+                "why": plan.why.get(s.device.address, "") if s.device.address else "its budget's layers, and the head",
+            }
+        )
+    for d in plan.left_out:
+        rows.append(
+            {
+                "device": d.name,
+                "address": d.address,
+                "layers": "none",
+                "bytes": 0,
+                "budget": d.budget_bytes,
+                "ms/layer": d.ms_per_layer,
+                "one-way ms": d.one_way_ms,
+                "why": plan.why.get(d.address, ""),
             }
         )
     return rows

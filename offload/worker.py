@@ -29,9 +29,11 @@ import typer
 from gguf import GGMLQuantizationType
 
 from kernels.backend import Backend, describe, select_backend
-from models.errors import UnsupportedModelError
+from models.errors import ModelError, UnsupportedModelError
+from models.gguf_file import GGUFModelFile, open_gguf
 from models.llama import KVCache, LayerRange, LayerWeights, LlamaConfig, held_nbytes, read_layer
 from models.lora import AdapterError, LoraAdapter, from_wire
+from models.store import ModelStore
 from offload import offload_pb2 as pb
 from offload import offload_pb2_grpc as rpc
 from offload.ledger import Statement
@@ -82,6 +84,29 @@ class TensorCache:
 
     def read(self, spec: pb.TensorSpec) -> np.ndarray:
         return np.fromfile(self.folder / spec.sha256, dtype=np.uint8)
+
+
+class ModelFiles:
+    """Model files this worker holds itself (named by --model, or in its model store), by SHA-256: the
+    layers of such a file are read from it, and the appliance ships nothing."""
+
+    def __init__(self, paths: list[Path]):
+        store = ModelStore()
+        found = [*paths, *(sorted(store.root.glob("*.gguf")) if store.root.is_dir() else [])]
+        self.files: dict[str, GGUFModelFile] = {}
+        for path in found:
+            try:
+                self.files.setdefault(store.sha256(Path(path)), open_gguf(path))
+            except (ModelError, OSError):
+                continue  # a damaged or vanished file is simply not offered
+
+    def tensor(self, file_sha256: str, spec: pb.TensorSpec) -> np.ndarray | None:
+        """The raw bytes of a tensor of that file, if this worker holds it with that type and shape."""
+        file = self.files.get(file_sha256)
+        t = file.tensors.get(spec.name) if file is not None else None
+        if t is None or int(t.qtype) != spec.ggml_type or [int(n) for n in t.shape] != list(spec.shape):
+            return None
+        return t.raw
 
 
 @dataclass
@@ -163,9 +188,19 @@ def _pump_requests(requests, inbox: queue.Queue) -> None:
 
 
 class WorkerService(rpc.OffloadServicer):
-    def __init__(self, name: str, identity: Identity, home: Path, budget: int, backend: Backend, idle_s: float):
+    def __init__(
+        self,
+        name: str,
+        identity: Identity,
+        home: Path,
+        budget: int,
+        backend: Backend,
+        idle_s: float,
+        models: list[Path] = (),
+    ):
         self.name, self.identity, self.budget, self.backend, self.idle_s = name, identity, budget, backend, idle_s
         self.tensors = TensorCache(home / "tensors")
+        self.models = ModelFiles(list(models))
         self.revocations = Revocations(home / "revoked.json")  # what the appliance told us, kept on disk
         self.ranges: dict[tuple[str, int, int], LoadedRange] = {}  # by (model id, start, stop)
         self.sessions: dict[str, WorkerSession] = {}
@@ -225,10 +260,19 @@ class WorkerService(rpc.OffloadServicer):
             memory_used_bytes=self.used,
             gflops=self.gflops,
             wire_dtypes=list(WIRE_DTYPES),
+            model_files=sorted(self.models.files),
         )
 
     def MissingTensors(self, request, context):
-        return pb.TensorHashes(sha256=[t.sha256 for t in request.tensors if not self.tensors.has(t.sha256)])
+        return pb.TensorHashes(sha256=[t.sha256 for t in request.tensors if not self._has(request.file_sha256, t)])
+
+    def _has(self, file_sha256: str, spec: pb.TensorSpec) -> bool:
+        return self.models.tensor(file_sha256, spec) is not None or self.tensors.has(spec.sha256)
+
+    def _read(self, file_sha256: str, spec: pb.TensorSpec) -> np.ndarray:
+        """A tensor's bytes: from this worker's own copy of the model file, else from what was shipped."""
+        raw = self.models.tensor(file_sha256, spec)
+        return self.tensors.read(spec) if raw is None else raw
 
     def PushTensors(self, request_iterator, context):
         try:
@@ -255,12 +299,13 @@ class WorkerService(rpc.OffloadServicer):
                 f"layers [{request.layer_start}, {request.layer_stop}) need {need / 1e6:.1f} MB; this worker's "
                 f"budget is {self.budget / 1e6:.1f} MB with {self.used / 1e6:.1f} MB in use",
             )
-        missing = [t.name for t in specs.values() if not self.tensors.has(t.sha256)]
+        source = request.manifest.file_sha256
+        missing = [t.name for t in specs.values() if not self._has(source, t)]
         if missing:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"tensors not pushed yet: {', '.join(missing[:3])}")
         try:
             config = LlamaConfig.from_json(request.config_json)
-            layers = [self._layer(config, i, specs) for i in range(request.layer_start, request.layer_stop)]
+            layers = [self._layer(config, i, specs, source) for i in range(request.layer_start, request.layer_stop)]
         except (TypeError, ValueError, KeyError, UnsupportedModelError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot build layers from this request: {e}")
         held = sum(w.nbytes for w in layers)
@@ -269,13 +314,14 @@ class WorkerService(rpc.OffloadServicer):
             self.ranges[key] = LoadedRange(layer_range, held, {request.owner: request.generation})
         return pb.LoadReply(bytes=held)
 
-    def _layer(self, config: LlamaConfig, i: int, specs: dict[str, pb.TensorSpec]) -> LayerWeights:
-        """Layer i of the config's architecture from the pushed tensors (a missing one: KeyError)."""
+    def _layer(self, config: LlamaConfig, i: int, specs: dict[str, pb.TensorSpec], source: str) -> LayerWeights:
+        """Layer i of the config's architecture from its tensors, read from `source` (a model file's
+        SHA-256) when this worker holds that file, else as pushed (a missing one: KeyError)."""
 
         def weight(name: str):
             spec = specs[name]
             shape = tuple(int(n) for n in spec.shape)
-            return self.backend.weight(self.tensors.read(spec), GGMLQuantizationType(spec.ggml_type), shape)
+            return self.backend.weight(self._read(source, spec), GGMLQuantizationType(spec.ggml_type), shape)
 
         return read_layer(config.spec, i, weight)
 
@@ -297,12 +343,21 @@ class WorkerService(rpc.OffloadServicer):
                     x = decode(msg, session.layers.config.dim)
                 except MalformedTensor as e:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {session_id}: {e}")
+                if msg.HasField("position"):
+                    if msg.position > session.cache.length:
+                        context.abort(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            f"session {session_id}: rows from position {msg.position}, but {session.cache.length} held",
+                        )
+                    session.cache.truncate(msg.position)  # refused drafts: forget past the position
                 started = time.perf_counter()
                 y = session.layers.forward([x], [session.cache], [session.adapter])[0]
                 session.last_used = time.monotonic()
                 if self.used > self.budget:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this session's KV cache outgrew the budget")
                 out = self._output(y, session_id, msg.step, session.dtype)
+                if msg.HasField("position"):
+                    out.position = msg.position  # the next worker's rows start where this one's did
                 out.compute_us.extend([*msg.compute_us, int((time.perf_counter() - started) * 1e6)])
                 with self.lock:
                     self.contributed["compute_s"] += out.compute_us[-1] / 1e6
@@ -464,9 +519,11 @@ def start_worker(
     backend: str = "auto",
     service_class: type[WorkerService] = WorkerService,
     threads: int | None = None,
+    models: list[Path] = (),
 ) -> tuple[grpc.Server, WorkerService, int]:
+    """models: model files this worker holds (besides its store's): their layers are read here, not shipped."""
     name = certificate_name(identity.certificate)
-    service = service_class(name, identity, home, budget, select_backend(backend, threads), idle_s)
+    service = service_class(name, identity, home, budget, select_backend(backend, threads), idle_s, list(models))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64),
         interceptors=[RevocationCheck(service.revocations)],
@@ -509,6 +566,10 @@ def run(
     threads: Annotated[
         int | None, typer.Option(min=1, help="Threads of the cpu backend's kernels (default: this machine's cores).")
     ] = None,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option("--model", help="A model file held here: its layers are read from it, not shipped; repeatable."),
+    ] = None,
 ) -> None:
     """Run layers for a paired appliance: `appliance-worker --port 50051 --pair CODE`."""
     from rich.console import Console
@@ -528,8 +589,11 @@ def run(
             raise PairingError(f"this worker is not paired ({home} has no certificate): run it with --pair CODE")
         if pair_only:
             return
+        missing = [str(p) for p in model or [] if not p.is_file()]
+        if missing:
+            raise ValueError(f"--model: no such file: {', '.join(missing)}")
         server, service, bound = start_worker(
-            identity, home, host, port, budget, idle_timeout, backend, threads=threads
+            identity, home, host, port, budget, idle_timeout, backend, threads=threads, models=model or []
         )
     except (PairingError, ValueError, OSError) as e:
         err.print(f"[bold red]error:[/] {e}")

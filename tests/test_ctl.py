@@ -288,11 +288,14 @@ def test_devices_and_plan_with_workers_drain_and_revoke(tmp_path, home, model_pa
         other = ({"w1", "w2"} - {holder}).pop()
         assert holding[0]["last_seen"] is not None and holding[0]["ms_per_layer"] > 0
         assert holding[0]["measured_ms_per_token"] > 0
+        assert {d["weights"] for d in devices.values()} == {"own copy"}  # this machine's model store has the file
 
         plan = ok_json("plan", server=s)
         assert plan["stages"][0] == {**plan["stages"][0], "device": "appliance", "layers": [0, local]}
         assert plan["stages"][1]["device"] == holder and plan["stages"][-1]["layers"][1] == n
         assert plan["predicted_ms_per_token"] > 0 and plan["measured_ms_per_step"] > 0
+        for d in plan["left_out"]:  # one hop fewer: the other one alone is predicted faster
+            assert d["device"] == other and d["why"].startswith("out: with it "), d
         assert {d["name"] for d in ok_json("status", server=s)["devices"]} == {"w1", "w2"}
 
         assert ok_json("devices", "drain", holder, server=s)["drained"] == [devices[holder]["address"]]

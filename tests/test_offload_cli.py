@@ -107,7 +107,11 @@ def sessions(ca, worker) -> int:
 
 def test_bench_offload_prints_its_table():
     """The figures belong to `make bench-offload`; here only that it runs end to end (loopback, no peer)."""
-    result = appliance("bench-offload", "--prompt-tokens", "8", "--decode-tokens", "4", "--delay", "0")
+    result = appliance(
+        "bench-offload", "--prompt-tokens", "8", "--decode-tokens", "4", "--delay", "0", "--clients", "2"
+    )
     assert result.returncode == 0, result.stderr
     assert "1w: 27" in result.stdout and "2w: 14/13" in result.stdout and "loopback" in result.stdout
+    assert "trips/tok" in result.stdout and "accepted" in result.stdout
+    assert "worker (own copy): layers [3, 30)" in result.stdout and "0.0 MB shipped" in result.stdout
     assert "TCP, mTLS" in result.stdout and "gRPC, mTLS" in result.stdout

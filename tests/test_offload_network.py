@@ -26,9 +26,9 @@ def test_the_last_worker_answers_the_appliance_directly(ca, tmp_path, model_path
         assert len(chain) == 2
         first, last = (r1, r2) if chain[0] == r1.address else (r2, r1)
         gen = split.generate(split.prompt_ids(PROMPTS[0]), max_tokens=TOKENS, ignore_eos=True)
-        gen.next_input(), gen.advance(len(gen.prompt_ids), split.next_logits(gen.prompt_ids, gen.session))
+        gen.step()  # the prompt
         before = {"first": first.bytes_down, "last": last.bytes_down}
-        gen.run()  # 31 more tokens, one message each
+        gen.run()  # 31 more tokens, one message per step (with drafts: a row per position, >= one per token)
         decoded = TOKENS - 1
         assert last.bytes_down - before["last"] >= decoded * hidden_bytes  # outputs come from the last worker
         assert first.bytes_down - before["first"] < decoded * hidden_bytes / 4  # only HTTP/2 bookkeeping

@@ -66,3 +66,31 @@ def test_sizes(text, value):
 def test_bad_sizes(text):
     with pytest.raises(ValueError, match="not a size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("slow", "reason"),
+    [(worker("slow", 100, ms_per_layer=10.0), "compute"), (worker("slow", 100, one_way_ms=20.0), "link")],
+)
+def test_a_slow_device_is_left_out_when_that_is_faster_and_the_plan_says_why(slow, reason):
+    """Offered a device with 10x slower compute, or a 20 ms link, beside one that holds everything."""
+    fast = worker("fast", 100)
+    plan = make_plan(LAYERS, FIXED, appliance(5), [fast, slow], 2304)
+    assert [s.device.name for s in plan.chain] == ["fast"] and plan.left_out == [slow]
+    alone = plan.ms_per_token
+    assert make_plan(LAYERS, FIXED, appliance(5), [slow], 2304).ms_per_token > alone  # it alone is slower too
+    assert plan.why[slow.address].startswith("out: with it ")
+    assert f"{alone:.1f} without" in plan.why[slow.address], reason
+    assert plan.why[fast.address].startswith("in: layers [0, 10)")
+
+
+def test_a_slow_device_the_model_needs_is_in_and_the_plan_says_so():
+    fast, slow = worker("fast", 12), worker("slow", 100, ms_per_layer=10.0)
+    plan = make_plan(LAYERS, FIXED, appliance(5), [fast, slow], 2304)
+    assert {s.device.name for s in plan.chain} == {"fast", "slow"}
+    assert plan.why[slow.address].endswith("the model does not fit without it")
+
+
+def test_the_plan_leaves_out_every_worker_when_the_appliance_holds_the_model():
+    plan = make_plan(LAYERS, FIXED, appliance(100), [worker("a", 100)], 2304)
+    assert plan.why == {"a:50051": "out: the appliance holds every layer"}

@@ -61,7 +61,7 @@ class Trial:
     def line(self, i: int) -> str:
         verdict = "same text as all-local" if self.ok else f"DIFFERENT: {self.detail}"
         return (
-            f"trial {i:2d}  seed {self.seed:<10d} {self.signal:<7s} {self.victim:<22s} at step {self.step:2d}: "
+            f"trial {i:2d}  seed {self.seed:<10d} {self.signal:<7s} {self.victim:<22s} at token {self.step:2d}: "
             f"{verdict}  ({self.seconds:.1f} s)"
         )
 
@@ -121,18 +121,17 @@ def settle(coordinator: Coordinator, timeout: float = REJOIN_S) -> None:
     coordinator.current_plan()
 
 
-def generate_with_fault(engine: Engine, prompt: str, step_at: int, fault) -> list[int]:
+def generate_with_fault(engine: Engine, prompt: str, token_at: int, fault) -> list[int]:
     gen = engine.generate(engine.prompt_ids(prompt), max_tokens=TOKENS, ignore_eos=True)
     deadline = time.monotonic() + TRIAL_S
-    step = 0
+    fired = False
     while not gen.done:
-        if step == step_at:
+        if not fired and len(gen.token_ids) >= token_at:  # by tokens: a step with drafts may add several
             fault()
+            fired = True
         if time.monotonic() > deadline:
             raise TimeoutError(f"generation still running after {TRIAL_S:.0f} s")
-        ids = gen.next_input()
-        gen.advance(len(ids), engine.next_logits(ids, gen.session))
-        step += 1
+        gen.step()
     return gen.token_ids
 
 

@@ -247,6 +247,7 @@ def _devices(state: ServerState) -> list[dict]:
             "last_seen": usage.last_seen if usage and usage.last_seen else None,
             "measured_ms_per_token": round(usage.seconds * 1e3 / rows, 3) if rows else None,
             "shipping": dataclasses.asdict(client.shipping) if client.shipping else None,
+            "weights": "own copy" if client.holds(coordinator.file_sha256) else "shipped",
         }
     return list(devices.values())
 
@@ -332,6 +333,7 @@ def plan(state: State) -> dict:
             "ms_per_layer": round(s.device.ms_per_layer, 3),
             "one_way_ms": round(s.device.one_way_ms, 3),
             "measured_ms_per_token": measured_by.get(s.device.address),
+            "why": current.why.get(s.device.address, ""),
         }
         for s in current.stages
         if s.stop > s.start or s.device.address is None
@@ -339,6 +341,9 @@ def plan(state: State) -> dict:
     return {
         "layers": n,
         "stages": stages,
+        "left_out": [
+            {"device": d.name, "address": d.address, "why": current.why.get(d.address, "")} for d in current.left_out
+        ],
         "predicted_ms_per_token": round(current.ms_per_token, 3),
         "measured_ms_per_step": measured,
     }

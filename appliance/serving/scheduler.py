@@ -323,7 +323,7 @@ class Scheduler:
                 self._fail([t], e)
                 continue
             if t.job.completion_tokens > had_tokens:
-                m.tokens.inc()
+                m.tokens.inc(t.job.completion_tokens - had_tokens)  # a step with drafts may add several
                 if t.first_token_at is None:
                     t.first_token_at = now
                     m.ttft_seconds.observe(now - t.submitted)
