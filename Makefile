@@ -24,8 +24,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(wildcard kernels/cpu
 # deps: the package's dependencies and those of its EXTRAS (e.g. EXTRAS=cuda), not the package: the image's layer of
 # them outlives a code change. pycuda (the cuda extra) builds from its sdist against cuda.h and links libcuda.so.1,
 # the driver's library: the headers come from the toolkit where there is one (/usr/local/cuda), else from PyPI's
-# CUDA runtime and profiler-API wheels; an empty libcuda.so.1 satisfies the link (the driver's own is loaded at run
-# time); curand, which the kernels do not use, is left out (pycuda's configuration: $$HOME/.aksetup-defaults.py).
+# CUDA runtime and profiler-API wheels; a stub libcuda.so.1 with cuda.h's functions as empty ones satisfies the link
+# and records the dependency (the driver's own is loaded at run time; an empty stub would be dropped by the linker);
+# curand, which the kernels do not use, is left out (pycuda's configuration: $$HOME/.aksetup-defaults.py).
 DEPS_PY := import sys; t = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli"); \
 	p = t.load(open("pyproject.toml", "rb"))["project"]; \
 	print("\n".join(p["dependencies"] + [d for e in sys.argv[1:] for d in p["optional-dependencies"][e]]))
@@ -39,7 +40,9 @@ ifneq ($(filter cuda,$(EXTRAS)),)
 	test -f /usr/local/cuda/include/cuda.h && ln -sfn /usr/local/cuda/include $(CUDA_BUILD)/include || \
 		($(BIN)/pip install -q $(PIP_FLAGS) --target $(CUDA_BUILD)/wheel $(CUDA_HEADERS) && \
 		ln -sfn "$$(dirname "$$(find $(CUDA_BUILD)/wheel -name cuda.h -path '*/include/*' | head -1)")" $(CUDA_BUILD)/include)
-	printf '' | $(CC) -shared -x c - -Wl,-soname,libcuda.so.1 -o $(CUDA_BUILD)/lib64/libcuda.so
+	echo '#include <cuda.h>' | $(CC) -E -P -I$(CUDA_BUILD)/include -x c - | \
+		grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' | tr -d '( ' | sort -u | sed 's/.*/void &(void) {}/' | \
+		$(CC) -shared -x c - -Wl,-soname,libcuda.so.1 -o $(CUDA_BUILD)/lib64/libcuda.so
 	printf 'CUDA_ROOT = "%s"\nCUDA_ENABLE_CURAND = False\n' $(CUDA_BUILD) > $(CUDA_BUILD)/.aksetup-defaults.py
 	HOME=$(CUDA_BUILD) $(BIN)/pip install -q $(PIP_FLAGS) -r $(VENV)/deps.txt
 	rm -rf $(CUDA_BUILD)
