@@ -138,10 +138,10 @@ $(VENV)/llama-rpc/llama-bench: | $(VENV)/.installed-test
 	cp $(addprefix $(VENV)/llama-src/build/bin/,$(LLAMA_TOOLS)) $(VENV)/llama-rpc/
 
 ## image: both Dockerfile targets built with buildah (no daemon) on a debootstrapped Debian base made here, and the
-##   worker for arm64 too where qemu-user's binfmt handlers are registered; sizes and build times printed
+##   worker for arm64 too with ARM64=auto (qemu-user, binfmt_misc; slow); sizes and build times printed
 image: $(VENV)/.installed
 	@(command -v buildah && command -v debootstrap) >/dev/null || (apt-get update -q && apt-get install -y -q buildah debootstrap)
-	$(BIN)/python -m appliance.testbed.image
+	$(BIN)/python -m appliance.testbed.image --arm64 $(or $(ARM64),no)
 
 ## image-check: the built images run as containers: serve, health, a completion from OpenAI's client, a worker
 ##   paired and holding layers, a restart keeping keys and devices, non-root (minutes; not part of `make test`)

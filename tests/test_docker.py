@@ -109,7 +109,7 @@ def test_the_build_script_and_the_check_agree_with_the_dockerfile():
     assert {f for f in image_check.SERVE_FLAGS if f.startswith("--")} <= serve
     assert {f for f in image_check.WORKER_FLAGS if f.startswith("--")} <= worker
     makefile = (ROOT / "Makefile").read_text()
-    assert "-m appliance.testbed.image\n" in makefile and "-m appliance.testbed.image_check" in makefile
+    assert "-m appliance.testbed.image --arm64" in makefile and "-m appliance.testbed.image_check" in makefile
 
 
 def test_make_deps_lists_the_dependencies_and_the_extras(tmp_path):
