@@ -10,16 +10,45 @@ LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install install-test system-test-deps run test test-full lint bench bench-serve bench-offload aiperf-venv chaos crash soak proto fatbin gpu-carry gpu-check clean
+.PHONY: install deps image image-check install-test system-test-deps run test test-full lint bench bench-serve bench-offload aiperf-venv chaos crash soak proto fatbin gpu-carry gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(PIP_FLAGS) --upgrade pip
 
 # setup.py builds the native CPU kernels (kernels/cpu/*.c) into kernels._cpu: a C compiler is needed.
 $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(wildcard kernels/cpu/*.c kernels/cpu/*.h)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q $(PIP_FLAGS) -e .
 	touch $@
+
+# deps: the package's dependencies and those of its EXTRAS (e.g. EXTRAS=cuda), not the package: the image's layer of
+# them outlives a code change. pycuda (the cuda extra) builds from its sdist against cuda.h and links libcuda.so.1,
+# the driver's library: the headers come from the toolkit where there is one (/usr/local/cuda), else from PyPI's
+# CUDA runtime and profiler-API wheels; a stub libcuda.so.1 with cuda.h's functions as empty ones satisfies the link
+# and records the dependency (the driver's own is loaded at run time; an empty stub would be dropped by the linker);
+# curand, which the kernels do not use, is left out (pycuda's configuration: $$HOME/.aksetup-defaults.py).
+DEPS_PY := import sys; t = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli"); \
+	p = t.load(open("pyproject.toml", "rb"))["project"]; \
+	print("\n".join(p["dependencies"] + [d for e in sys.argv[1:] for d in p["optional-dependencies"][e]]))
+CUDA_HEADERS ?= 'nvidia-cuda-runtime==13.*' 'nvidia-cuda-profiler-api==13.*'
+CUDA_BUILD := $(abspath $(VENV))/cuda-build
+deps: $(BIN)/python
+	$(BIN)/pip install -q $(PIP_FLAGS) 'tomli>=2; python_version < "3.11"'
+	$(BIN)/python -c '$(DEPS_PY)' $(EXTRAS) > $(VENV)/deps.txt
+ifneq ($(filter cuda,$(EXTRAS)),)
+	mkdir -p $(CUDA_BUILD)/lib64
+	test -f /usr/local/cuda/include/cuda.h && ln -sfn /usr/local/cuda/include $(CUDA_BUILD)/include || \
+		($(BIN)/pip install -q $(PIP_FLAGS) --target $(CUDA_BUILD)/wheel $(CUDA_HEADERS) && \
+		ln -sfn "$$(dirname "$$(find $(CUDA_BUILD)/wheel -name cuda.h -path '*/include/*' | head -1)")" $(CUDA_BUILD)/include)
+	echo '#include <cuda.h>' | $(CC) -E -P -I$(CUDA_BUILD)/include -x c - | \
+		grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' | tr -d '( ' | sort -u | sed 's/.*/void &(void) {}/' | \
+		$(CC) -shared -x c - -Wl,-soname,libcuda.so.1 -o $(CUDA_BUILD)/lib64/libcuda.so
+	printf 'CUDA_ROOT = "%s"\nCUDA_ENABLE_CURAND = False\n' $(CUDA_BUILD) > $(CUDA_BUILD)/.aksetup-defaults.py
+	HOME=$(CUDA_BUILD) $(BIN)/pip install -q $(PIP_FLAGS) -r $(VENV)/deps.txt
+	rm -rf $(CUDA_BUILD)
+else
+	$(BIN)/pip install -q $(PIP_FLAGS) -r $(VENV)/deps.txt
+endif
 
 # Debian packages the tests need: a headless browser for the dashboard's test (and certutil, from
 # libnss3-tools, to make it trust the appliance's CA), libb64 for Triton's
@@ -109,6 +138,17 @@ $(VENV)/llama-rpc/llama-bench: | $(VENV)/.installed-test
 		$(LLAMA_CMAKE_ARGS) -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release
 	cmake --build $(VENV)/llama-src/build --target $(LLAMA_TOOLS) -j$$(nproc)
 	cp $(addprefix $(VENV)/llama-src/build/bin/,$(LLAMA_TOOLS)) $(VENV)/llama-rpc/
+
+## image: both Dockerfile targets built with buildah (no daemon) on a debootstrapped Debian base made here, and the
+##   worker for arm64 too with ARM64=auto (qemu-user, binfmt_misc; slow); sizes and build times printed
+image: $(VENV)/.installed
+	@(command -v buildah && command -v debootstrap) >/dev/null || (apt-get update -q && apt-get install -y -q buildah debootstrap)
+	$(BIN)/python -m appliance.testbed.image --arm64 $(or $(ARM64),no)
+
+## image-check: the built images run as containers: serve, health, a completion from OpenAI's client, a worker
+##   paired and holding layers, a restart keeping keys and devices, non-root (minutes; not part of `make test`)
+image-check: image $(VENV)/.installed-test
+	$(BIN)/python -m appliance.testbed.image_check
 
 ## proto: regenerate the offload service's stubs from offload/offload.proto (a test fails when they are stale)
 proto: install-test

@@ -100,13 +100,14 @@ def select_backend(name: str = "auto", threads: int | None = None) -> Backend:
     GPU and pycuda, else the native C kernels, else (with one line on stderr saying why) NumPy.
     threads: for the backends that run on CPU threads (cpu); None is every core."""
     if name == "auto":
-        from kernels import native
-        from kernels.cuda_backend import available  # NVML and a package lookup: imports nothing of CUDA's
+        from kernels import cuda_backend, native  # cuda_backend: NVML and a package lookup, nothing of CUDA's
 
-        if available():
+        if cuda_backend.available():
             name = "cuda"
         elif native.available():
             name = "cpu"
+            if cuda_backend.installed():  # shipped for a GPU (the appliance image) but none to run on
+                _say_once(f"backend auto: the C kernels, because {cuda_backend.why_unavailable()}")
         else:
             _say_once(f"backend auto: NumPy, the slow reference, because {native.why_missing()}")
             name = "numpy"

@@ -51,7 +51,23 @@ def gpu_present() -> bool:
 
 def available() -> bool:
     """cuda can run here: a GPU, pycuda installed, and the fatbin shipped. Imports nothing of CUDA's."""
-    return gpu_present() and importlib.util.find_spec("pycuda") is not None and FATBIN.exists()
+    return why_unavailable() is None
+
+
+def installed() -> bool:
+    """The GPU backend is installed (pycuda and the fatbin: the cuda extra, as in the appliance image)."""
+    return importlib.util.find_spec("pycuda") is not None and FATBIN.exists()
+
+
+def why_unavailable() -> str | None:
+    """Why cuda cannot run here, None when it can; for the line `auto` prints when it falls back."""
+    if importlib.util.find_spec("pycuda") is None:
+        return "pycuda is not installed (the cuda extra)"
+    if not FATBIN.exists():
+        return f"the kernels' fatbin {FATBIN.name} is missing"
+    if not gpu_present():
+        return "no NVIDIA GPU is visible"
+    return None
 
 
 def width_for(batch: int) -> int:
