@@ -246,8 +246,8 @@ class KVCacheFullError(ValueError):
 class DeviceKVCache:
     """One session's keys and values for a CudaRange: a slot of the range's pool in device memory.
 
-    The same face as models.llama.KVCache (length, reserve, advance, nbytes, capacity; k and v are
-    the slot's device addresses); the slot goes back to the pool when the cache is dropped."""
+    The same face as models.llama.KVCache (length, reserve, advance, truncate, nbytes, capacity; k
+    and v are the slot's device addresses); the slot goes back to the pool when the cache is dropped."""
 
     def __init__(self, pool: CudaRange, slot: int):
         self.pool, self.slot, self.length = pool, slot, 0
@@ -277,6 +277,12 @@ class DeviceKVCache:
 
     def advance(self, n_new: int) -> None:
         self.length += n_new
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (refused drafts); the next kernel overwrites them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot keep {length} positions of a cache holding {self.length}")
+        self.length = length
 
     def __del__(self) -> None:
         self.pool.release(self.slot)
