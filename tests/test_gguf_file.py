@@ -142,7 +142,8 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, smol_meta):
     p = write_tiny_llama(tmp_path / "mamba.gguf", smol_meta, arch="mamba")
     with pytest.raises(
         UnsupportedModelError,
-        match="'mamba' is not supported; supported: llama, llama with experts, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3$",
+        match="'mamba' is not supported; supported: llama, llama with experts, qwen2, qwen3, qwen3moe, gemma2, gemma3, "
+        "phi3$",
     ):
         open_gguf(p)
 
