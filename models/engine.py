@@ -17,10 +17,11 @@ from models.chat import ChatTemplate
 from models.constraint import Constraint, Grammars
 from models.detokenize import IncrementalDecoder
 from models.errors import ContextLengthError
-from models.llama import Llama, Session
+from models.llama import KVCache, Llama, Session
 from models.logprobs import MAX_TOP, TokenLogprob, token_logprob
+from models.lora import LoraAdapter
 from models.memory import release_memory
-from models.prefix_cache import PrefixCache
+from models.prefix_cache import PrefixCache, RemoteKept
 from models.sampling import InvalidParameterError, Sampler, SamplingParams
 from models.speculative import DraftLength, Speculation, choose
 from models.store import model_name
@@ -37,6 +38,8 @@ class OffloadStage(Protocol):
     def run(self, hiddens: list[np.ndarray], sessions: list[Session]) -> list[np.ndarray]: ...
     def release(self, session: Session) -> None: ...
     def rollback(self, session: Session, length: int) -> None: ...
+    def keep(self, session: Session, length: int) -> RemoteKept | None: ...  # the prefix cache's (RemotePrefix)
+    def resume(self, kept: RemoteKept, length: int, session: Session) -> None: ...
 
 
 class Engine:
@@ -59,10 +62,13 @@ class Engine:
         self.prefix_cache: PrefixCache | None = None  # enable_prefix_cache
 
     def enable_prefix_cache(self, max_bytes: int) -> None:
-        """Keep finished generations' KV (up to max_bytes) for later prompts that start the same way; all
-        layers must run here (with offload workers it stays off)."""
-        if self.offload is None and max_bytes > 0:
-            self.prefix_cache = PrefixCache(max_bytes, lambda layers: self.model.layer_range(*layers).new_cache())
+        """Keep finished generations' KV (up to max_bytes here) for later prompts that start the same way;
+        offload workers keep their layers' part."""
+        if max_bytes > 0:
+            self.prefix_cache = PrefixCache(max_bytes, self._new_cache, remote=self.offload)
+
+    def _new_cache(self, layers: tuple[int, int]) -> KVCache:
+        return self.model.layer_range(*layers).new_cache()
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None) -> Engine:
@@ -150,9 +156,10 @@ class Engine:
         logprobs: int | None = None,
         echo: bool = False,
         constraint: Constraint | None = None,
+        adapter: LoraAdapter | None = None,
     ) -> Generation:
         """ignore_eos: run on past the model's own end-of-generation tokens (fixed-length output, for benchmarks);
-        logprobs, echo, constraint: see Generation."""
+        logprobs, echo, constraint: see Generation; adapter: the LoRA adapter it runs with (models/lora.py)."""
         model_stops = frozenset() if ignore_eos else self.tokenizer.stop_ids
         return Generation(
             self,
@@ -164,6 +171,7 @@ class Engine:
             logprobs,
             echo,
             constraint,
+            adapter,
         )
 
 
@@ -273,6 +281,7 @@ class Generation(PromptRun):
         logprobs: int | None = None,
         echo: bool = False,
         constraint: Constraint | None = None,
+        adapter: LoraAdapter | None = None,
     ):
         ctx = engine.model.config.context_length
         least = 0 if echo else 1  # echo with max_tokens 0 scores the prompt only
@@ -291,6 +300,7 @@ class Generation(PromptRun):
         if any(not s for s in stop):
             raise InvalidParameterError("stop strings must not be empty")
         super().__init__(engine, prompt_ids)
+        self.session.adapter = adapter  # before the prefix cache looks: positions reused ran with the same one
         self.max_tokens = min(ctx if max_tokens is None else max_tokens, ctx - len(prompt_ids))
         self.n_top = logprobs
         self.echo = echo

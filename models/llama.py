@@ -284,11 +284,20 @@ class KVCache:
             raise ValueError(f"cannot keep {length} positions of a cache holding {self.length}")
         self.length = length
 
+    def copy_into(self, other: KVCache, n: int) -> KVCache:
+        """Fill an empty cache with copies of this one's first n positions (a prefix reused): other."""
+        other.reserve(n)
+        other.k[:, :n] = self.k[:, :n]
+        other.v[:, :n] = self.v[:, :n]
+        other.advance(n)
+        return other
+
 
 class RemoteSession(Protocol):
     """A session's state on LAN workers (offload.coordinator.RemoteState): whatever the offload stage keeps."""
 
     id: str
+    length: int  # positions the workers hold for it
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """KV already computed, kept for the next prompt that starts the same way: an earlier turn of a chat (its
 prompt and answer are the next turn's prefix), another client's same system prompt.
 
-Keys and values at position i depend only on the ids up to i, so a new prompt may take the first L positions of
-any entry it shares L ids with; only the rest is prefilled. Entries are copies of a finished generation's caches
-(each local layer range's keys and values, in the backend's own dtype), bounded in bytes, the least recently used
-evicted first; an entry that another extends is dropped for it. Only the layers run here are kept: with layers on
-LAN workers (offload) there is no cache.
+Keys and values at position i depend only on the ids up to i (and the LoRA adapter they ran with), so a new prompt
+may take the first L positions of any entry it shares L ids and the adapter with; only the rest is prefilled.
+Entries are copies of a finished generation's caches (each local layer range's keys and values, in the backend's
+own dtype), bounded in bytes, the least recently used evicted first; an entry that another extends is dropped for
+it. With layers on LAN workers (offload), each worker keeps its own part of a finished session and starts the next
+one from it (RemotePrefix); the entry here holds the boundary rows too, so a worker that lost its part is replayed.
 """
 
 from __future__ import annotations
@@ -14,28 +15,55 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from models.llama import KVCache, Session
+from models.lora import LoraAdapter
+
+
+class RemoteKept(Protocol):
+    """A finished session's positions kept on the offload workers (offload.coordinator.Kept)."""
+
+    @property
+    def nbytes(self) -> int: ...  # what it holds on this device
+
+
+class RemotePrefix(Protocol):
+    """The offload stage's part (offload.coordinator.Coordinator): keep(): the workers are to keep a finishing
+    session's first `length` positions when it is released; resume(): a new session starts from them."""
+
+    def keep(self, session: Session, length: int) -> RemoteKept | None: ...
+    def resume(self, kept: RemoteKept, length: int, session: Session) -> None: ...
 
 
 @dataclass
 class _Entry:
     ids: np.ndarray  # the ids whose positions are held
     kv: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # per layer range: keys, values [layer, T, G, E]
+    adapter: LoraAdapter | None  # what the positions ran with
+    remote: RemoteKept | None  # the positions of the layers on workers
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.kv.values())
+        here = sum(k.nbytes + v.nbytes for k, v in self.kv.values())
+        return here + (self.remote.nbytes if self.remote is not None else 0)
 
 
 class PrefixCache:
-    """max_bytes: what the entries may hold together; min_tokens: shorter shared prefixes are not worth a copy."""
+    """max_bytes: what the entries may hold together; min_tokens: shorter shared prefixes are not worth a copy;
+    remote: the offload stage, when layers run on workers."""
 
-    def __init__(self, max_bytes: int, new_cache: Callable[[tuple[int, int]], KVCache], min_tokens: int = 16):
+    def __init__(
+        self,
+        max_bytes: int,
+        new_cache: Callable[[tuple[int, int]], KVCache],
+        min_tokens: int = 16,
+        remote: RemotePrefix | None = None,
+    ):
         self.max_bytes, self.min_tokens = max_bytes, min_tokens
-        self._new_cache = new_cache
+        self._new_cache, self._remote = new_cache, remote
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._next = 0
         self._lock = threading.Lock()
@@ -69,6 +97,8 @@ class PrefixCache:
         with self._lock:
             best, best_key = 0, None
             for key, entry in self._entries.items():
+                if entry.adapter is not session.adapter:
+                    continue
                 n = min(len(entry.ids), len(want))
                 same = np.flatnonzero(entry.ids[:n] != want[:n])
                 common = int(same[0]) if same.size else n
@@ -86,6 +116,8 @@ class PrefixCache:
                 cache.v[:, :best] = v[:, :best]
                 cache.advance(best)
                 session.caches[layers] = cache
+            if entry.remote is not None and self._remote is not None:
+                self._remote.resume(entry.remote, best, session)
             self.hits += 1
             self.tokens_reused += best
             return best
@@ -93,18 +125,24 @@ class PrefixCache:
     def store(self, ids: list[int], session: Session) -> None:
         """Keep a copy of the positions a session holds (ids: what was run through it, in order)."""
         lengths = {c.length for c in session.caches.values()}
-        if not session.caches or len(lengths) != 1:
+        if session.remote is not None:
+            lengths.add(session.remote.length)
+        if len(lengths) != 1 or (self._remote is not None) != (session.remote is not None):
             return
         n = min(lengths.pop(), len(ids))
         if n < self.min_tokens:
             return
+        remote = self._remote.keep(session, n) if self._remote is not None else None
+        if self._remote is not None and remote is None:
+            return
         kv = {layers: (c.k[:, :n].copy(), c.v[:, :n].copy()) for layers, c in session.caches.items()}
-        entry = _Entry(np.asarray(ids[:n], dtype=np.int64), kv)
+        entry = _Entry(np.asarray(ids[:n], dtype=np.int64), kv, session.adapter, remote)
         if entry.nbytes > self.max_bytes:
             return
         with self._lock:
             for key, old in list(self._entries.items()):  # an entry the new one extends is no longer needed
-                if len(old.ids) <= n and np.array_equal(old.ids, entry.ids[: len(old.ids)]):
+                extended = len(old.ids) <= n and np.array_equal(old.ids, entry.ids[: len(old.ids)])
+                if extended and old.adapter is entry.adapter:
                     del self._entries[key]
             self._entries[self._next] = entry
             self._next += 1

@@ -197,10 +197,19 @@ class WorkerClient:
         a = self.stub.Attest(pb.AttestRequest(), timeout=timeout)
         return Statement(a.statement, a.signature, a.certificate)
 
-    def release(self, session_id: str) -> None:
+    def release(self, session_id: str, keep: int = 0) -> None:
+        """keep: the session's first positions to keep for a later Resume (the prefix cache)."""
         # A dead worker has freed it already; a live one that misses this frees it when idle.
         with contextlib.suppress(grpc.RpcError, ValueError):  # ValueError: its channel is closed
-            self.stub.Release(pb.ReleaseRequest(session_id=session_id), timeout=2)
+            self.stub.Release(pb.ReleaseRequest(session_id=session_id, keep=keep), timeout=2)
+
+    def resume(self, session_id: str, kept_session_id: str, positions: int, hop: pb.Hop) -> bool:
+        """Start session_id from a released session's kept positions; False where this worker no longer has them."""
+        request = pb.ResumeRequest(session_id=session_id, kept_session_id=kept_session_id, positions=positions, hop=hop)
+        try:
+            return self.stub.Resume(request, timeout=2).resumed
+        except (grpc.RpcError, ValueError):
+            return False
 
     def close(self) -> None:
         self.channel.close()
@@ -300,7 +309,12 @@ class ChainSession:
             self.overhead_ms.append((time.perf_counter() - self.sent_at) * 1e3 - sum(self.hop_ms))
         return out
 
-    def close(self) -> None:
+    def close(self, keep: int = 0) -> None:
+        """keep: each worker keeps the session's first `keep` positions. Told before the streams end (which
+        would free them), last hop first: a worker's release ends its stream to the next hop."""
+        if keep:
+            for worker, _ in reversed(self.chain):
+                worker.release(self.session_id, keep)
         self.outbox.put(None)
         for call in self.calls:
             call.cancel()

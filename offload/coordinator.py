@@ -21,6 +21,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -67,6 +68,23 @@ class RemoteState:
     chain: ChainSession | None = None
     generation: int = -1  # of the plan the chain was built for
     adapter: LoraAdapter | None = None  # the session's LoRA adapter: each hop gets its layers' part
+    placement: list[tuple[str | None, int, int]] = field(default_factory=list)  # of its chain
+    keep: int = 0  # positions the workers are to keep when it is released (the prefix cache)
+    resume: Kept | None = None  # where its first positions are kept, until its chain is built
+
+
+@dataclass
+class Kept:
+    """A released session's first positions, kept by its chain's workers (models/prefix_cache.py); its
+    boundary rows too, for a replay into a chain that no longer holds them."""
+
+    chain_id: str
+    placement: list[tuple[str | None, int, int]]
+    inputs: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.inputs.nbytes
 
 
 @dataclass
@@ -141,6 +159,8 @@ class Coordinator:
         self.planned_generation = -1  # the generation self.plan was made and loaded for
         self.lock = threading.RLock()
         self.revoked_seen: frozenset[int] = frozenset()
+        # Positions new chains took from workers' kept ones (the prefix cache), and rows replayed into chains.
+        self.resumed_rows = self.replayed_rows = 0
         self.round_trips = 0  # steps through the chain, all sessions of a step together (for bench-offload)
         self.overhead_ms: list[float] = []  # per decoded token: time on the wire and in gRPC, not computing
         self.discovery = None  # a zeroconf browser adding workers as they appear, if any
@@ -408,6 +428,34 @@ class Coordinator:
             drop -= last.shape[0]
         state.length = length
 
+    def keep(self, session: Session, length: int) -> Kept | None:
+        """The prefix cache's: at release, the session's workers keep its first `length` positions."""
+        state = session.remote
+        if not isinstance(state, RemoteState) or state.chain is None or not 0 < length <= state.length:
+            return None
+        state.keep = length
+        return Kept(state.chain.session_id, state.placement, np.concatenate(state.inputs)[:length].copy())
+
+    def resume(self, kept: Kept, length: int, session: Session) -> None:
+        """A new session whose first `length` positions are those kept: its chain starts from them where
+        every worker still holds them, else they are replayed from the rows."""
+        session.remote = RemoteState(inputs=[kept.inputs[:length]], length=length, adapter=session.adapter, resume=kept)
+
+    def _resumed(self, state: RemoteState, plan: Plan, chain_id: str, chain: list) -> bool:
+        """Whether every worker of the new chain started chain_id from the kept positions."""
+        kept, state.resume = state.resume, None
+        if kept is None or kept.placement != _placement(plan):
+            return False
+        with futures.ThreadPoolExecutor(len(chain)) as pool:
+            done = list(pool.map(lambda c: c[0].resume(chain_id, kept.chain_id, state.length, c[1]), chain))
+        if all(done):
+            self.resumed_rows += state.length
+            return True
+        for (worker, _), copied in zip(chain, done, strict=True):  # the replay starts those from nothing, too
+            if copied:
+                worker.release(chain_id)
+        return False
+
     def _state(self, session: Session) -> RemoteState:
         if session.remote is None:
             session.remote = RemoteState(adapter=session.adapter)
@@ -447,21 +495,22 @@ class Coordinator:
             hop = pb.Hop(address=s.device.address, model_id=self.model_id, layer_start=s.start, layer_stop=s.stop)
             hop.adapter.extend(self._adapter_part(entry[0], state.adapter, s.start, s.stop))
             chain.append((entry[0], hop))
-        state.chain = ChainSession(
-            state.id + f"-{generation}", chain, self.wire_dtype, self.model.config.dim, self.step_timeout_s
-        )
-        state.generation = generation
-        if state.inputs:
+        chain_id = state.id + f"-{generation}"
+        resumed = self._resumed(state, plan, chain_id, chain)
+        state.chain = ChainSession(chain_id, chain, self.wire_dtype, self.model.config.dim, self.step_timeout_s)
+        state.generation, state.placement = generation, _placement(plan)
+        if state.inputs and not resumed:
             past = np.concatenate(state.inputs)
             for at in range(0, past.shape[0], REPLAY_ROWS):
                 rows = past[at : at + REPLAY_ROWS]
                 state.chain.send(rows, at)
                 state.chain.receive(rows.shape[0])
+            self.replayed_rows += past.shape[0]
 
-    def _disconnect(self, state: RemoteState) -> None:
+    def _disconnect(self, state: RemoteState, keep: int = 0) -> None:
         if state.chain is not None:
             self.overhead_ms.extend(state.chain.overhead_ms)
-            state.chain.close()
+            state.chain.close(keep)
             state.chain = None
 
     def _recover(self, plan: Plan, errors: list[ChainBroken]) -> None:
@@ -498,7 +547,7 @@ class Coordinator:
 
     def release(self, session: Session) -> None:
         if session.remote is not None:
-            self._disconnect(session.remote)
+            self._disconnect(session.remote, session.remote.keep)
 
 
 def layer_costs(model: Llama, kv_tokens: int = 512) -> list[int]:

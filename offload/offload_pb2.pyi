@@ -157,10 +157,32 @@ class ResultsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "keep")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    keep: int
+    def __init__(self, session_id: _Optional[str] = ..., keep: _Optional[int] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("session_id", "kept_session_id", "positions", "hop")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEPT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    HOP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    kept_session_id: str
+    positions: int
+    hop: Hop
+    def __init__(self, session_id: _Optional[str] = ..., kept_session_id: _Optional[str] = ..., positions: _Optional[int] = ..., hop: _Optional[_Union[Hop, _Mapping]] = ...) -> None: ...
+
+class ResumeReply(_message.Message):
+    __slots__ = ("resumed", "reason")
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    resumed: bool
+    reason: str
+    def __init__(self, resumed: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ("released",)

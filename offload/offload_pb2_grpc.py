@@ -69,6 +69,11 @@ class OffloadStub:
                 request_serializer=offload_dot_offload__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=offload_dot_offload__pb2.ReleaseReply.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/appliance.offload.v1.Offload/Resume',
+                request_serializer=offload_dot_offload__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=offload_dot_offload__pb2.ResumeReply.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/appliance.offload.v1.Offload/Health',
                 request_serializer=offload_dot_offload__pb2.HealthRequest.SerializeToString,
@@ -127,7 +132,14 @@ class OffloadServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Free a session's KV caches.
+        """Free a session's KV caches (or keep its first positions for a later session: the prefix cache).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Start a session, before its first Forward message, from the positions a released one kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +196,11 @@ def add_OffloadServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=offload_dot_offload__pb2.ReleaseRequest.FromString,
                     response_serializer=offload_dot_offload__pb2.ReleaseReply.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=offload_dot_offload__pb2.ResumeRequest.FromString,
+                    response_serializer=offload_dot_offload__pb2.ResumeReply.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -385,6 +402,33 @@ class Offload:
             '/appliance.offload.v1.Offload/Release',
             offload_dot_offload__pb2.ReleaseRequest.SerializeToString,
             offload_dot_offload__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appliance.offload.v1.Offload/Resume',
+            offload_dot_offload__pb2.ResumeRequest.SerializeToString,
+            offload_dot_offload__pb2.ResumeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,9 @@ holds any number of sessions' KV caches, frees a session when its stream ends, o
 idle, and counts against its memory budget what it really holds: weights as its backend prepared
 them (float32 for NumPy) plus KV caches. A new plan's load frees what the appliance's older plans
 left here, and ranges no session uses are evicted before a load is refused. Outputs go to the next
-worker of the chain directly, or, from the last one, straight back to the appliance.
+worker of the chain directly, or, from the last one, straight back to the appliance. A session released
+with `keep` leaves its first positions behind (the prefix cache: the next turn of the chat Resumes from
+them); those go first, least recently used first, whenever memory is wanted.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -130,6 +133,15 @@ class WorkerSession:
 
 
 @dataclass
+class Kept:
+    """A released session's first positions on one layer range, for a session that starts the same way."""
+
+    key: tuple[str, int, int]
+    cache: KVCache
+    at: float = field(default_factory=time.monotonic)  # when it was kept, or a resumed copy made
+
+
+@dataclass
 class StreamFailed:
     """How a session's Forward stream failed. The Results stream the appliance reads from the chain's
     last worker ends the same way: ending it cleanly would hide which worker was at fault."""
@@ -197,8 +209,10 @@ class WorkerService(rpc.OffloadServicer):
         backend: Backend,
         idle_s: float,
         models: list[Path] = (),
+        keep_bytes: int = 256 << 20,
     ):
         self.name, self.identity, self.budget, self.backend, self.idle_s = name, identity, budget, backend, idle_s
+        self.keep_bytes = keep_bytes  # the most released sessions' kept positions may hold
         self.tensors = TensorCache(home / "tensors")
         self.models = ModelFiles(list(models))
         self.revocations = Revocations(home / "revoked.json")  # what the appliance told us, kept on disk
@@ -206,6 +220,8 @@ class WorkerService(rpc.OffloadServicer):
         self.sessions: dict[str, WorkerSession] = {}
         self.results: dict[str, queue.Queue] = {}
         self.adapters: dict[tuple[str, ...], LoraAdapter] = {}  # by the sha256s of their tensors
+        self.kept: OrderedDict[str, Kept] = OrderedDict()  # by released session, least recently used first
+        self.resumed: dict[str, Kept] = {}  # copies made by Resume, by the session whose stream takes them
         self.lock = threading.Lock()
         self.gflops, self.measured_at = measure_gflops(), time.monotonic()
         # What this device has done for the appliance since its last signed statement (the ledger).
@@ -218,7 +234,20 @@ class WorkerService(rpc.OffloadServicer):
     def used(self) -> int:
         """Bytes held now: every loaded range's weights as the backend holds them, and every KV cache."""
         with self.lock:
-            return sum(r.nbytes for r in self.ranges.values()) + sum(s.cache.nbytes for s in self.sessions.values())
+            return self._held()
+
+    def _held(self) -> int:  # with the lock
+        kept = (*self.kept.values(), *self.resumed.values())
+        caches = [s.cache for s in self.sessions.values()] + [k.cache for k in kept]
+        return sum(r.nbytes for r in self.ranges.values()) + sum(c.nbytes for c in caches)
+
+    def _forget_kept(self, need: int = 0) -> None:
+        """Drop kept positions, least recently used first, beyond keep_bytes or until `need` more bytes fit."""
+        with self.lock:
+            while self.kept and (
+                sum(k.cache.nbytes for k in self.kept.values()) > self.keep_bytes or self._held() + need > self.budget
+            ):
+                self.kept.popitem(last=False)
 
     def _supersede(self, owner: str, generation: int, keep: tuple[str, int, int]) -> None:
         """A load for `owner`'s plan `generation`: free the ranges it loaded for older plans (unless
@@ -231,16 +260,18 @@ class WorkerService(rpc.OffloadServicer):
                     if not loaded.owners:
                         del self.ranges[key]
                         closing += [sid for sid, s in self.sessions.items() if s.key == key]
+                        for sid in [sid for sid, k in self.kept.items() if k.key == key]:
+                            del self.kept[sid]
         for sid in closing:
             self._release(sid)
 
     def _evict_unused(self, need: int) -> None:
-        """Drop loaded ranges no session uses until `need` more bytes fit."""
+        """Drop kept positions, then loaded ranges no session uses, until `need` more bytes fit."""
+        self._forget_kept(need)
         with self.lock:
             in_use = {s.key for s in self.sessions.values()}
             for key in [k for k in self.ranges if k not in in_use]:
-                held = sum(r.nbytes for r in self.ranges.values()) + sum(s.cache.nbytes for s in self.sessions.values())
-                if held + need <= self.budget:
+                if self._held() + need <= self.budget:
                     break
                 del self.ranges[key]
 
@@ -353,6 +384,7 @@ class WorkerService(rpc.OffloadServicer):
                 started = time.perf_counter()
                 y = session.layers.forward([x], [session.cache], [session.adapter])[0]
                 session.last_used = time.monotonic()
+                self._forget_kept()
                 if self.used > self.budget:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this session's KV cache outgrew the budget")
                 out = self._output(y, session_id, msg.step, session.dtype)
@@ -442,7 +474,9 @@ class WorkerService(rpc.OffloadServicer):
             if first.session_id in self.sessions:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"session {first.session_id} is already open")
             reply = first.deliver == pb.REPLY and not first.next
-            session = WorkerSession(layers, key, layers.new_cache(), first.dtype, reply, downstream, adapter=adapter)
+            resumed = self.resumed.pop(first.session_id, None)
+            cache = resumed.cache if resumed is not None and resumed.key == key else layers.new_cache()
+            session = WorkerSession(layers, key, cache, first.dtype, reply, downstream, adapter=adapter)
             self.sessions[first.session_id] = session
         return session
 
@@ -465,16 +499,43 @@ class WorkerService(rpc.OffloadServicer):
             return self.results.setdefault(session_id, queue.Queue())
 
     def Release(self, request, context):
-        return pb.ReleaseReply(released=self._release(request.session_id))
+        return pb.ReleaseReply(released=self._release(request.session_id, keep=request.keep))
 
-    def _release(self, session_id: str, failed: StreamFailed | None = None) -> bool:
-        """Free a session; its Results stream, if any, ends cleanly or, if its Forward stream failed, so."""
+    def Resume(self, request, context):
+        """A copy of a kept session's first positions, which the new session's Forward stream takes."""
+        hop = request.hop
+        key = (hop.model_id, hop.layer_start, hop.layer_stop)
         with self.lock:
+            kept, loaded = self.kept.get(request.kept_session_id), self.ranges.get(key)
+            if kept is not None:
+                self.kept.move_to_end(request.kept_session_id)
+        if kept is None or loaded is None:
+            return pb.ResumeReply(reason=f"session {request.kept_session_id} is not kept here")
+        if kept.key != key or kept.cache.length < request.positions:
+            have = f"[{kept.key[1]}, {kept.key[2]}) x {kept.cache.length}"
+            want = f"[{key[1]}, {key[2]}) x {request.positions}"
+            return pb.ResumeReply(reason=f"kept positions are layers {have}, not {want}")
+        self._forget_kept(kept.cache.nbytes)
+        cache = kept.cache.copy_into(loaded.layers.new_cache(), request.positions)
+        with self.lock:
+            self.resumed[request.session_id] = Kept(key, cache)
+        return pb.ResumeReply(resumed=True)
+
+    def _release(self, session_id: str, failed: StreamFailed | None = None, keep: int = 0) -> bool:
+        """Free a session (keeping its first `keep` positions); its Results stream, if any, ends cleanly or, if
+        its Forward stream failed, so."""
+        with self.lock:
+            self.resumed.pop(session_id, None)  # a Resume's copy its stream has not taken yet
             session = self.sessions.pop(session_id, None)
             results = self.results.pop(session_id, None)
             downstream = session.downstream if session is not None else None
             if session is not None:
                 session.closed, session.downstream = True, None
+                if keep and isinstance(session.cache, KVCache) and session.cache.length:  # host caches only
+                    session.cache.truncate(min(keep, session.cache.length))
+                    self.kept[session_id] = Kept(session.key, session.cache)
+        if keep:
+            self._forget_kept()
         if results is not None:
             results.put(failed)
         if downstream is not None:
@@ -490,6 +551,9 @@ class WorkerService(rpc.OffloadServicer):
             now = time.monotonic()
             for sid in [s for s, v in list(self.sessions.items()) if now - v.last_used > self.idle_s]:
                 self._release(sid)
+            with self.lock:  # copies Resume made for a stream that never came
+                for sid in [s for s, k in self.resumed.items() if now - k.at > self.idle_s]:
+                    del self.resumed[sid]
 
 
 def measure_gflops(samples: int = 7, gap_s: float = 0.03) -> float:
@@ -520,10 +584,13 @@ def start_worker(
     service_class: type[WorkerService] = WorkerService,
     threads: int | None = None,
     models: list[Path] = (),
+    keep_bytes: int = 256 << 20,
 ) -> tuple[grpc.Server, WorkerService, int]:
-    """models: model files this worker holds (besides its store's): their layers are read here, not shipped."""
+    """models: model files this worker holds (besides its store's): their layers are read here, not shipped.
+    keep_bytes: the most that finished sessions' kept positions (the prefix cache) may hold."""
     name = certificate_name(identity.certificate)
-    service = service_class(name, identity, home, budget, select_backend(backend, threads), idle_s, list(models))
+    chosen = select_backend(backend, threads)
+    service = service_class(name, identity, home, budget, chosen, idle_s, list(models), keep_bytes)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64),
         interceptors=[RevocationCheck(service.revocations)],
@@ -570,6 +637,10 @@ def run(
         list[Path] | None,
         typer.Option("--model", help="A model file held here: its layers are read from it, not shipped; repeatable."),
     ] = None,
+    prefix_cache_mb: Annotated[
+        int,
+        typer.Option(min=0, help="MiB of finished sessions' KV kept for the next turn of a chat (0: none)."),
+    ] = 256,
 ) -> None:
     """Run layers for a paired appliance: `appliance-worker --port 50051 --pair CODE`."""
     from rich.console import Console
@@ -593,7 +664,16 @@ def run(
         if missing:
             raise ValueError(f"--model: no such file: {', '.join(missing)}")
         server, service, bound = start_worker(
-            identity, home, host, port, budget, idle_timeout, backend, threads=threads, models=model or []
+            identity,
+            home,
+            host,
+            port,
+            budget,
+            idle_timeout,
+            backend,
+            threads=threads,
+            models=model or [],
+            keep_bytes=prefix_cache_mb << 20,
         )
     except (PairingError, ValueError, OSError) as e:
         err.print(f"[bold red]error:[/] {e}")

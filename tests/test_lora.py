@@ -81,6 +81,27 @@ def test_a_mixed_batch_gives_each_row_its_own_adapter_and_leaves_the_rest_alone(
         assert rel_err(mixed[row], merged_logits(adapters[name][1], IDS)[-1]) < 2e-3
 
 
+def test_the_prefix_cache_keeps_what_each_adapter_computed_apart(files):
+    """Positions computed under an adapter are not reused for the base model, nor the other way round; the
+    same adapter's are."""
+    base, adapters, _ = files
+    engine = Engine.load(base, "numpy")
+    alpha = Adapters(engine.model.file, engine.model.config.spec).load(adapters["alpha"][0])
+
+    def greedy(adapter):
+        gen = engine.generate(IDS, max_tokens=6, ignore_eos=True, adapter=adapter)
+        gen.run()
+        return gen.token_ids, gen.cached_tokens
+
+    expected = {a: greedy(a)[0] for a in (None, alpha)}
+    assert expected[None] != expected[alpha]  # else the test could not tell them apart
+    engine.enable_prefix_cache(64 << 20)
+    for adapter, hit in ((alpha, False), (None, False), (alpha, True), (None, True)):
+        ids, cached = greedy(adapter)
+        assert ids == expected[adapter]
+        assert (cached > 0) == hit, (adapter, cached)
+
+
 def test_bad_adapter_files_are_refused_by_name(files):
     base, adapters, _ = files
     engine = Engine.load(base, "numpy")

@@ -118,6 +118,41 @@ def test_fp16_on_the_wire_stays_close(model_path, engine, home, two_workers):
     assert_close(half.hidden_states(ids, Session()), engine.hidden_states(ids, Session()), 3e-3)
 
 
+SYSTEM = "You are the assistant of a home. You answer briefly and plainly, in one sentence. " * 4
+TURN = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name the capital of France."}]
+
+
+def _two_turns(engine: Engine) -> tuple[list[str], list[int]]:
+    first = engine.generate(engine.chat_ids(TURN), max_tokens=8)
+    first.run()
+    follow = [*TURN, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
+    second = engine.generate(engine.chat_ids(follow), max_tokens=8)
+    second.run()
+    return [first.text, second.text], [first.cached_tokens, second.cached_tokens]
+
+
+def test_the_prefix_cache_starts_the_next_turn_from_what_the_workers_kept(model_path, home, two_workers, split):
+    """Turn 2 starts from turn 1's positions: the appliance's layers from its cache, each worker's from what it
+    kept of turn 1's session (nothing replayed); greedy text as without the cache. Where a worker no longer
+    holds them, the rows are replayed instead, with the same text."""
+    assert split.prefix_cache is None
+    plain, _ = _two_turns(split)
+    cached = load_engine(model_path, "numpy", "190MB", [w.address for w in two_workers])
+    cached.enable_prefix_cache(64 << 20)
+    coordinator = cached.offload
+    texts, reused = _two_turns(cached)
+    assert texts == plain
+    assert reused[1] > len(cached.chat_ids(TURN)) - 4
+    assert (coordinator.resumed_rows, coordinator.replayed_rows) == (reused[1], 0)
+    for entry in cached.prefix_cache._entries.values():  # as if every worker had restarted since
+        entry.remote.chain_id = "gone"
+    before = coordinator.resumed_rows
+    again, reused = _two_turns(cached)
+    assert again == plain and reused[0] == len(cached.chat_ids(TURN)) - 1
+    assert coordinator.replayed_rows == sum(reused) and coordinator.resumed_rows == before  # both from the
+    # entry the workers lost (turn 2's, the longest match for both)
+
+
 def test_no_placement_is_a_clear_error(model_path, home, tmp_path_factory, split):
     offloaded = split.model.config.n_layers - split.offload.first_remote_layer  # what 190MB leaves to workers
     with new_worker(home, tmp_path_factory, "small", budget="20MB") as w:

@@ -98,7 +98,7 @@ class ServerState:
             raise InvalidParameterError("at most 16 stop strings")
         adapter = None if model is None else self.adapter_for(model)
         constraint = None if grammar is None else self.engine.grammars.constraint(grammar)
-        generation = self.engine.generate(
+        return self.engine.generate(
             prompt_ids,
             sampling,
             max_tokens,
@@ -107,9 +107,8 @@ class ServerState:
             logprobs=logprobs,
             echo=echo,
             constraint=constraint,
+            adapter=adapter,
         )
-        generation.session.adapter = adapter
-        return generation
 
 
 def server_state(request: Request) -> ServerState:
