@@ -7,10 +7,11 @@ PROMPT ?= The capital of France is
 # CPUs, so AMX is off and AVX-512 is on only where /proc/cpuinfo says the CPU has it.
 AVX512 := $(if $(shell grep -m1 -o avx512f /proc/cpuinfo 2>/dev/null),ON,OFF)
 LLAMA_CPP_VERSION ?= 0.3.36
+OPEN_WEBUI_VERSION ?= 0.12.4
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install deps image image-check install-test system-test-deps run test test-full lint bench bench-serve bench-offload aiperf-venv chaos crash soak proto fatbin gpu-carry gpu-check clean
+.PHONY: install deps image image-check install-test system-test-deps run test test-full lint bench bench-serve bench-offload aiperf-venv openwebui chaos crash soak proto fatbin gpu-carry gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -102,6 +103,14 @@ bench-serve: $(VENV)/.installed-bench $(VENV)/llama-rpc/llama-bench
 	$(BIN)/python -m appliance.bench.perf_analyzer
 	@if [ -x .venv-aiperf/bin/aiperf ]; then $(BIN)/python -m appliance.bench.aiperf; \
 	else echo "aiperf: not installed (make aiperf-venv: its own virtualenv, ~1.2 GB)"; fi
+
+## openwebui: Open WebUI in its own virtualenv (.venv-openwebui: ~7.4 GB, ~5 min to install) pointed at the
+##   appliance as its Ollama server: its API lists the model and chats, and so does its page in headless Chromium
+openwebui: $(VENV)/.installed-test system-test-deps
+	test -x .venv-openwebui/bin/open-webui || (python3 -m venv .venv-openwebui && \
+		.venv-openwebui/bin/pip install -q open-webui==$(OPEN_WEBUI_VERSION))
+	$(BIN)/appliance-ctl models fetch --local
+	$(BIN)/python -m tests.openwebui_check --open-webui .venv-openwebui/bin/open-webui
 
 ## aiperf-venv: NVIDIA's aiperf in .venv-aiperf (it pins older rich and psutil than ours), for bench-serve
 aiperf-venv:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from jinja2 import TemplateError
@@ -24,14 +25,21 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' tojson: keys in their order and no HTML escaping (jinja2's own sorts and escapes)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 class ChatTemplate:
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self._template = env.from_string(source or FALLBACK_TEMPLATE)
-        # a template that writes Hermes-style calls itself takes `tools=` and messages with tool calls (models/tools.py)
-        self.writes_tool_calls = "<tool_call>" in (source or "")
+        env.filters["tojson"] = _tojson
+        self.source = source or FALLBACK_TEMPLATE  # models/tools.py reads which tool-call format it writes
+        self._template = env.from_string(self.source)
         self._specials = {"bos_token": bos_token, "eos_token": eos_token}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:

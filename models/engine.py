@@ -26,7 +26,7 @@ from models.sampling import InvalidParameterError, Sampler, SamplingParams
 from models.speculative import DraftLength, Speculation, choose
 from models.store import model_name
 from models.tokenizer import Tokenizer
-from models.tools import Tool
+from models.tools import Tool, tool_format
 from models.tools import render as render_chat
 
 
@@ -56,6 +56,7 @@ class Engine:
             bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
             eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
         )
+        self.tool_format = tool_format(self.chat_template)[0]  # how its calls are written and parsed
         n = offload.first_remote_layer if offload is not None else model.config.n_layers
         self.ranges = [(0, n)] if n else []  # the layers run here
         self.grammars = Grammars(self.tokenizer)  # structured output: schemas compiled for this vocabulary

@@ -1,11 +1,13 @@
 """Tool calls in the model's own format: tools rendered into the prompt, the calls it writes parsed back, and the
 grammar that forces a call when one is required.
 
-The format is Hermes' (Qwen2.5, Qwen3, SmolLM3, Hermes): each call is `<tool_call>\\n{"name": ..., "arguments":
-{...}}\\n</tool_call>`. A chat template that writes `<tool_call>` itself is given the tools and the messages as
-transformers gives them (`tools=`, assistant `tool_calls`, `tool` turns). Any other template (SmolLM2's has no
-tools section) gets the generic form of the same format: the tools described in a system turn (Qwen2.5's words),
-earlier calls written as the assistant's text and results as `<tool_response>` user turns.
+Two formats, read off the file's chat template. Hermes' (Qwen2.5, Qwen3, SmolLM3, Hermes): each call is
+`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, among text. Llama 3.1+'s JSON calls: the reply
+is the call, `{"name": ..., "parameters": {...}}` (after `<|python_tag|>` at times). A template that writes
+either itself is given the tools and the messages as transformers gives them (`tools=`, assistant `tool_calls`,
+`tool` turns). Any other template (SmolLM2's has no tools section) gets the generic form of Hermes' format: the
+tools described in a system turn (Qwen2.5's words), earlier calls written as the assistant's text and results as
+`<tool_response>` user turns.
 """
 
 from __future__ import annotations
@@ -19,8 +21,37 @@ from typing import Any
 from models.chat import ChatTemplate
 from models.constraint import JSON_OPTIONS, Grammars, closed
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a family writes a call: between `open` and `close` ("": the reply itself is the call, from its start
+    to its end), its arguments under `key`."""
+
+    name: str
+    open: str
+    close: str
+    key: str
+    lead: str = ""  # a marker the model may write before a call that has no `open`
+
+    def head(self) -> re.Pattern[str]:
+        """A call's start, up to its arguments' first character."""
+        kind = r'(?:"type"\s*:\s*"function"\s*,\s*)?'
+        return re.compile(rf'\s*\{{\s*{kind}"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"{self.key}"\s*:\s*(?=\S)')
+
+
+HERMES = ToolFormat("hermes", "<tool_call>", "</tool_call>", "arguments")
+LLAMA3 = ToolFormat("llama3", "", "", "parameters", lead="<|python_tag|>")
+
+
+def tool_format(template: ChatTemplate) -> tuple[ToolFormat, bool]:
+    """The format a model writes calls in, and whether its own template renders tools and calls (else the
+    generic Hermes prompt does)."""
+    if "<tool_call>" in template.source:
+        return HERMES, True
+    if '"parameters": ' in template.source and "ipython" in template.source:  # Llama 3.1, 3.2, 3.3
+        return LLAMA3, True
+    return HERMES, False
+
 
 GENERIC_PROMPT = """# Tools
 
@@ -63,7 +94,7 @@ def render(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[T
     """The prompt for a conversation that may hold tool calls ({"role": "assistant", "content", "tool_calls":
     [{"name", "arguments": dict}]}) and results ({"role": "tool", "content"}), with `tools` offered (none: not
     mentioned)."""
-    if template.writes_tool_calls:
+    if tool_format(template)[1]:
         turns = [
             {
                 **m,
@@ -73,14 +104,14 @@ def render(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[T
                 ],
             }
             if m.get("tool_calls")
-            else m
+            else {k: v for k, v in m.items() if k != "tool_calls"}  # Llama's template tests for the key
             for m in messages
         ]
         return template.render(turns, tools=[t.as_function() for t in tools] or None)
     turns = []
     for m in messages:
         if m.get("tool_calls"):
-            calls = "\n".join(f"{OPEN}\n{json.dumps(call)}\n{CLOSE}" for call in m["tool_calls"])
+            calls = "\n".join(f"{HERMES.open}\n{json.dumps(call)}\n{HERMES.close}" for call in m["tool_calls"])
             turns.append({"role": "assistant", "content": ((m.get("content") or "") + "\n" + calls).lstrip("\n")})
         elif m["role"] == "tool":
             turns.append({"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"})
@@ -95,22 +126,21 @@ def render(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[T
     return template.render(turns)
 
 
-def call_grammar(grammars: Grammars, tools: list[Tool]) -> str:
-    """A grammar for exactly one call of one of `tools`, its arguments valid against the tool's parameters (no
-    properties beyond those listed, as OpenAI's strict mode)."""
+def call_grammar(grammars: Grammars, tools: list[Tool], fmt: ToolFormat = HERMES) -> str:
+    """A grammar for exactly one call of one of `tools` in `fmt`, its arguments valid against the tool's parameters
+    (no properties beyond those listed, as OpenAI's strict mode)."""
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": closed(t.parameters)},
-            "required": ["name", "arguments"],
+            "properties": {"name": {"const": t.name}, fmt.key: closed(t.parameters)},
+            "required": ["name", fmt.key],
             "additionalProperties": False,
         }
         for t in tools
     ]
     schema = {"x-guidance": JSON_OPTIONS, **(options[0] if len(options) == 1 else {"anyOf": options})}
-    return grammars.lark(
-        f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}\n"
-    )
+    around = [json.dumps(fmt.open + "\n"), "call", json.dumps("\n" + fmt.close)] if fmt.open else ["call"]
+    return grammars.lark(f"start: {' '.join(around)}\ncall: %json {json.dumps(schema)}\n")
 
 
 @dataclass
@@ -127,9 +157,12 @@ class CallParser:
     """Splits generated text, piece by piece, into content and tool calls, streaming each call's arguments as they
     grow (what OpenAI's tool_call deltas carry). A block that does not parse as a call stays content."""
 
-    def __init__(self) -> None:
+    def __init__(self, fmt: ToolFormat = HERMES) -> None:
+        self.fmt, self._head = fmt, fmt.head()
         self.buffer = ""
-        self.mode = "content"  # or "head" (inside a call, before its arguments) or "arguments"
+        # "content", "head" (inside a call, before its arguments), "arguments"; or "start" when the reply itself
+        # may be the call (a format without `open`): until its first character shows
+        self.mode = "content" if fmt.open else "start"
         self.calls: list[ToolCall] = []
         self.content = ""
         self._sent = 0  # argument characters already handed out for the current call
@@ -138,23 +171,39 @@ class CallParser:
     def feed(self, piece: str) -> list[Event]:
         self.buffer += piece
         events: list[Event] = []
+        open_, close_ = self.fmt.open, self.fmt.close
         while True:
+            if self.mode == "start":
+                text, lead = self.buffer.lstrip(), self.fmt.lead
+                if not text or (lead and lead.startswith(text) and text != lead):
+                    return events  # not yet known
+                if lead and text.startswith(lead):
+                    self.buffer, self.mode = text[len(lead) :], "head"
+                elif text.startswith("{"):
+                    self.buffer, self.mode = text, "head"
+                else:
+                    self.mode = "content"
+                continue
             if self.mode == "content":
+                if not open_:  # the reply was not a call: all of it is text
+                    self._content(events, self.buffer)
+                    self.buffer = ""
+                    return events
                 if self._trim:  # the newlines after a call belong to it
                     self.buffer = self.buffer.lstrip("\n")
                     self._trim = not self.buffer
-                at = self.buffer.find(OPEN)
+                at = self.buffer.find(open_)
                 if at < 0:
-                    keep = next((k for k in range(len(OPEN) - 1, 0, -1) if self.buffer.endswith(OPEN[:k])), 0)
+                    keep = next((k for k in range(len(open_) - 1, 0, -1) if self.buffer.endswith(open_[:k])), 0)
                     sent = self.buffer[: len(self.buffer) - keep].rstrip("\n")  # newlines may lead into a call
                     self._content(events, sent)
                     self.buffer = self.buffer[len(sent) :]
                     return events
                 self._content(events, self.buffer[:at].rstrip("\n") if at else "")
-                self.buffer, self.mode = self.buffer[at + len(OPEN) :], "head"
-            close = self.buffer.find(CLOSE)
+                self.buffer, self.mode = self.buffer[at + len(open_) :], "head"
+            close = self.buffer.find(close_) if close_ else -1  # no `close`: the call ends with the reply
             if self.mode == "head":
-                head = _HEAD.match(self.buffer)
+                head = self._head.match(self.buffer)
                 if head:
                     self.calls.append(ToolCall(json.loads(f'"{head.group(1)}"'), ""))
                     events.append(Event("call", self.calls[-1].name, len(self.calls) - 1))
@@ -170,21 +219,31 @@ class CallParser:
                     self._sent = end
                 return events
             else:
-                text = self.buffer[:close].rstrip()
-                self._arguments(events, text[self._sent : -1 if text.endswith("}") else len(text)])
-            self.buffer, self.mode, self._trim = self.buffer[close + len(CLOSE) :], "content", True
+                self._close(events, self.buffer[:close])
+            self.buffer, self.mode, self._trim = self.buffer[close + len(close_) :], "content", True
 
     def finish(self) -> list[Event]:
-        """The end of the text: what is held back comes out (an unclosed call's arguments as they are)."""
+        """The end of the text: what is held back comes out (an unclosed call's arguments as they are; in a format
+        without `close` the end closes the call)."""
         events: list[Event] = []
-        if self.mode == "content":
+        if self.mode in ("content", "start"):
             self._content(events, self.buffer)
         elif self.mode == "arguments":
-            self._arguments(events, self.buffer[self._sent :])
+            if self.fmt.close:
+                self._arguments(events, self.buffer[self._sent :])
+            else:
+                self._close(events, self.buffer)
+        elif self.fmt.close:
+            self._content(events, self.fmt.open + self.buffer)
         else:
-            self._content(events, OPEN + self.buffer)
+            self._whole(events, self.buffer)
         self.buffer = ""
         return events
+
+    def _close(self, events: list[Event], text: str) -> None:
+        """The rest of a call's arguments: `text` up to its end, less the call's own closing brace."""
+        text = text.rstrip()
+        self._arguments(events, text[self._sent : -1 if text.endswith("}") else len(text)])
 
     def _content(self, events: list[Event], text: str) -> None:
         if text:
@@ -203,16 +262,16 @@ class CallParser:
             if not isinstance(name, str):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            self._content(events, f"{OPEN}{block}{CLOSE}")
+            self._content(events, f"{self.fmt.open}{block}{self.fmt.close}")
             return
         self.calls.append(ToolCall(name, json.dumps(arguments)))
         events.append(Event("call", name, len(self.calls) - 1))
         events.append(Event("arguments", self.calls[-1].arguments, len(self.calls) - 1))
 
 
-def parse(text: str) -> tuple[str, list[ToolCall]]:
+def parse(text: str, fmt: ToolFormat = HERMES) -> tuple[str, list[ToolCall]]:
     """A whole reply's content and its tool calls."""
-    parser = CallParser()
+    parser = CallParser(fmt)
     parser.feed(text)
     parser.finish()
     return parser.content, parser.calls

@@ -170,20 +170,22 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f32", pre: str | None = Non
     return out
 
 
-def with_metadata(src: Path, out: Path, **keys: int) -> Path:
-    """A copy of a GGUF file declaring more integer keys (e.g. llama.attention.sliding_window, which the
-    converter does not write for Mistral), copied the way gguf-py's gguf_new_metadata.py copies."""
+def with_metadata(src: Path, out: Path, **keys: int | str) -> Path:
+    """A copy of a GGUF file with more or other keys, integers or strings (e.g. llama.attention.sliding_window,
+    which the converter does not write for Mistral; another chat template), copied the way gguf-py's
+    gguf_new_metadata.py copies."""
     import gguf
 
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+        if field.name == "general.architecture" or field.name.startswith("GGUF.") or field.name in keys:
             continue
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
     for name, value in keys.items():
-        writer.add_key_value(name, value, gguf.GGUFValueType.UINT32)
+        kind = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32
+        writer.add_key_value(name, value, kind)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()

@@ -185,7 +185,7 @@ async def _events(
 ) -> AsyncIterator[str]:
     """Anthropic's event sequence: a text block, and with tools a tool_use block per call (its input streamed as
     input_json_delta); a failure once the headers are gone is an error event."""
-    parser = CallParser() if tools else None
+    parser = CallParser(gen.engine.tool_format) if tools else None
     blocks: list[str] = []  # the kinds of the blocks opened, the last one open
 
     def start(block: dict) -> str:
@@ -246,7 +246,7 @@ async def messages(request: Request, body: MessagesRequest, state: State):
     if body.stream:
         return StreamingResponse(_events(stream, gen, id_, body.model, tools), media_type="text/event-stream")
     await unless_client_leaves(request, drain([stream]))
-    text, calls = parse(gen.text) if tools else (gen.text, [])
+    text, calls = parse(gen.text, gen.engine.tool_format) if tools else (gen.text, [])
     content = ([{"type": "text", "text": text}] if text or not calls else []) + [_use(c) for c in calls]
     return _message(gen, id_, body.model, content, done=True, called=bool(calls))
 

@@ -245,7 +245,7 @@ async def _answer(
         await unless_client_leaves(request, drain([stream]))
         if not tools:
             return final(gen.text)
-        text, calls = parse(gen.text)
+        text, calls = parse(gen.text, gen.engine.tool_format)
         return _with_calls(final(text), calls)
 
     def line(text: str, calls: list[ToolCall] = ()) -> str:
@@ -254,7 +254,7 @@ async def _answer(
         )
 
     async def lines() -> AsyncIterator[str]:
-        parser = CallParser() if tools else None
+        parser = CallParser(gen.engine.tool_format) if tools else None
         try:
             try:
                 async for piece in stream:

@@ -211,7 +211,7 @@ async def _sse_chunks(
                 if chat:
                     yield _sse(chunk(i, None, None, first=True))
                 echoed = echo is None
-                parser = CallParser() if tools else None
+                parser = CallParser(g.engine.tool_format) if tools else None
                 async for piece in stream:
                     if not echoed:  # the prompt's logprobs are known once the first token is
                         echoed = True
@@ -300,7 +300,7 @@ async def _respond(
     await unless_client_leaves(request, drain(streams))
     choices = []
     for i, (g, lp) in enumerate(zip(gens, logprobs, strict=True)):
-        content, calls = parse(g.text) if tools else (g.text, [])
+        content, calls = parse(g.text, g.engine.tool_format) if tools else (g.text, [])
         choice = {"index": i, "finish_reason": _finish_reason(g, calls), "logprobs": lp.whole()}
         if chat:
             choice["message"] = {"role": "assistant", "content": content if content or not calls else None}

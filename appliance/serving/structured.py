@@ -76,4 +76,4 @@ def choose(tools: list[Tool], choice: str | None) -> tuple[list[Tool], list[Tool
 
 
 def forced_grammar(state: ServerState, forced: list[Tool]) -> str | None:
-    return call_grammar(state.engine.grammars, forced) if forced else None
+    return call_grammar(state.engine.grammars, forced, state.engine.tool_format) if forced else None
