@@ -1,5 +1,6 @@
 """`appliance bench-serve`'s chat figures: a two-turn chat with a long system prompt (turn 2's time to first token
-against turn 1's, with the prefix cache and without it: `--prefix-cache-mb 0`), and the decode tokens/s of JSON
+against turn 1's, with the prefix cache and without it: `--prefix-cache-mb 0`; beside llama.cpp's llama-server with
+its slot's prompt cache and `--cache-reuse`, and with `cache_prompt` off), and the decode tokens/s of JSON
 constrained by a schema against free text of the same length, on the same server.
 
 Each server is a fresh process on loopback; turns stream over /v1/chat/completions, greedy.
@@ -8,6 +9,7 @@ Each server is a fresh process on loopback; turns stream over /v1/chat/completio
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from appliance.testbed.launch import free_port, running
 
 SYSTEM = "You are the assistant of a home: its devices, its people, its plans. You answer briefly and plainly. "
 # a schema whose output is long and fixed in length: 64 small integers (the grammar ends it)
+OFF = ("--prefix-cache-mb", "0")
 LIST_SCHEMA = {
     "type": "array",
     "items": {"type": "integer", "minimum": 10, "maximum": 99},
@@ -53,13 +56,21 @@ def _server(path: Path, *args: str) -> tuple[list[str], str]:
     return cmd, f"http://127.0.0.1:{port}"
 
 
-def two_turns(url: str, model: str, system_words: int) -> tuple[float, float]:
-    """Turn 1's and turn 2's TTFT (s) of a chat whose system prompt is about system_words words long."""
+def _llama_server(path: Path, binary: Path, *args: str) -> tuple[list[str], str]:
+    """llama.cpp's server, one slot (a chat's turns share it), on every core."""
+    port = free_port()
+    cmd = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-t", str(os.cpu_count())]
+    return [*cmd, "-np", "1", "-c", "8192", "--no-webui", *args], f"http://127.0.0.1:{port}"
+
+
+def two_turns(url: str, model: str, system_words: int, extra: dict | None = None) -> tuple[float, float]:
+    """Turn 1's and turn 2's TTFT (s) of a chat whose system prompt is about system_words words long; extra: more
+    fields for each request (llama-server's cache_prompt)."""
     system = (SYSTEM * (system_words // len(SYSTEM.split()) + 1)).strip()
     turn = [{"role": "system", "content": system}, {"role": "user", "content": "Name the capital of France."}]
-    first = _stream(url, model, {"messages": turn, "max_tokens": 16})
+    first = _stream(url, model, {"messages": turn, "max_tokens": 16, **(extra or {})})
     follow = [*turn, {"role": "assistant", "content": first["text"]}, {"role": "user", "content": "And of Italy?"}]
-    return first["ttft"], _stream(url, model, {"messages": follow, "max_tokens": 16})["ttft"]
+    return first["ttft"], _stream(url, model, {"messages": follow, "max_tokens": 16, **(extra or {})})["ttft"]
 
 
 def constrained_vs_free(url: str, model: str, repeats: int = 5) -> tuple[float, float]:
@@ -105,20 +116,30 @@ def mask_cost(path: Path) -> tuple[float, float]:
     return spent[0] / n * 1e6, (time.perf_counter() - (first or start)) / max(n - 1, 1) * 1e6
 
 
-def run_chat_bench(path: Path, system_words: int = 1500) -> dict:
+def run_chat_bench(path: Path, system_words: int = 1500, llama_bin: Path | None = None) -> dict:
+    """llama_bin: where llama-server is (make bench-serve builds it); its rows are left out where it is not."""
+    servers = [("ours, prefix cache on", _server(path), {}), ("ours, --prefix-cache-mb 0", _server(path, *OFF), {})]
+    binary = (llama_bin or Path(sys.prefix) / "llama-rpc") / "llama-server"
+    if binary.exists():
+        servers += [
+            ("llama-server, slot cache + --cache-reuse 256", _llama_server(path, binary, "--cache-reuse", "256"), {}),
+            ("llama-server, cache_prompt false", _llama_server(path, binary), {"cache_prompt": False}),
+        ]
+    else:
+        print(f"llama-server not measured: no {binary} (make bench-serve builds it)", file=sys.stderr)
     figures: dict = {}
-    for label, args in (("prefix cache on", ()), ("prefix cache off", ("--prefix-cache-mb", "0"))):
-        cmd, url = _server(path, *args)
-        with running(cmd, f"{url}/health"):
+    for label, (cmd, url), extra in servers:
+        health = f"{url}/health"
+        with running(cmd, health):
             _stream(url, path.stem, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})  # warm up
-            figures[label] = two_turns(url, path.stem, system_words)
-            if label == "prefix cache on":
+            figures[label] = two_turns(url, path.stem, system_words, extra)
+            if label == "ours, prefix cache on":
                 figures["grammar"] = constrained_vs_free(url, path.stem)
     print_table(
-        f"{path.name}: a two-turn chat, a system prompt of ~{system_words} words",
+        f"{path.name}: a two-turn chat, a system prompt of ~{system_words} words (one server at a time)",
         ["server", "turn 1 TTFT ms", "turn 2 TTFT ms", "turn 2 / turn 1", "target"],
-        [[label, f"{t1 * 1e3:.0f}", f"{t2 * 1e3:.0f}", f"{t2 / t1:.2f}", "<= 0.25" if "on" in label else "-"]
-         for label, (t1, t2) in ((k, figures[k]) for k in ("prefix cache on", "prefix cache off"))],
+        [[label, f"{t1 * 1e3:.0f}", f"{t2 * 1e3:.0f}", f"{t2 / t1:.2f}", "<= 0.25" if label.endswith("on") else "-"]
+         for label, (t1, t2) in ((label, figures[label]) for label, _, _ in servers)],
     )  # fmt: skip
     constrained, free = figures["grammar"]
     figures["mask_us"], figures["step_us"] = mask_us, step_us = mask_cost(path)
