@@ -61,12 +61,21 @@ class Engine:
         self.ranges = [(0, n)] if n else []  # the layers run here
         self.grammars = Grammars(self.tokenizer)  # structured output: schemas compiled for this vocabulary
         self.prefix_cache: PrefixCache | None = None  # enable_prefix_cache
+        self.resident = True  # False once unloaded, until a step prepares the layers again
 
     def enable_prefix_cache(self, max_bytes: int) -> None:
         """Keep finished generations' KV (up to max_bytes here) for later prompts that start the same way;
         offload workers keep their layers' part."""
         if max_bytes > 0:
             self.prefix_cache = PrefixCache(max_bytes, self._new_cache, remote=self.offload)
+
+    def unload(self) -> None:
+        """Free the local layers' weights and the prefix cache (Ollama's keep_alive 0); the next step loads
+        them again. Only while nothing runs: the scheduler calls it when idle."""
+        self.model.unload()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        self.resident = False
 
     def _new_cache(self, layers: tuple[int, int]) -> KVCache:
         return self.model.layer_range(*layers).new_cache()
@@ -120,6 +129,7 @@ class Engine:
         return self.model.head(np.stack([h[-1] for h in hiddens])), hiddens
 
     def _hidden(self, batch: list[list[int]], sessions: list[Session]) -> list[np.ndarray]:
+        self.resident = True
         hiddens = [self.model.embed(ids) for ids in batch]
         for layers in self.ranges:
             hiddens = self.model.run_layers_batch(layers, hiddens, sessions)

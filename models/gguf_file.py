@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,14 @@ class GGUFModelFile:
     path: Path
     metadata: dict[str, Any]
     tensors: dict[str, StoredTensor]
+    mapping: np.memmap | None = None  # the file's memory map, which every tensor's bytes are a view of
+
+    def release_pages(self) -> None:
+        """Hand the mapped pages back (they are read from the file again when next touched): a model unloaded
+        while the server runs holds no memory for weights read in place."""
+        mm = getattr(self.mapping, "_mmap", None)
+        if mm is not None:
+            mm.madvise(mmap.MADV_DONTNEED)
 
     @property
     def architecture(self) -> str:
@@ -90,4 +99,4 @@ def open_gguf(path: str | Path) -> GGUFModelFile:
             raise ModelFileError(f"{path} is truncated: tensor {t.name} is cut short")
         shape = tuple(int(n) for n in reversed(t.shape))
         tensors[t.name] = StoredTensor(t.name, t.tensor_type, shape, t.data)
-    return GGUFModelFile(path, metadata, tensors)
+    return GGUFModelFile(path, metadata, tensors, reader.data)

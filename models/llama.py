@@ -521,6 +521,13 @@ class Llama:
             self._ranges[(start, stop)] = LayerRange(self.config, self.backend, start, layers)
         return self._ranges[(start, stop)]
 
+    def unload(self) -> None:
+        """Drop the prepared layers and hand back the file's mapped pages (Ollama's keep_alive 0): the next
+        layer_range prepares them again from the file."""
+        self._layers.clear()
+        self._ranges.clear()
+        self.file.release_pages()
+
     def layer_nbytes(self, i: int) -> int:
         """What layer i's weights take once this model's backend has prepared them."""
         tensors = self.file.tensors

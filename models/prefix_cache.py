@@ -90,6 +90,11 @@ class PrefixCache:
             "evictions": self.evictions,
         }
 
+    def clear(self) -> None:
+        """Drop every entry (the model is unloaded; workers drop what they kept when idle or pressed)."""
+        with self._lock:
+            self._entries.clear()
+
     def restore(self, ids: list[int], session: Session) -> int:
         """Fill an empty session with the longest cached prefix of ids (at most all but the last id: the last
         must run to give the next token's logits); how many positions it now holds."""

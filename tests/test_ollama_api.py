@@ -20,9 +20,14 @@ GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def url(model_path):
+def server(model_path):
     with running_server("--max-batch", "4", key=KEY) as server:
-        yield server.url
+        yield server
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server.url
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +136,35 @@ def test_load_and_unload_answer_as_ollama_does(client, http, served):
     nulls = {"model": served.name, "prompt": None, "stream": None, "options": None, "raw": None}  # as if left out
     assert http.post("/api/generate", json=nulls).json()["done_reason"] == "load"
     assert client.chat(served.name, [], keep_alive=0).done_reason == "unload"
-    assert client.generate(served.name, "Hi", raw=True, options={"num_predict": 2}).eval_count <= 2  # still served
+    assert client.generate(served.name, "Hi", raw=True, options={"num_predict": 2}).eval_count <= 2  # loaded again
+
+
+def _rss_mb(pid: int) -> int:
+    return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")).split()[1]) // 1024
+
+
+def _unloaded(client, timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while client.ps().models and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not client.ps().models
+
+
+def test_keep_alive_0_unloads_the_model_and_the_next_request_loads_it(client, server, served):
+    """The weights' memory goes (the file's pages, read in place by the C kernels), /api/ps lists nothing; the
+    next request loads them again and answers as before. A request with keep_alive 0 is answered, then unloads."""
+    greedy = {"temperature": 0, "num_predict": 8}
+    expected = client.generate(served.name, "Hi", raw=True, options=greedy).response
+    assert client.ps().models
+    loaded = _rss_mb(server.pid)
+    assert client.generate(served.name, "", keep_alive=0).done_reason == "unload"
+    assert _unloaded(client)
+    freed = loaded - _rss_mb(server.pid)
+    assert freed > 0.5 * DEFAULT_MODEL.size / 2**20, f"{freed} MiB freed by unloading a {DEFAULT_MODEL.size} B model"
+    assert client.generate(served.name, "Hi", raw=True, options=greedy).response == expected
+    assert client.ps().models
+    assert client.generate(served.name, "Hi", raw=True, options=greedy, keep_alive="0s").response == expected
+    assert _unloaded(client)
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ phone apps work unchanged.
 Field names follow Ollama's api/types.go, and so do its habits: responses stream as NDJSON unless a request
 says `"stream": false`; options left out take Ollama's defaults (temperature 0.8, top_k 40, top_p 0.9, no
 token limit but the server's); durations are nanoseconds. Every request becomes a Generation through
-`ServerState.generation()` and runs on the one scheduler. The model is served for as long as the server
-runs: `keep_alive` is accepted and changes nothing (an empty request with `keep_alive: 0` is answered
-"unload" as Ollama answers it, and the model stays).
+`ServerState.generation()` and runs on the one scheduler. `keep_alive: 0` unloads the model once nothing runs
+(its layers' weights and the prefix cache freed, /api/ps empty) and the next request loads it again; any other
+keep_alive keeps it loaded for as long as the server runs.
 """
 
 from __future__ import annotations
@@ -183,9 +183,11 @@ def _unloading(keep_alive: float | str | None) -> bool:
     return keep_alive == 0
 
 
-def _no_work(body: _Request, content: dict) -> dict:
+def _no_work(state: ServerState, body: _Request, content: dict) -> dict:
     """Ollama's answer to a request with nothing to generate: the model "loaded" (or "unloaded")."""
     reason = "unload" if _unloading(body.keep_alive) else "load"
+    if reason == "unload":
+        state.scheduler.unload_when_idle()
     return {"model": body.model, "created_at": timestamp(), **content, "done": True, "done_reason": reason}
 
 
@@ -229,6 +231,8 @@ async def _answer(
     in an object of their own once each is whole."""
     gen = _generation(state, body, prompt_ids)
     stream = state.scheduler.stream(gen)  # admitted now: a full queue is a 429, not a broken stream
+    if _unloading(body.keep_alive):
+        state.scheduler.unload_when_idle()  # once this one (and any other) is done
 
     def final(text: str) -> dict:
         return {
@@ -319,7 +323,7 @@ async def tags(state: State) -> dict:
 
 @router.get("/ps")
 async def ps(state: State) -> dict:
-    return {"models": [await running(state)]}
+    return {"models": [await running(state)] if state.engine.resident else []}
 
 
 @router.post("/show")
@@ -349,7 +353,7 @@ async def generate(request: Request, body: GenerateRequest, state: State):
             400, "a request's own template is not supported: the model's chat template is used (or raw, unformatted)"
         )
     if not body.prompt:
-        return _no_work(body, _response(""))
+        return _no_work(state, body, _response(""))
     engine = state.engine
     if body.raw:
         ids = engine.prompt_ids(body.prompt)
@@ -368,7 +372,7 @@ async def chat(request: Request, body: ChatRequest, state: State):
     started = time.monotonic()
     _check(state, body, {"vision": any(m.images for m in body.messages)})
     if not body.messages:
-        return _no_work(body, _message(""))
+        return _no_work(state, body, _message(""))
     tools = function_tools(body.tools)
     ids = state.engine.chat_ids([m.turn() for m in body.messages], tools)
     return await _answer(request, state, body, ids, started, _message, tools=bool(tools))

@@ -123,7 +123,7 @@ def _held_bytes(state: ServerState) -> int:
 
 
 async def running(state: ServerState) -> dict:
-    """The served model as /api/ps lists it: loaded for as long as the server runs."""
+    """The served model as /api/ps lists it while loaded (until a keep_alive 0 unloads it)."""
     entry = await listed(state)
     del entry["modified_at"]
     held = _held_bytes(state)

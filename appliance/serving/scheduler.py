@@ -154,6 +154,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopped = False
         self._busy_since_trim = False
+        self._unload = False  # unload_when_idle was asked
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     @property
@@ -169,6 +170,13 @@ class Scheduler:
             self._stopped = True
             self._wake.notify()
         self._thread.join(timeout=timeout)
+
+    def unload_when_idle(self) -> None:
+        """Free the model's weights once no request runs or waits (Ollama's keep_alive 0); the next request's
+        first step loads them again."""
+        with self._wake:
+            self._unload = True
+            self._wake.notify()
 
     def submit(self, job: Job, deliver: Callable[[Event], None]) -> Ticket:
         return self.submit_all([(job, deliver)])[0]
@@ -212,6 +220,11 @@ class Scheduler:
     def _admit(self) -> None:
         with self._wake:
             while not self._stopped and not self.active and not self.waiting:
+                if self._unload:  # on this thread, between steps: nothing can be using the weights
+                    self._unload = False
+                    self.engine.unload()
+                    release_memory()
+                    continue
                 if self._busy_since_trim:  # idle after work: return the burst's memory
                     self._busy_since_trim = False
                     release_memory()
