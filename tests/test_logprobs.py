@@ -109,6 +109,28 @@ def test_max_tokens_0_with_echo_only_scores(client, served):
     assert with_gen.choices[0].logprobs.token_logprobs[:n] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-9)
 
 
+def test_a_list_of_prompts_as_text_or_token_ids(client, served):
+    """OpenAI's prompt forms (lm-eval sends token ids, several at once): each prompt's choices are those it gets
+    alone, in order; usage counts each prompt once; echo scores each prompt; streamed choices are the same."""
+    other = "Once upon a time"
+    greedy = dict(model=served.name, temperature=0, max_tokens=6)
+    alone = [client.completions.create(prompt=p, **greedy).choices[0].text for p in (PROMPT, other)]
+    ids = [served.prompt_ids(p) for p in (PROMPT, other)]
+    for prompt in ([PROMPT, other], ids):
+        r = client.completions.create(prompt=prompt, n=2, **greedy)
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        assert [c.text for c in r.choices] == [alone[0], alone[0], alone[1], alone[1]]
+        assert r.usage.prompt_tokens == sum(map(len, ids))
+    assert client.completions.create(prompt=ids[1], **greedy).choices[0].text == alone[1]
+    scored = client.completions.create(model=served.name, prompt=ids, max_tokens=0, logprobs=0, echo=True)
+    for choice, text in zip(scored.choices, (PROMPT, other), strict=True):
+        one = client.completions.create(model=served.name, prompt=text, max_tokens=0, logprobs=0, echo=True)
+        assert choice.text == text
+        assert choice.logprobs.token_logprobs == pytest.approx(one.choices[0].logprobs.token_logprobs, abs=1e-9)
+    chunks = [c.choices[0] for c in client.completions.create(prompt=[PROMPT, other], stream=True, **greedy)]
+    assert ["".join(c.text for c in chunks if c.index == i) for i in (0, 1)] == alone
+
+
 def test_completion_streamed_logprobs_equal_plain(client, served):
     ask = dict(model=served.name, prompt=PROMPT, temperature=0, max_tokens=8, logprobs=2, echo=True)
     plain = client.completions.create(**ask).choices[0]
@@ -127,6 +149,10 @@ def test_completion_streamed_logprobs_equal_plain(client, served):
         ("completions", {"prompt": PROMPT, "logprobs": 6}, "logprobs"),
         ("completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
         ("chat/completions", {"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
+        ("completions", {"prompt": []}, "prompt"),
+        ("completions", {"prompt": [[]]}, "prompt"),
+        ("completions", {"prompt": [1, 10**9]}, "prompt"),
+        ("completions", {"prompt": [PROMPT] * 33, "n": 2}, "prompt"),
     ],
 )
 def test_bad_values(server, served, path, body, param):

@@ -103,8 +103,11 @@ class ChatRequest(_Common):
         return ((self.top_logprobs or 0) if self.logprobs else None), False
 
 
+MAX_CHOICES = 64  # prompts x n in one request
+
+
 class CompletionRequest(_Common):
-    prompt: Text
+    prompt: Text | list[Text] | list[int] | list[list[int]]  # OpenAI's four forms: text or token ids, one or many
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
 
@@ -116,7 +119,8 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def _generations(state: ServerState, body: _Common, prompt_ids: list[int], grammar: str | None) -> list[Generation]:
+def _generations(state: ServerState, body: _Common, prompts: list[list[int]], grammar: str | None) -> list[Generation]:
+    """n choices for each prompt, prompt by prompt (choice p * n + i is prompt p's i-th)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise OpenAIError(400, "stop takes up to 4 strings", param="stop")
@@ -124,6 +128,8 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int], gramm
     max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     if max_tokens == 0 and not echo:
         raise OpenAIError(400, "max_tokens 0 needs echo (it scores the prompt only)", param="max_tokens")
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise OpenAIError(400, f"at most {MAX_CHOICES} choices (prompts x n) in one request", param="prompt")
     # choice i draws from seed + i, so n choices differ from each other yet repeat with the seed
     return [
         state.generation(
@@ -143,18 +149,21 @@ def _generations(state: ServerState, body: _Common, prompt_ids: list[int], gramm
             model=body.model,
             grammar=grammar,
         )
+        for prompt_ids in prompts
         for i in range(body.n)
     ]
 
 
-def _usage(gens: list[Generation]) -> dict:
-    """OpenAI's usage; cached_tokens: the prompt's positions the prefix cache gave (not prefilled again)."""
-    prompt, completion = gens[0].prompt_tokens, sum(g.completion_tokens for g in gens)
+def _usage(gens: list[Generation], n: int) -> dict:
+    """OpenAI's usage (each prompt counted once, not per choice); cached_tokens: the prompts' positions the
+    prefix cache gave (not prefilled again)."""
+    firsts = gens[::n]
+    prompt, completion = sum(g.prompt_tokens for g in firsts), sum(g.completion_tokens for g in gens)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": gens[0].cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in firsts)},
     }
 
 
@@ -182,7 +191,8 @@ async def _sse_chunks(
     envelope: dict,
     chat: bool,
     include_usage: bool,
-    echo: str | None,
+    echoes: list[str | None],
+    n: int,
     tools: bool = False,
 ) -> AsyncIterator[str]:
     """One SSE chunk per text piece of each choice (after the echoed prompt, if any), each with the
@@ -207,7 +217,7 @@ async def _sse_chunks(
 
     try:
         try:
-            for i, (stream, g, lp) in enumerate(zip(streams, gens, logprobs, strict=True)):
+            for i, (stream, g, lp, echo) in enumerate(zip(streams, gens, logprobs, echoes, strict=True)):
                 if chat:
                     yield _sse(chunk(i, None, None, first=True))
                 echoed = echo is None
@@ -233,10 +243,10 @@ async def _sse_chunks(
                     yield _sse(chunk(i, echo, None, lp.prompt()))
                 final = chunk(i, None, _finish_reason(g, parser.calls if parser else []), lp.rest())
                 if i == len(gens) - 1:
-                    final["usage"] = _usage(gens)
+                    final["usage"] = _usage(gens, n)
                 yield _sse(final)
             if include_usage:
-                yield _sse({**envelope, "choices": [], "usage": _usage(gens)})
+                yield _sse({**envelope, "choices": [], "usage": _usage(gens, n)})
         except GenerationError as e:  # the headers are gone: the failure travels as an error event
             yield _sse(openai_error_body(str(e), "server_error", code="generation_failed"))
         yield _sse("[DONE]")
@@ -279,27 +289,29 @@ async def _respond(
     request: Request,
     state: ServerState,
     body: _Common,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     chat: bool,
     grammar: str | None = None,
     tools: bool = False,
+    echoes: list[str] | None = None,
 ):
-    """tools: the text may hold tool calls (tools were offered): they come back as tool_calls."""
-    gens = _generations(state, body, prompt_ids, grammar)
+    """prompts: each prompt's ids (chat: one); tools: the text may hold tool calls (tools were offered): they come
+    back as tool_calls; echoes: each prompt's text, to echo before its choices' text."""
+    gens = _generations(state, body, prompts, grammar)
     streams = state.scheduler.streams(gens)  # admitted now, all or none: a full queue is a 429, not a broken stream
     kind = "chat.completion" if chat else "text_completion"
     model = state.served_name(body.model)
     envelope = {"id": _new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": model}
     logprobs = [ChoiceLogprobs(state.engine.tokenizer, g, chat) for g in gens]
-    echo = body.prompt if isinstance(body, CompletionRequest) and body.echo else None
+    echoed = [e for e in (echoes or [None] * len(prompts)) for _ in range(body.n)]  # per choice
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         envelope = {**envelope, "object": f"{kind}.chunk"}
-        chunks = _sse_chunks(streams, gens, logprobs, envelope, chat, include_usage, echo, tools)
+        chunks = _sse_chunks(streams, gens, logprobs, envelope, chat, include_usage, echoed, body.n, tools)
         return StreamingResponse(chunks, media_type="text/event-stream")
     await unless_client_leaves(request, drain(streams))
     choices = []
-    for i, (g, lp) in enumerate(zip(gens, logprobs, strict=True)):
+    for i, (g, lp, echo) in enumerate(zip(gens, logprobs, echoed, strict=True)):
         content, calls = parse(g.text, g.engine.tool_format) if tools else (g.text, [])
         choice = {"index": i, "finish_reason": _finish_reason(g, calls), "logprobs": lp.whole()}
         if chat:
@@ -312,7 +324,7 @@ async def _respond(
         else:
             choice["text"] = (echo or "") + g.text
         choices.append(choice)
-    return {**envelope, "object": kind, "choices": choices, "usage": _usage(gens)}
+    return {**envelope, "object": kind, "choices": choices, "usage": _usage(gens, body.n)}
 
 
 @router.post("/chat/completions")
@@ -321,11 +333,32 @@ async def chat_completions(request: Request, body: ChatRequest, state: State):
     offered, forced = choose(function_tools(body.tools), body.choice())
     ids = state.engine.chat_ids([m.turn() for m in body.messages], offered)
     grammar = forced_grammar(state, forced) or openai_format(state, body.response_format)
-    return await _respond(request, state, body, ids, chat=True, grammar=grammar, tools=bool(offered))
+    return await _respond(request, state, body, [ids], chat=True, grammar=grammar, tools=bool(offered))
 
 
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest, state: State):
     check_model(state, body.model)
     grammar = openai_format(state, body.response_format)
-    return await _respond(request, state, body, state.engine.prompt_ids(body.prompt), chat=False, grammar=grammar)
+    prompts = _prompts(state, body.prompt)
+    ids = [state.engine.prompt_ids(p) if isinstance(p, str) else p for p in prompts]
+    echoes = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts] if body.echo else None
+    return await _respond(request, state, body, ids, chat=False, grammar=grammar, echoes=echoes)
+
+
+def _listed(prompt: str | list) -> list[str | list[int]]:
+    """OpenAI's prompt forms as a list of prompts, each a text or token ids."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+def _prompts(state: ServerState, prompt: str | list) -> list[str | list[int]]:
+    prompts = _listed(prompt)
+    vocab = state.engine.model.config.vocab_size
+    if not prompts:
+        raise OpenAIError(400, "prompt is an empty list", param="prompt")
+    for p in prompts:
+        if isinstance(p, list) and (not p or any(not 0 <= t < vocab for t in p)):
+            raise OpenAIError(400, f"a prompt of token ids needs at least one, each in [0, {vocab})", param="prompt")
+    return prompts
