@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -28,6 +28,20 @@ class Backend(Protocol):
     def rope(self, x, cos, sin, halves: bool = False): ...
     def attention(self, q, k, v, start: int, window: int = 0, softcap: float = 0.0): ...
     def swiglu(self, x, w_gate, w_up, w_down): ...
+
+
+# The GPU's `sample` kernel's per-row parameters (kernels/cuda/sample.cu's SampleParams); temperature 0 is greedy.
+SAMPLE_PARAMS = np.dtype([("temperature", "<f4"), ("top_k", "<i4"), ("top_p", "<f4"), ("seed", "<u4"), ("step", "<u4")])
+
+
+@runtime_checkable
+class Picker(Protocol):
+    """A backend that chooses tokens where it computed the head (the CUDA backend's sampling kernel), so that
+    only their ids come back, not a vocabulary of logits per row."""
+
+    def pick(self, x, weight, params: np.ndarray, want_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """(x @ weight^T's rows as logits if want_logits, else None; each row's token drawn by params[i])."""
+        ...
 
 
 class NumpyBackend:

@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from kernels import reference
-from kernels.backend import OwnMatmulBackend
+from kernels.backend import SAMPLE_PARAMS, OwnMatmulBackend
 from kernels.dequant import dequantize
 
 FATBIN = Path(__file__).resolve().parent / "cuda" / "appliance_kernels.fatbin"
@@ -207,9 +207,6 @@ class Device:
 
     def sample(self, logits: int, vocab: int, params: int, tokens_out: int, rows: int) -> None:
         self.launch("sample", "PiPP", (rows, 1), (1024, 1, 1), logits, vocab, params, tokens_out)
-
-
-SAMPLE_PARAMS = np.dtype([("temperature", "<f4"), ("top_k", "<i4"), ("top_p", "<f4"), ("seed", "<u4"), ("step", "<u4")])
 
 
 def _mapped_root(array: np.ndarray) -> np.ndarray | None:
@@ -529,3 +526,18 @@ class CudaBackend(OwnMatmulBackend):
         with self.dev.lock:
             y = self._linear_dev(x, w, "y")
             return self.dev.to_host(y, (x.shape[0], w.shape[0]))
+
+    def pick(self, x, w, params: np.ndarray, want_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """The head's product and the `sample` kernel on it: rows x 4 bytes come back, and the logits only
+        when some row needs them on the host (copied before the kernel scales them in place)."""
+        if isinstance(w, np.ndarray):
+            raise TypeError("pick needs the head's weight on the GPU")
+        rows, vocab = x.shape[0], w.shape[0]
+        with self.dev.lock:
+            y = self._linear_dev(x, w, "y")
+            logits = self.dev.to_host(y, (rows, vocab)) if want_logits else None
+            p = self._buffer("sample_params", rows * SAMPLE_PARAMS.itemsize)
+            self.dev.to_device(p, np.asarray(params, SAMPLE_PARAMS))
+            tokens = self._buffer("sample_tokens", rows * 4)
+            self.dev.sample(y, vocab, p, tokens, rows)
+            return logits, self.dev.to_host(tokens, (rows,), np.int32)

@@ -22,7 +22,7 @@ from models.logprobs import MAX_TOP, TokenLogprob, token_logprob
 from models.lora import LoraAdapter
 from models.memory import release_memory
 from models.prefix_cache import PrefixCache, RemoteKept
-from models.sampling import InvalidParameterError, Sampler, SamplingParams
+from models.sampling import Draw, InvalidParameterError, Sampler, SamplingParams
 from models.speculative import DraftLength, Speculation, choose
 from models.store import model_name
 from models.tokenizer import Tokenizer
@@ -128,6 +128,20 @@ class Engine:
         hiddens = self._hidden(batch, sessions)
         return self.model.head(np.stack([h[-1] for h in hiddens])), hiddens
 
+    def step_drawing(
+        self, batch: list[list[int]], sessions: list[Session], draws: list[Draw | None]
+    ) -> tuple[list[np.ndarray | None], list[int | None], list[np.ndarray]]:
+        """step(), where a row with a draw may get its token chosen where the head runs (the GPU's sampling
+        kernel: its ids come back, not its logits): per row its logits (None where drawn there), its token
+        (None where not) and its hidden states. Without such a head every row gets its logits."""
+        if not self.model.picks or not any(draws):
+            logits, hiddens = self.step(batch, sessions)
+            return list(logits), [None] * len(batch), hiddens
+        hiddens = self._hidden(batch, sessions)
+        logits, tokens = self.model.head_pick(np.stack([h[-1] for h in hiddens]), draws)
+        rows = [None if t is not None else logits[i] for i, t in enumerate(tokens)]
+        return rows, tokens, hiddens
+
     def _hidden(self, batch: list[list[int]], sessions: list[Session]) -> list[np.ndarray]:
         self.resident = True
         hiddens = [self.model.embed(ids) for ids in batch]
@@ -220,6 +234,11 @@ class PromptRun:
         end = len(self.prompt_ids) if prefill_chunk is None else self._prefilled + prefill_chunk
         return self.prompt_ids[self._prefilled : end]
 
+    def draw(self) -> Draw | None:
+        """How this step's token may be chosen on the device (Engine.step_drawing), or None: its logits are
+        needed here. Only a Generation samples."""
+        return None
+
     def _fed(self, n_fed: int) -> bool:
         """Count n_fed prompt ids as run; whether the prompt is now all in (the logits are the next token's)."""
         self._prefilled += n_fed
@@ -237,7 +256,9 @@ class Scoring(PromptRun):
         super().__init__(engine, ids)
         self.logits: np.ndarray | None = None
 
-    def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str:
+    def advance(
+        self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None, token: int | None = None
+    ) -> str:
         if self._fed(n_fed):
             self.logits = np.asarray(logits, dtype=np.float32)
             self.finish_reason = "scored"
@@ -258,7 +279,9 @@ class Embedding(PromptRun):
         self._sum = np.zeros(engine.model.config.dim, dtype=np.float64)
         self.vector: np.ndarray | None = None
 
-    def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str:
+    def advance(
+        self, n_fed: int, logits: np.ndarray | None, hidden: np.ndarray | None = None, token: int | None = None
+    ) -> str:
         if hidden is None:
             raise ValueError("an embedding needs the hidden states of its positions")
         self._sum += self.engine.model.final_norm(hidden).sum(axis=0, dtype=np.float64)
@@ -336,6 +359,7 @@ class Generation(PromptRun):
         self._prefilled = self.cached_tokens
         self.drafting = DraftLength(engine.speculation) if engine.speculation is not None else None
         self._drafts: list[int] | None = None  # proposed for the step in flight
+        self._drawn = 0  # tokens chosen on the device: the step of its random stream
 
     @property
     def completion_tokens(self) -> int:
@@ -352,9 +376,19 @@ class Generation(PromptRun):
         self._drafts = self.engine.speculation.drafter.draft(self._history, min(self.drafting.k, room))
         return [self.token_ids[-1], *self._drafts]
 
-    def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str:
+    def draw(self) -> Draw | None:
+        """The device may choose this step's token unless the host needs the logits: for logprobs, a
+        grammar's mask, echo, drafts to verify, or a repetition penalty."""
+        if self.n_top is not None or self.constraint is not None or self.echo or self.drafting is not None:
+            return None
+        return self.sampler.draw(self._drawn)
+
+    def advance(
+        self, n_fed: int, logits: np.ndarray | None, hidden: np.ndarray | None = None, token: int | None = None
+    ) -> str:
         """Take the logits after running next_input(); sample once the prompt is in; return new text.
-        A step with drafts needs `hidden` (its rows' logits are computed here) and may add several tokens."""
+        A step with drafts needs `hidden` (its rows' logits are computed here) and may add several tokens.
+        token: chosen already, on the device, from this step's draw() (then logits is None)."""
         if not self.prompt_done:
             if self.echo and self.n_top is not None:
                 self._score_prompt(hidden)
@@ -369,6 +403,9 @@ class Generation(PromptRun):
                     f"a step with {len(drafts)} drafts needs the hidden states of its {1 + len(drafts)} rows"
                 )
             return self._verify(drafts, self.engine.model.head(hidden))
+        if token is not None:
+            self._drawn += 1
+            return self._take(token, logits)
         masked = logits if self.constraint is None else self.constraint.mask(logits)
         return self._take(self.sampler(masked, self._history), logits)
 
@@ -460,8 +497,8 @@ class Generation(PromptRun):
     def step(self) -> str:
         """One pass of the model for this generation alone (the scheduler batches them instead): new text."""
         ids = self.next_input()
-        logits, hiddens = self.engine.step([ids], [self.session])
-        return self.advance(len(ids), logits[0], hiddens[0])
+        logits, tokens, hiddens = self.engine.step_drawing([ids], [self.session], [self.draw()])
+        return self.advance(len(ids), logits[0], hiddens[0], tokens[0])
 
     def __iter__(self) -> Iterator[str]:
         while not self.done:

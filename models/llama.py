@@ -27,13 +27,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kernels import reference
-from kernels.backend import Backend, select_backend
+from kernels.backend import SAMPLE_PARAMS, Backend, Picker, select_backend
 from kernels.dequant import dequantize
 from models import rope
 from models.arch import LAYER_TENSORS, LLAMA, MLP_TENSORS, ArchSpec, check_layout, spec_of
 from models.errors import ContextLengthError, UnsupportedModelError
 from models.gguf_file import GGUFModelFile, StoredTensor, open_gguf
 from models.lora import AdapterRows, LoraAdapter
+from models.sampling import Draw
 
 
 @dataclass(frozen=True)
@@ -571,6 +572,22 @@ class Llama:
     def final_norm(self, hidden: np.ndarray) -> np.ndarray:
         """The last layer's hidden states as the head reads them (after the final RMSNorm)."""
         return self.backend.rmsnorm(hidden, self.output_norm, self.config.norm_eps)
+
+    @property
+    def picks(self) -> bool:
+        """Whether head_pick can choose tokens where the head runs (a Picker backend; no soft-cap to apply)."""
+        return isinstance(self.backend, Picker) and not self.config.final_softcap
+
+    def head_pick(self, hidden: np.ndarray, draws: list[Draw | None]) -> tuple[np.ndarray | None, list[int | None]]:
+        """The head on the last rows, each row with a draw getting its token chosen on the device: (the logits
+        when any row has no draw, else None; each row's token, None where it had no draw)."""
+        params = np.zeros(len(draws), SAMPLE_PARAMS)  # a row without a draw: greedy, and not read
+        for i, d in enumerate(draws):
+            if d is not None:
+                params[i] = tuple(d)
+        want = any(d is None for d in draws)
+        logits, tokens = self.backend.pick(self.final_norm(hidden), self.lm_head, params, want)
+        return logits, [int(t) if d is not None else None for t, d in zip(tokens, draws, strict=True)]
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] from the last layer's hidden states (soft-capped where the model says: Gemma 2)."""

@@ -8,7 +8,9 @@ and a huge one is near uniform.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -58,12 +60,34 @@ def penalize(logits: np.ndarray, history: list[int], penalty: float) -> np.ndarr
     return logits
 
 
+class Draw(NamedTuple):
+    """One token chosen where the head ran (the GPU's `sample` kernel, same order of operations as
+    Sampler.probabilities): its random stream is (seed, step), so a seed repeats its text on that backend."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int  # 32 bits
+    step: int
+
+
 class Sampler:
     """Draws tokens for one generation; its random stream is fixed by the seed."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(None if params.seed is None else params.seed % SEED_SPACE)
+        seed = secrets.randbits(64) if params.seed is None else params.seed % SEED_SPACE
+        self._device_seed = (seed ^ (seed >> 32)) & 0xFFFFFFFF  # the device's stream: not drawn from rng's
+
+    def draw(self, step: int) -> Draw | None:
+        """This sampler's token `step` as the device draws it, or None where only the host can (the kernel
+        has no repetition penalty, and divides float32 logits by the temperature: below 1e-3 that overflows,
+        where the host's float64 does not)."""
+        p = self.params
+        if p.repetition_penalty != 1.0 or 0 < p.temperature < 1e-3:
+            return None
+        return Draw(p.temperature, p.top_k, p.top_p, self._device_seed, step & 0xFFFFFFFF)
 
     def probabilities(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """The distribution sampled from: penalty, then temperature, then top-k, then top-p."""

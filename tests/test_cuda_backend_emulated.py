@@ -20,6 +20,7 @@ from kernels import cuda_backend as cb
 from models.engine import Engine
 from models.gguf_file import open_gguf
 from models.llama import Llama, Session
+from models.sampling import SamplingParams
 from models.synthetic import TINY, write_llama_1b_q4_0
 from offload.coordinator import layer_costs
 from offload.pki import certificate_authority, issue_identity
@@ -59,13 +60,18 @@ def want(tiny) -> list[list[int]]:
     return out
 
 
-def serve(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
-    """The prompts submitted together to a real Scheduler (continuous batching); each one's tokens."""
+def serve(engine: Engine, prompts: list[list[int]], sampling: list | None = None, **kw) -> list[list[int]]:
+    """The prompts submitted together to a real Scheduler (continuous batching); each one's tokens.
+    sampling: each prompt's SamplingParams (greedy where None); kw: more Engine.generate arguments."""
     scheduler = Scheduler(engine, max_batch=8)
     scheduler.start()
     done = [threading.Event() for _ in prompts]
     errors: list[str] = []
-    jobs = [engine.generate(ids, max_tokens=TOKENS, ignore_eos=True) for ids in prompts]
+    sampling = sampling or [None] * len(prompts)
+    jobs = [
+        engine.generate(ids, s, max_tokens=TOKENS, ignore_eos=True, **kw)
+        for ids, s in zip(prompts, sampling, strict=True)
+    ]
 
     def deliver(i: int):
         def on(event) -> None:
@@ -92,16 +98,49 @@ def test_auto_and_cuda_pick_the_emulated_gpu(gpu, tiny):
     assert isinstance(engine.model.layer_range(0, TINY["n_layers"]).fused, cb.CudaRange)
 
 
-def test_served_by_the_scheduler_the_greedy_tokens_are_numpys(gpu, tiny, want):
+def _copied_back(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of what Device.to_host copies from the GPU, from now on."""
+    shapes: list[tuple[int, ...]] = []
+    to_host = cb.Device.to_host
+
+    def recorded(self, ptr, shape, dtype=np.float32):
+        shapes.append(tuple(shape))
+        return to_host(self, ptr, shape, dtype)
+
+    monkeypatch.setattr(cb.Device, "to_host", recorded)
+    return shapes
+
+
+def test_served_by_the_scheduler_the_greedy_tokens_are_numpys(gpu, tiny, want, monkeypatch):
     """Three prompts batched: their prompts in one mat-mat step, then decode steps of three rows
-    replayed from the width-4 graph; every session's cache slot is back in the pool at the end."""
+    replayed from the width-4 graph; every session's cache slot is back in the pool at the end. The
+    tokens are chosen on the GPU (the `sample` kernel after the head): no row of logits comes back."""
     engine = Engine.load(tiny, "cuda")
     r = engine.model.layer_range(0, TINY["n_layers"])
     gpu.launches.clear()
+    copied = _copied_back(monkeypatch)
     assert serve(engine, PROMPTS) == want
-    assert "matmat_q4_0" in gpu.launches and "matvec_q4_0_b4" in gpu.launches
+    assert "matmat_q4_0" in gpu.launches and "matvec_q4_0_b4" in gpu.launches and "sample" in gpu.launches
+    assert copied and not [s for s in copied if s[-1] == TINY["vocab"]]
     assert set(r.fused._graphs) >= {4}
     assert len(r.fused._free) == r.fused.slots - 1  # slot 0 is the padding rows'
+
+
+def test_sampled_on_the_gpu_a_seed_repeats_and_rows_needing_logits_get_them(gpu, tiny, want):
+    """Temperature sampling by the `sample` kernel: the same seed gives the same tokens wherever its row is in the
+    batch and run after run, another seed other tokens; top_k 1 is greedy; a row asking for logprobs gets its
+    logits (the host samples it) and the reference's greedy tokens. (Alone, a row runs at width 1, whose
+    rounding differs from width 4's: a draw near a boundary may differ, as on a real GPU.)"""
+    engine = Engine.load(tiny, "cuda")
+    hot = [SamplingParams(temperature=1.5, seed=s) for s in (1, 2, 1)]
+    batched = serve(engine, PROMPTS[:1] * 3, hot)
+    assert batched[0] == batched[2] != batched[1]
+    assert serve(engine, PROMPTS[:1] * 3, hot[::-1]) == batched[::-1]
+    assert serve(engine, PROMPTS, [SamplingParams(temperature=1.5, top_k=1, seed=9)] * 3) == want
+    gen = engine.generate(PROMPTS[1], max_tokens=TOKENS, ignore_eos=True, logprobs=1)
+    assert gen.draw() is None
+    gen.run()
+    assert gen.token_ids == want[1] and len(gen.logprobs) == TOKENS
 
 
 def test_a_sequence_alone_and_in_a_batch_gets_the_same_tokens(gpu, tiny, want):

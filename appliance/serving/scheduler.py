@@ -32,6 +32,7 @@ from kernels.backend import describe
 from models.engine import Engine
 from models.llama import Session
 from models.memory import release_memory
+from models.sampling import Draw
 
 log = logging.getLogger("appliance")
 BROKEN_AFTER = 3  # failed steps in a row (and none served since) before the engine counts as unable to serve
@@ -52,7 +53,10 @@ class Job(Protocol):
     done: bool
 
     def next_input(self, prefill_chunk: int | None = None) -> list[int]: ...
-    def advance(self, n_fed: int, logits: np.ndarray, hidden: np.ndarray | None = None) -> str: ...
+    def draw(self) -> Draw | None: ...  # this step's token may be chosen on the device (Engine.step_drawing)
+    def advance(
+        self, n_fed: int, logits: np.ndarray | None, hidden: np.ndarray | None = None, token: int | None = None
+    ) -> str: ...
 
 
 class QueueFullError(Exception):
@@ -316,7 +320,9 @@ class Scheduler:
         started = time.monotonic()
         decoding = sum(1 for t, _ in step if t.job.prompt_done)
         try:
-            logits, hiddens = self.engine.step([ids for _, ids in step], [t.job.session for t, _ in step])
+            logits, tokens, hiddens = self.engine.step_drawing(
+                [ids for _, ids in step], [t.job.session for t, _ in step], [t.job.draw() for t, _ in step]
+            )
         except Exception as e:  # the step's requests fail; the others, and later ones, go on
             self.failed_steps += 1
             self._fail([t for t, _ in step], e)
@@ -328,10 +334,10 @@ class Scheduler:
         m.step_seconds.observe(now - started)
         m.batch_size.observe(len(step))
         m.kv_bytes.set(sum(t.job.session.nbytes for t in self.active))
-        for (t, ids), row, hidden in zip(step, logits, hiddens, strict=True):
+        for (t, ids), row, token, hidden in zip(step, logits, tokens, hiddens, strict=True):
             try:
                 had_tokens = t.job.completion_tokens
-                piece = t.job.advance(len(ids), row, hidden)
+                piece = t.job.advance(len(ids), row, hidden, token)
             except Exception as e:  # sampling or decoding this one request failed: only it ends
                 self._fail([t], e)
                 continue

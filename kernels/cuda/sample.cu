@@ -15,7 +15,7 @@ struct SampleParams {
     int top_k;          // 0: all
     float top_p;        // 1: all
     unsigned seed;
-    unsigned step;      // advanced by the host each token: the random stream is (seed, step, row)
+    unsigned step;      // advanced by the host each token: the random stream is (seed, step)
 };
 
 __device__ __forceinline__ unsigned order_key(float f) {  // monotone: a < b  <=>  key(a) < key(b)
@@ -99,9 +99,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample(float* __res
         total = block_sum(total, scratch);
     }
 
-    // A uniform draw from (seed, step, row): splitmix64.
+    // A uniform draw from (seed, step) alone, splitmix64: a seed gives the same text wherever its row falls in
+    // a batch (rows differ by their seeds).
     unsigned long long s = ((unsigned long long)p.seed << 32) ^ ((unsigned long long)p.step * 0x9E3779B97F4A7C15ull) ^
-                           (blockIdx.x + 1ull);
+                           1ull;
     s += 0x9E3779B97F4A7C15ull;
     s = (s ^ (s >> 30)) * 0xBF58476D1CE4E5B9ull;
     s = (s ^ (s >> 27)) * 0x94D049BB133111EBull;
