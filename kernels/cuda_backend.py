@@ -26,7 +26,11 @@ from kernels.backend import SAMPLE_PARAMS, OwnMatmulBackend
 from kernels.dequant import dequantize
 
 FATBIN = Path(__file__).resolve().parent / "cuda" / "appliance_kernels.fatbin"
-KERNEL_FORMATS = {Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q8_0: "q8_0", Q.Q4_K: "q4_k", Q.Q6_K: "q6_k", Q.F16: "f16"}
+KERNEL_FORMATS = {  # every format the NumPy reference reads but F32 (dequantized there: norms, small tensors)
+    Q.Q4_0: "q4_0", Q.Q4_1: "q4_1", Q.Q5_0: "q5_0", Q.Q5_1: "q5_1", Q.Q8_0: "q8_0", Q.IQ4_NL: "iq4_nl",
+    Q.Q2_K: "q2_k", Q.Q3_K: "q3_k", Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k", Q.IQ4_XS: "iq4_xs",
+    Q.F16: "f16", Q.BF16: "bf16",
+}  # fmt: skip
 WIDTHS = (1, 2, 4, 8)  # batch widths the mat-vec kernels are built for; a batch runs at the next one up
 MAX_WIDTH = WIDTHS[-1]
 Q8_BLOCK_BYTES = 36  # an 8-bit activation block: half2 (d, sum) + 32 x int8

@@ -8,6 +8,7 @@
 template <int QT>
 __device__ __forceinline__ float dot_any(const uint8_t* row, int u, const Unit& w, const block_q8_1& a) {
     if constexpr (IsFloat<QT>::value) return float_unit_dot<QT>(row, u, a);
+    else if constexpr (HasHalves<QT>::value) return unit_dot_halves(w, a);
     else return unit_dot(w, a);
 }
 
@@ -55,16 +56,22 @@ __device__ void matvec(const uint8_t* __restrict__ w, int rows, int cols, const 
 template <int QT, int NCOLS>
 __device__ void matvec_swiglu(const uint8_t* __restrict__ wg, const uint8_t* __restrict__ wu, int rows, int cols,
                               const block_q8_1* __restrict__ act, block_q8_1* __restrict__ out) {
+    // Q3_K's unit takes more registers: at 8 columns it runs as two passes of 4 (its weights read twice), not spill.
+    constexpr int PASS = QT == Q3_K && NCOLS == 8 ? 4 : NCOLS;
     __shared__ float h[NCOLS][QK];
     const long rb = row_bytes(QT, cols);
+    const int units = cols / QK;
     for (int k = 0; k < 4; ++k) {
         const int local = threadIdx.y * 4 + k, r = blockIdx.x * QK + local;
-        float g[NCOLS], up[NCOLS];
-        row_dots<QT, NCOLS>(wg + r * rb, cols / QK, act, g);
-        row_dots<QT, NCOLS>(wu + r * rb, cols / QK, act, up);
-        if (threadIdx.x == 0) {
 #pragma unroll
-            for (int c = 0; c < NCOLS; ++c) h[c][local] = g[c] / (1.0f + __expf(-g[c])) * up[c];
+        for (int c0 = 0; c0 < NCOLS; c0 += PASS) {
+            float g[PASS], up[PASS];
+            row_dots<QT, PASS>(wg + r * rb, units, act + c0 * units, g);
+            row_dots<QT, PASS>(wu + r * rb, units, act + c0 * units, up);
+            if (threadIdx.x == 0) {
+#pragma unroll
+                for (int c = 0; c < PASS; ++c) h[c0 + c][local] = g[c] / (1.0f + __expf(-g[c])) * up[c];
+            }
         }
     }
     __syncthreads();
