@@ -44,6 +44,13 @@ class Picker(Protocol):
         ...
 
 
+def fused_features() -> dict[str, frozenset[str]]:
+    """Per backend beside the reference, the block features its fused layer pass runs (README's table)."""
+    from kernels import cpu_backend, cuda_backend
+
+    return {"cpu": cpu_backend.FUSED_FEATURES, "cuda": cuda_backend.FUSED_FEATURES}
+
+
 class NumpyBackend:
     """Float32 NumPy: the obviously-right reference. Dequantizes each weight once, at load, and keeps
     matrices transposed ([in, out]) for `reference.linear`."""

@@ -38,6 +38,7 @@ DECODE_SPLITS = 16  # key stretches per head when decoding (flash-decoding)
 PREFILL_SPLITS = 2  # ... and for a prompt's rows, which are many already
 PREFILL_CHUNK = 512
 HEAD_DIMS = (64, 128)
+FUSED_FEATURES: frozenset[str] = frozenset()  # a CudaRange runs plain llama blocks; the rest go per operation
 # cuMemHostRegister flags: portable, device-mapped, read-only (the file is mapped read-only).
 HOST_REGISTER_FLAGS = 0x01 | 0x02 | 0x08
 
@@ -501,7 +502,12 @@ class CudaBackend(OwnMatmulBackend):
         architecture's block, a head size or width they are not built for, a weight format they do
         not read): then LayerRange runs its per-operation path, `linear` still on the GPU."""
         c = config
-        if c.features or c.n_experts or c.head_dim not in HEAD_DIMS or c.n_heads // c.n_kv_heads > 8:
+        if (
+            set(c.features) - FUSED_FEATURES
+            or c.n_experts
+            or c.head_dim not in HEAD_DIMS
+            or c.n_heads // c.n_kv_heads > 8
+        ):
             return None
         if c.dim % 32 or c.hidden_dim % 32:
             return None

@@ -216,16 +216,48 @@ def test_the_c_backend_matches_transformers_within_its_rounding(case):
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 
+@pytest.fixture(scope="module")
+def q8_files(tokenizer_dir, tmp_path_factory):
+    """A case's Q8_0 file by name, converted on first use."""
+    built: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build(name, tokenizer_dir, tmp_path_factory.mktemp(f"q8-{name}"), "q8_0")[1]
+        return built[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_the_c_backend_on_quantized_blocks_matches_the_reference(name, tokenizer_dir, tmp_path_factory):
+def test_the_c_backend_on_quantized_blocks_matches_the_reference(name, q8_files):
     """On a Q8_0 file the C pass reads the blocks in place (int8 dot products); the NumPy reference
     dequantizes the same blocks: what is left is the C backend's own rounding."""
-    _, path = build(name, tokenizer_dir, tmp_path_factory.mktemp(f"q8-{name}"), "q8_0")
+    path = q8_files(name)
     reference, engine = Engine.load(path, "numpy"), Engine.load(path, "cpu")
     ids = prompt_ids(engine)
     ours, want = prefill_then_decode(engine, ids), reference.forward(ids, Session())
     assert rel_err(ours, want) < Q8_BOUND
     assert (ours.argmax(-1) == want.argmax(-1)).mean() > 0.95
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_cuda_backend_on_quantized_blocks_matches_the_reference(name, q8_files, monkeypatch):
+    """`--backend cuda` on the PTX emulator (tests/ptx): every architecture but plain llama runs per operation
+    there, each product by the GPU's kernels on the blocks in place (8-bit activations, as the C pass), the
+    rest by the NumPy formulas. A prompt's positions at once: emulating the head's 49k rows takes a while."""
+    from tests.ptx import driver
+
+    gpu = driver.FakeGpu()
+    driver.install(monkeypatch, gpu)
+    path = q8_files(name)
+    reference, engine = Engine.load(path, "numpy"), Engine.load(path, "cuda")
+    assert engine.model.backend.name == "cuda"
+    ids = prompt_ids(engine)[:16]
+    ours, want = engine.forward(ids, Session()), reference.forward(ids, Session())
+    assert rel_err(ours, want) < Q8_BOUND
+    assert (ours.argmax(-1) == want.argmax(-1)).mean() > 0.9
+    assert "matmat_q8_0" in gpu.launches  # the products ran as the GPU's kernels
 
 
 @pytest.fixture(scope="module")
@@ -345,12 +377,12 @@ def test_only_the_chosen_experts_are_read(tokenizer_dir, tmp_path_factory):
 
 
 def test_the_supported_table_has_every_architecture_and_backend():
-    from kernels.cpu_backend import FUSED_FEATURES
+    from kernels.backend import fused_features
 
-    table = markdown_table({"cpu": FUSED_FEATURES})
+    table = markdown_table(fused_features())
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == [spec.label for spec in ARCHITECTURES.values()]
-    assert "`numpy`" in table and "`cpu`" in table
+    assert "`numpy`" in table and "`cpu`" in table and "`cuda`" in table
 
 
 def main() -> None:

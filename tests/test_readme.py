@@ -76,9 +76,9 @@ def test_python_examples(served, marker):
 
 def test_the_architecture_table_is_the_registry_s():
     """README's supported table is what the code's registry renders, so it cannot drift."""
-    from kernels.cpu_backend import FUSED_FEATURES
+    from kernels.backend import fused_features
     from models.arch import markdown_table
 
-    lines = [line.strip() for line in markdown_table({"cpu": FUSED_FEATURES}).splitlines() if line.strip()]
+    lines = [line.strip() for line in markdown_table(fused_features()).splitlines() if line.strip()]
     readme = [line.strip() for line in README.read_text().splitlines()]
     assert all(line in readme for line in lines)
