@@ -258,6 +258,11 @@ def test_the_cuda_backend_on_quantized_blocks_matches_the_reference(name, q8_fil
     assert rel_err(ours, want) < Q8_BOUND
     assert (ours.argmax(-1) == want.argmax(-1)).mean() > 0.9
     assert "matmat_q8_0" in gpu.launches  # the products ran as the GPU's kernels
+    if engine.model.config.n_experts:  # experts stay in their blocks on the GPU, each its own matrix
+        from kernels import cuda_backend
+
+        first = engine.model.layer_range(0, engine.model.config.n_layers).layers[0]
+        assert isinstance(first.w_gate_exps, cuda_backend.GpuExperts)
 
 
 @pytest.fixture(scope="module")
