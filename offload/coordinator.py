@@ -162,6 +162,7 @@ class Coordinator:
         # Positions new chains took from workers' kept ones (the prefix cache), and rows replayed into chains.
         self.resumed_rows = self.replayed_rows = 0
         self.round_trips = 0  # steps through the chain, all sessions of a step together (for bench-offload)
+        self.reprobes = 0  # upkeep passes over the dropped workers (/metrics: a test waits for one, not a sleep)
         self.overhead_ms: list[float] = []  # per decoded token: time on the wire and in gRPC, not computing
         self.discovery = None  # a zeroconf browser adding workers as they appear, if any
         self.stopping = threading.Event()
@@ -273,6 +274,7 @@ class Coordinator:
 
     def reprobe(self) -> list[str]:
         """Try every known worker that is not in use; take back those that answer. Returns them."""
+        self.reprobes += 1
         back = []
         now = time.monotonic()
         for address in sorted(self.known - set(self.workers)):

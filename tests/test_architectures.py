@@ -10,6 +10,7 @@ through a real `appliance serve`; and what we do not run is refused at load, by 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -390,9 +391,22 @@ def test_the_supported_table_has_every_architecture_and_backend():
     assert "`numpy`" in table and "`cpu`" in table and "`cuda`" in table
 
 
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray | None:
+    """llama.cpp's logits at every position of ids on the same file (llama-cpp-python, which `make bench`
+    installs), on every core; None where it is not installed."""
+    try:
+        from llama_cpp import Llama as LlamaCpp
+    except ImportError:
+        return None
+    llm = LlamaCpp(str(path), n_ctx=len(ids) + 8, logits_all=True, verbose=False, n_threads=os.cpu_count())
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
 def main() -> None:
-    """Each case's relative error against transformers per backend, and the C backend's against the
-    reference on a Q8_0 file (the figures C_BOUND and Q8_BOUND rest on)."""
+    """Each case's relative error against transformers per backend and llama.cpp's beside them (where
+    llama-cpp-python is installed), and the C backend's against the reference on a Q8_0 file (the figures
+    C_BOUND and Q8_BOUND rest on) beside llama.cpp's against the same reference."""
     import tempfile
 
     from models.store import ModelStore
@@ -411,6 +425,13 @@ def main() -> None:
                     f"{name:15} {backend:6} {'fused' if fused else 'per-op':7} f32 vs transformers: "
                     f"relative error {rel_err(ours, theirs):.1e}  argmax equal {same:.0%}"
                 )
+            peer = llama_cpp_logits(path, ids)
+            if peer is not None:
+                same = (peer.argmax(-1) == theirs.argmax(-1)).mean()
+                print(
+                    f"{name:15} llama.cpp       f32 vs transformers: "
+                    f"relative error {rel_err(peer, theirs):.1e}  argmax equal {same:.0%}"
+                )
             _, path = build(name, tok, Path(tmp) / f"{name}-q8", "q8_0")
             ids = prompt_ids(Engine.load(path, "numpy"))
             engine = Engine.load(path, "cpu")
@@ -422,6 +443,13 @@ def main() -> None:
                 f"{name:15} cpu    {'fused' if fused else 'per-op':7} q8_0 vs the reference: "
                 f"relative error {rel_err(ours, want):.1e}  argmax equal {same:.0%}"
             )
+            peer = llama_cpp_logits(path, ids)
+            if peer is not None:
+                same = (peer.argmax(-1) == want.argmax(-1)).mean()
+                print(
+                    f"{name:15} llama.cpp       q8_0 vs the reference: "
+                    f"relative error {rel_err(peer, want):.1e}  argmax equal {same:.0%}"
+                )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,19 @@ def ok_json(*args: str, server) -> object:
     return json.loads(result.stdout)
 
 
+def _reprobes(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("appliance_offload_reprobes"))
+
+
+def _upkeep_passes(server, n: int, timeout_s: float = 60) -> None:
+    """Wait until the offload upkeep has re-probed the dropped workers n more times (its /metrics counter)."""
+    target, deadline = _reprobes(server) + n, time.monotonic() + timeout_s
+    while _reprobes(server) < target:
+        assert time.monotonic() < deadline, f"the upkeep made no {n} passes in {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
 def test_status(server, model_path):
     status = ok_json("status", server=server)
     assert (
@@ -401,7 +414,7 @@ def test_devices_paired_by_ctl_then_one_revoked_mid_generation(tmp_path, model_p
         assert devices[other]["shipping"] is None  # shipped, done
         plan = ok_json("plan", server=s)
         assert [st["device"] for st in plan["stages"]] == ["appliance", other]
-        time.sleep(3)  # past the upkeep's next probe: the revoked laptop is not taken back
+        _upkeep_passes(s, 2)  # past the upkeep's next probes: the revoked laptop is not taken back
         assert {d["name"]: d["state"] for d in ok_json("devices", "list", server=s)}[holder] == "revoked"
         ca = certificate_authority()
         with pytest.raises(WorkerRefused, match="revoked"):

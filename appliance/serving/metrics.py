@@ -100,7 +100,10 @@ class OffloadCollector:
         for address, usage in list(self.coordinator.usage.items()):
             seconds.add_metric([usage.name, address], usage.seconds)
             sent.add_metric([usage.name, address], usage.bytes)
-        yield from (seconds, sent)
+        probes = CounterMetricFamily(
+            "appliance_offload_reprobes", "Passes re-probing dropped workers", value=self.coordinator.reprobes
+        )
+        yield from (seconds, sent, probes)
 
 
 class PrefixCacheCollector:
