@@ -303,16 +303,31 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float = 1e
     assert error <= tolerance, f"relative error {error:.2e} > {tolerance:.0e}"
 
 
-def test_served_logits_match_transformers(tokenizer_dir, tmp_path_factory):
-    """KServe `NAME-logits` of a Qwen3 file through a real `appliance serve`, by the real tritonclient."""
-    hf, path = build("qwen3", tokenizer_dir, tmp_path_factory.mktemp("served"))
-    ids = prompt_ids(Engine.load(path, "numpy"))
-    with running_server("--model", str(path), "--backend", "numpy", "--no-advertise", "--no-discover") as s:
+@pytest.mark.parametrize(
+    "name, backend, bound",
+    [("qwen3", "numpy", 1e-3), *((n, "auto", C_BOUND) for n in ("qwen2", "gemma2", "phi3", "qwen3moe", "mixtral"))],
+)
+def test_served_logits_match_transformers(name, backend, bound, files):
+    """Through a real `appliance serve`: KServe `NAME-logits` (the real tritonclient) after the whole prompt, and
+    at every position the prompt token's logprob (the openai client's completions, echo, token ids) match
+    transformers' on the same file, the reference within rounding, the C backend (auto) within its bound."""
+    import openai
+
+    _, hf, path, engine = files(name)
+    ids = prompt_ids(engine)
+    theirs = hf_logits(hf, ids)
+    args = ("--model", str(path), "--backend", backend, "--no-advertise", "--no-discover")
+    with running_server(*args) as s:
         client = httpclient.InferenceServerClient(s.url.removeprefix("http://"), network_timeout=120)
         t = httpclient.InferInput("input_ids", [len(ids)], "INT64")
         t.set_data_from_numpy(np.array(ids, dtype=np.int64))
         r = client.infer(f"{path.stem}-logits", [t], headers={"authorization": "Bearer test-key"})
-    assert rel_err(r.as_numpy("logits"), hf_logits(hf, ids)[-1]) < 1e-3
+        oa = openai.OpenAI(base_url=f"{s.url}/v1", api_key="test-key", max_retries=0, timeout=120)
+        scored = oa.completions.create(model=path.stem, prompt=ids, max_tokens=0, logprobs=0, echo=True)
+    assert rel_err(r.as_numpy("logits"), theirs[-1]) < bound
+    served = np.array(scored.choices[0].logprobs.token_logprobs[1:])  # the first prompt token has none
+    want = np.take_along_axis(hf_models.log_softmax(theirs[:-1]), np.array(ids[1:])[:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(served, want, atol=5 * bound)
 
 
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}  # Phi-3 128k's kind
