@@ -51,7 +51,8 @@ WireOpt = Annotated[str, typer.Option(help="Hidden states on the wire: float32 o
 DraftOpt = Annotated[
     str,
     typer.Option(
-        help="Speculative decoding: lookup (prompt-lookup drafts), none (one token a step), auto (lookup with workers)."
+        help="Speculative decoding: lookup (prompt-lookup drafts), none (one token a step), auto (lookup with"
+        " workers), or a draft model (a GGUF file or a store name with the same vocabulary, run whole here)."
     ),
 ]
 StepTimeoutOpt = Annotated[float, typer.Option(help="Seconds a worker may take per step before it is dropped.")]

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.console import stderr
+from models.draft_model import ModelDrafter
 from models.engine import Engine
 from models.llama import Llama
-from models.speculative import Speculation, speculation_for
+from models.speculative import DRAFTS, Speculation, speculation_for
+from models.store import ModelStore, ModelStoreError
 from offload.errors import WorkerRefused
 
 if TYPE_CHECKING:
@@ -77,9 +79,16 @@ def load_engine(
     draft: str = "auto",
 ) -> Engine:
     """The engine, all local when the model fits the budget (or there is none), else split with workers.
-    draft: how decode steps speculate (models.speculative.speculation_for: auto, lookup or none)."""
-    local = speculation_for(draft, offloading=False)  # also checks the name before the model loads
+    draft: how decode steps speculate (models.speculative.speculation_for: auto, lookup or none), or a draft
+    model (a file, or a model of the store) with the same vocabulary, held whole here (models/draft_model.py)."""
+    named = draft not in DRAFTS
+    draft_path = _draft_model(draft) if named else None  # a missing file is refused before the model loads
+    local = None if named else speculation_for(draft, offloading=False)
     model = Llama.load(str(path), backend, threads)
+    if draft_path is not None:
+        local = Speculation(
+            ModelDrafter.load(draft_path, model.file.metadata.get("tokenizer.ggml.tokens"), backend, threads)
+        )
     if memory_budget is None:
         return Engine(model, speculation=local)
     coordinator = coordinator_for(model, memory_budget, workers or [], discover, wire_dtype, step_timeout)
@@ -88,7 +97,15 @@ def load_engine(
         coordinator.close()
         return Engine(model, speculation=local)
     stderr.print(f"memory budget {memory_budget}: layers [0, {k}) here, [{k}, {model.config.n_layers}) on workers")
-    return Engine(model, offload=coordinator, speculation=_over_the_lan(speculation_for(draft), coordinator))
+    remote = local if named else speculation_for(draft)
+    return Engine(model, offload=coordinator, speculation=_over_the_lan(remote, coordinator))
+
+
+def _draft_model(draft: str) -> Path:
+    try:
+        return ModelStore().resolve(draft)
+    except ModelStoreError as e:
+        raise ModelStoreError(f"--draft takes {', '.join(DRAFTS)} or a draft model: {e}") from None
 
 
 def _over_the_lan(speculation: Speculation | None, coordinator: Coordinator) -> Speculation | None:

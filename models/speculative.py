@@ -102,9 +102,10 @@ DRAFTS = ("auto", "lookup", "none")
 
 
 def speculation_for(draft: str, offloading: bool = True) -> Speculation | None:
-    """`--draft`: lookup drafts by prompt lookup (no draft model is run yet); none: no drafts; auto: lookup
-    when layers run on workers (a LAN round trip saved per accepted draft), none all local, where
-    bench-offload measured drafts slower on the C kernels (a refused draft's row is not free there)."""
+    """`--draft`: lookup drafts by prompt lookup; none: no drafts; auto: lookup when layers run on workers (a LAN
+    round trip saved per accepted draft), none all local, where bench-offload measured drafts slower on the C
+    kernels (a refused draft's row is not free there). A draft model's name or file is appliance/startup.py's
+    (models/draft_model.py)."""
     if draft not in DRAFTS:
         raise ValueError(f"--draft must be one of {', '.join(DRAFTS)}, got {draft!r}")
     if draft == "none" or (draft == "auto" and not offloading):

@@ -15,10 +15,13 @@ import pytest
 
 from appliance.serving.scheduler import Scheduler
 from appliance.startup import load_engine
+from models.draft_model import ModelDrafter
 from models.engine import Engine
 from models.llama import KVCache
 from models.sampling import Sampler, SamplingParams
 from models.speculative import DraftLength, PromptLookup, Speculation, choose, speculation_for
+from models.store import ModelStoreError
+from tests.gguf_factory import byte_vocab, write_tiny_llama
 from tests.test_offload import PROMPTS, home, new_worker  # noqa: F401  (home: the module's CA fixture)
 
 CODE = (
@@ -117,6 +120,31 @@ def test_sampled_text_with_drafts_is_the_same_for_the_same_seed(drafting):
     first, again = tokens(drafting, CODE, sampling), tokens(drafting, CODE, sampling)
     assert first.token_ids == again.token_ids and first.drafting.steps > 0
     assert tokens(drafting, CODE, SamplingParams(temperature=0.8, seed=99)).token_ids != first.token_ids
+
+
+# -- a draft model (--draft FILE) -------------------------------------------------------------------------
+def test_a_draft_model_s_drafts_are_checked_and_the_text_is_the_model_s(plain, served, model_path, smol_meta, tmp_path):
+    """The served model as its own draft: nearly every draft is taken, several tokens a step. A random tiny model
+    with the same vocabulary: few are; the greedy text is the served model's either way."""
+    vocabulary = smol_meta["tokenizer.ggml.tokens"]
+    itself = ModelDrafter.load(model_path, vocabulary, "cpu")
+    gen = tokens(Engine(served.model, speculation=Speculation(itself)), PROMPTS[0])
+    assert gen.token_ids == tokens(plain, PROMPTS[0]).token_ids
+    assert gen.drafting.accepted >= 0.9 * gen.drafting.drafted and gen.drafting.steps < TOKENS // 2
+    tiny = ModelDrafter.load(write_tiny_llama(tmp_path / "tiny.gguf", smol_meta), vocabulary, "cpu")
+    for prompt in (PROMPTS[1], CODE):
+        gen = tokens(Engine(served.model, speculation=Speculation(tiny)), prompt)
+        assert gen.token_ids == tokens(plain, prompt).token_ids and gen.drafting.drafted > 0
+        assert gen.drafting.accepted < 0.5 * gen.drafting.drafted
+    assert len(tiny._sessions) == 2  # one kept KV per text it drafted for
+
+
+def test_a_draft_model_must_share_the_vocabulary(model_path, tmp_path):
+    other = write_tiny_llama(tmp_path / "bytes.gguf", byte_vocab())
+    with pytest.raises(ValueError, match="its vocabulary .* is not the served model's"):
+        load_engine(model_path, "cpu", draft=str(other))
+    with pytest.raises(ModelStoreError, match="--draft takes auto, lookup, none or a draft model: no model file"):
+        load_engine(model_path, "cpu", draft=str(tmp_path / "missing.gguf"))
 
 
 def test_the_scheduler_batches_sessions_with_different_drafts(plain, drafting):
