@@ -155,7 +155,8 @@ image: $(VENV)/.installed
 	$(BIN)/python -m appliance.testbed.image --arm64 $(or $(ARM64),no)
 
 ## image-check: the built images run as containers: serve, health, a completion from OpenAI's client, a worker
-##   paired and holding layers, a restart keeping keys and devices, non-root (minutes; not part of `make test`)
+##   paired and holding layers, a restart keeping keys and devices, non-root (minutes; not part of `make test`);
+##   WORKER_ARCH=arm64 takes the arm64 worker image (built by ARM64=auto), run through qemu-user
 image-check: image $(VENV)/.installed-test
 	$(BIN)/python -m appliance.testbed.image_check
 

@@ -1,17 +1,19 @@
 """Tool calls in the model's own format: tools rendered into the prompt, the calls it writes parsed back, and the
 grammar that forces a call when one is required.
 
-Two formats, read off the file's chat template. Hermes' (Qwen2.5, Qwen3, SmolLM3, Hermes): each call is
+Three formats, read off the file's chat template. Hermes' (Qwen2.5, Qwen3, SmolLM3, Hermes): each call is
 `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, among text. Llama 3.1+'s JSON calls: the reply
-is the call, `{"name": ..., "parameters": {...}}` (after `<|python_tag|>` at times). A template that writes
-either itself is given the tools and the messages as transformers gives them (`tools=`, assistant `tool_calls`,
-`tool` turns). Any other template (SmolLM2's has no tools section) gets the generic form of Hermes' format: the
-tools described in a system turn (Qwen2.5's words), earlier calls written as the assistant's text and results as
-`<tool_response>` user turns.
+is the call, `{"name": ..., "parameters": {...}}` (after `<|python_tag|>` at times). Mistral's (v0.3, Nemo,
+Small): the reply is `[TOOL_CALLS]` and a JSON list of `{"name", "arguments"}`, each call known by an id of nine
+letters and digits. A template that writes any of them itself is given the tools and the messages as
+transformers gives them (`tools=`, assistant `tool_calls`, `tool` turns). Any other template (SmolLM2's has no
+tools section) gets the generic form of Hermes' format: the tools described in a system turn (Qwen2.5's words),
+earlier calls written as the assistant's text and results as `<tool_response>` user turns.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -32,6 +34,7 @@ class ToolFormat:
     close: str
     key: str
     lead: str = ""  # a marker the model may write before a call that has no `open`
+    listed: bool = False  # the reply is a JSON list of calls (Mistral's), not one call
 
     def head(self) -> re.Pattern[str]:
         """A call's start, up to its arguments' first character."""
@@ -41,6 +44,7 @@ class ToolFormat:
 
 HERMES = ToolFormat("hermes", "<tool_call>", "</tool_call>", "arguments")
 LLAMA3 = ToolFormat("llama3", "", "", "parameters", lead="<|python_tag|>")
+MISTRAL = ToolFormat("mistral", "", "", "arguments", lead="[TOOL_CALLS]", listed=True)
 
 
 def tool_format(template: ChatTemplate) -> tuple[ToolFormat, bool]:
@@ -48,6 +52,8 @@ def tool_format(template: ChatTemplate) -> tuple[ToolFormat, bool]:
     generic Hermes prompt does)."""
     if "<tool_call>" in template.source:
         return HERMES, True
+    if "[TOOL_CALLS]" in template.source:
+        return MISTRAL, True
     if '"parameters": ' in template.source and "ipython" in template.source:  # Llama 3.1, 3.2, 3.3
         return LLAMA3, True
     return HERMES, False
@@ -90,11 +96,21 @@ class ToolCall:
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
 
+def nine(call_id: str | None, index: int) -> str:
+    """A call id as Mistral's templates require it (nine letters and digits): one already so stays, any other (an
+    OpenAI call_..., Anthropic's toolu_...) maps to nine hex digits of its hash, the same each time; none: by
+    its place in the conversation."""
+    if call_id and len(call_id) == 9 and call_id.isalnum():
+        return call_id
+    return hashlib.sha256((call_id or f"call-{index}").encode()).hexdigest()[:9]
+
+
 def render(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[Tool]) -> str:
     """The prompt for a conversation that may hold tool calls ({"role": "assistant", "content", "tool_calls":
     [{"name", "arguments": dict}]}) and results ({"role": "tool", "content"}), with `tools` offered (none: not
     mentioned)."""
-    if tool_format(template)[1]:
+    fmt, writes = tool_format(template)
+    if writes:
         turns = [
             {
                 **m,
@@ -107,11 +123,16 @@ def render(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[T
             else {k: v for k, v in m.items() if k != "tool_calls"}  # Llama's template tests for the key
             for m in messages
         ]
+        if fmt is MISTRAL:
+            _call_ids(messages, turns)
         return template.render(turns, tools=[t.as_function() for t in tools] or None)
     turns = []
     for m in messages:
         if m.get("tool_calls"):
-            calls = "\n".join(f"{HERMES.open}\n{json.dumps(call)}\n{HERMES.close}" for call in m["tool_calls"])
+            calls = "\n".join(
+                f"{HERMES.open}\n{json.dumps({'name': c['name'], 'arguments': c['arguments']})}\n{HERMES.close}"
+                for c in m["tool_calls"]
+            )
             turns.append({"role": "assistant", "content": ((m.get("content") or "") + "\n" + calls).lstrip("\n")})
         elif m["role"] == "tool":
             turns.append({"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"})
@@ -124,6 +145,23 @@ def render(template: ChatTemplate, messages: list[dict[str, Any]], tools: list[T
         else:
             turns.insert(0, {"role": "system", "content": described})
     return template.render(turns)
+
+
+def _call_ids(messages: list[dict[str, Any]], turns: list[dict[str, Any]]) -> None:
+    """Mistral's ids on each call and each result: a result without its call's id answers the earliest call
+    not yet answered."""
+    pending: list[str] = []
+    count = 0
+    for m, turn in zip(messages, turns, strict=True):
+        for call, rendered in zip(m.get("tool_calls") or [], turn.get("tool_calls") or [], strict=True):
+            rendered["id"] = nine(call.get("id"), count)
+            pending.append(rendered["id"])
+            count += 1
+        if m["role"] == "tool":
+            given = m.get("tool_call_id")
+            turn["tool_call_id"] = nine(given, count) if given else (pending[0] if pending else nine(None, count))
+            if turn["tool_call_id"] in pending:
+                pending.remove(turn["tool_call_id"])
 
 
 def call_grammar(grammars: Grammars, tools: list[Tool], fmt: ToolFormat = HERMES) -> str:
@@ -140,6 +178,8 @@ def call_grammar(grammars: Grammars, tools: list[Tool], fmt: ToolFormat = HERMES
     ]
     schema = {"x-guidance": JSON_OPTIONS, **(options[0] if len(options) == 1 else {"anyOf": options})}
     around = [json.dumps(fmt.open + "\n"), "call", json.dumps("\n" + fmt.close)] if fmt.open else ["call"]
+    if fmt.listed:
+        around = ['"["', "call", '"]"']
     return grammars.lark(f"start: {' '.join(around)}\ncall: %json {json.dumps(schema)}\n")
 
 
@@ -178,12 +218,15 @@ class CallParser:
                 if not text or (lead and lead.startswith(text) and text != lead):
                     return events  # not yet known
                 if lead and text.startswith(lead):
-                    self.buffer, self.mode = text[len(lead) :], "head"
-                elif text.startswith("{"):
-                    self.buffer, self.mode = text, "head"
+                    text = text[len(lead) :]
+                    self.buffer, self.mode = text, "list" if self.fmt.listed else "head"
+                elif text.startswith("[" if self.fmt.listed else "{"):
+                    self.buffer, self.mode = text, "list" if self.fmt.listed else "head"
                 else:
                     self.mode = "content"
                 continue
+            if self.mode == "list":  # a list of calls: read whole at the end
+                return events
             if self.mode == "content":
                 if not open_:  # the reply was not a call: all of it is text
                     self._content(events, self.buffer)
@@ -228,6 +271,8 @@ class CallParser:
         events: list[Event] = []
         if self.mode in ("content", "start"):
             self._content(events, self.buffer)
+        elif self.mode == "list":
+            self._list(events, self.buffer)
         elif self.mode == "arguments":
             if self.fmt.close:
                 self._arguments(events, self.buffer[self._sent :])
@@ -254,6 +299,23 @@ class CallParser:
         if text:
             self.calls[-1].arguments += text
             events.append(Event("arguments", text, len(self.calls) - 1))
+
+    def _list(self, events: list[Event], text: str) -> None:
+        """Mistral's reply: a JSON list of calls, each with a nine-character id; anything else is text."""
+        try:
+            calls = json.loads(text)
+            if not isinstance(calls, list) or not calls:
+                raise TypeError
+            parsed = [(c["name"], c.get("arguments", {})) for c in calls]
+            if not all(isinstance(name, str) for name, _ in parsed):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            self._content(events, text)
+            return
+        for name, arguments in parsed:
+            self.calls.append(ToolCall(name, json.dumps(arguments), id=uuid.uuid4().hex[:9]))
+            events.append(Event("call", name, len(self.calls) - 1))
+            events.append(Event("arguments", self.calls[-1].arguments, len(self.calls) - 1))
 
     def _whole(self, events: list[Event], block: str) -> None:
         try:

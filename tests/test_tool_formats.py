@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from models.chat import ChatTemplate
 from models.engine import Engine
-from models.tools import HERMES, LLAMA3, CallParser, Tool, call_grammar, render, tool_format
+from models.tools import HERMES, LLAMA3, MISTRAL, CallParser, Tool, call_grammar, nine, parse, render, tool_format
 from tests import hf_models
 from tests.serving import running_server
 from tests.test_structured import ASK, KEY, TIME, WEATHER
@@ -24,9 +24,14 @@ TEMPLATES = {  # file in llama.cpp's models/templates: the format its model writ
     "meta-llama-Llama-3.3-70B-Instruct.jinja": LLAMA3,
     "Qwen-Qwen2.5-7B-Instruct.jinja": HERMES,
     "Qwen-Qwen3-0.6B.jinja": HERMES,
+    "mistralai-Mistral-Nemo-Instruct-2407.jinja": MISTRAL,
 }
-CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
-RESULT = {"role": "tool", "content": json.dumps({"temperature": 21, "sky": "clear <and> 'dry'"})}
+CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}, "id": "abcdefghi"}
+RESULT = {
+    "role": "tool",
+    "content": json.dumps({"temperature": 21, "sky": "clear <and> 'dry'"}),
+    "tool_call_id": "abcdefghi",
+}
 CONVERSATION = [
     {"role": "system", "content": "You are the assistant of a home."},
     *ASK,
@@ -53,7 +58,15 @@ def test_tools_calls_and_results_render_as_transformers_renders_them(name, hf_to
         Tool(t["function"]["name"], t["function"]["description"], t["function"]["parameters"]) for t in (WEATHER, TIME)
     ]
     hf_turns = [
-        {**m, "tool_calls": [{"type": "function", "function": c} for c in m["tool_calls"]]} if "tool_calls" in m else m
+        {
+            **m,
+            "tool_calls": [
+                {"type": "function", "id": c["id"], "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in m["tool_calls"]
+            ],
+        }
+        if "tool_calls" in m
+        else m
         for m in CONVERSATION
     ]
     for turns, hf in ((CONVERSATION, hf_turns), (CONVERSATION[:2], hf_turns[:2])):
@@ -79,6 +92,16 @@ def test_the_llama3_parser_reads_a_reply_that_is_a_call():
         parser.feed(plain)
         parser.finish()
         assert parser.calls == [] and parser.content == plain
+
+
+def test_the_mistral_parser_reads_a_list_of_calls_and_ids_are_nine_characters():
+    text = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]'
+    content, calls = parse(text, MISTRAL)
+    assert content == "" and [c.name for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0].arguments) == {"city": "Paris"} and all(len(c.id) == 9 and c.id.isalnum() for c in calls)
+    assert parse("[1, 2] is a list", MISTRAL) == ("[1, 2] is a list", [])
+    assert parse("Paris is sunny.", MISTRAL) == ("Paris is sunny.", [])
+    assert nine("abcdefghi", 0) == "abcdefghi" and nine("call_0123", 0) == nine("call_0123", 5) != "call_0123"
 
 
 @pytest.fixture(scope="module")
@@ -132,5 +155,33 @@ def test_llama3_tool_calls_through_the_openai_client(llama3_file):
         ]
         answer = client.chat.completions.create(
             model=model, messages=turns, tools=[WEATHER], max_tokens=8, temperature=0
+        )
+        assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_mistral_tool_calls_through_the_openai_client(model_path, tmp_path):
+    """The default model with Mistral Nemo's template: a forced call is Mistral's list, parsed back with a
+    nine-character id; the next request with that call and its result renders (the template checks the ids)."""
+    template = _template("mistralai-Mistral-Nemo-Instruct-2407.jinja")
+    path = hf_models.with_metadata(
+        model_path, tmp_path / "smollm2-mistral-template.gguf", **{"tokenizer.chat_template": template}
+    )
+    with running_server("--model", str(path), key=KEY) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        r = client.chat.completions.create(
+            model=path.stem, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=64, temperature=0
+        )
+        (call,) = r.choices[0].message.tool_calls
+        assert len(call.id) == 9 and call.id.isalnum() and r.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        earlier = {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": call.function.arguments},
+        }
+        result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}
+        turns = [*ASK, {"role": "assistant", "content": None, "tool_calls": [earlier]}, result]
+        answer = client.chat.completions.create(
+            model=path.stem, messages=turns, tools=[WEATHER], max_tokens=8, temperature=0
         )
         assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -46,6 +46,7 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: Text | None = None  # may be left out only by an assistant turn that calls tools
     tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None  # a tool turn's: the call it answers (OpenAI's)
 
     @model_validator(mode="after")
     def _has_content(self) -> Message:
@@ -60,5 +61,11 @@ class Message(BaseModel):
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                 raise ToolError(f"tool_calls.{i}: a call is {{'function': {{'name': ..., 'arguments': ...}}}}")
-            calls.append({"name": fn["name"], "arguments": arguments(fn.get("arguments", {}), f"tool_calls.{i}")})
-        return {"role": self.role, "content": self.content or "", **({"tool_calls": calls} if calls else {})}
+            call_id = call.get("id") if isinstance(call.get("id"), str) else None
+            calls.append(
+                {"name": fn["name"], "arguments": arguments(fn.get("arguments", {}), f"tool_calls.{i}"), "id": call_id}
+            )
+        turn = {"role": self.role, "content": self.content or "", **({"tool_calls": calls} if calls else {})}
+        if self.role == "tool" and self.tool_call_id:
+            turn["tool_call_id"] = self.tool_call_id
+        return turn

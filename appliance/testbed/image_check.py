@@ -175,7 +175,8 @@ def owned_by(path: Path, uid: int) -> bool:
 
 
 def main() -> int:
-    appliance_image, worker_image = image_name("appliance"), image_name("worker")
+    """WORKER_ARCH=arm64 (environment): the worker is the arm64 image, run through qemu-user (make image ARM64=auto)."""
+    appliance_image, worker_image = image_name("appliance"), image_name("worker", os.environ.get("WORKER_ARCH") or None)
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="appliance-image-check-", dir="/var/tmp") as tmp, ExitStack() as stack:
         state, worker_state, logs = Path(tmp) / "state", Path(tmp) / "worker-state", Path(tmp)
