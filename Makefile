@@ -152,6 +152,8 @@ $(VENV)/llama-rpc/llama-bench: | $(VENV)/.installed-test
 ##   worker for arm64 too with ARM64=auto (qemu-user, binfmt_misc; slow); sizes and build times printed
 image: $(VENV)/.installed
 	@(command -v buildah && command -v debootstrap) >/dev/null || (apt-get update -q && apt-get install -y -q buildah debootstrap)
+	@if [ "$(or $(ARM64),no)" != no ]; then test -e /usr/libexec/qemu-binfmt/aarch64-binfmt-P || \
+		(apt-get update -q && apt-get install -y -q qemu-user-static binfmt-support); fi
 	$(BIN)/python -m appliance.testbed.image --arm64 $(or $(ARM64),no)
 
 ## image-check: the built images run as containers: serve, health, a completion from OpenAI's client, a worker
