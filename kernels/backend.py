@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -42,6 +43,22 @@ class Picker(Protocol):
     def pick(self, x, weight, params: np.ndarray, want_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
         """(x @ weight^T's rows as logits if want_logits, else None; each row's token drawn by params[i])."""
         ...
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A stack of expert matrices [n, rows, cols] as a backend holds them, each its own matrix (the C kernels'
+    view of its blocks, a GPU copy of them): experts[e] is expert e's, so a token's chosen experts are all that
+    is read (models.llama's _experts indexes them)."""
+
+    experts: tuple
+
+    def __getitem__(self, e: int):
+        return self.experts[e]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.experts)
 
 
 def fused_features() -> dict[str, frozenset[str]]:

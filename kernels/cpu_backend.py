@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from kernels import native, reference
-from kernels.backend import OwnMatmulBackend
+from kernels.backend import Experts, OwnMatmulBackend
 from kernels.dequant import dequantize
 
 
@@ -28,21 +28,6 @@ class NativeWeight:
     @property
     def nbytes(self) -> int:
         return self.raw.nbytes
-
-
-@dataclass(frozen=True)
-class NativeExperts:
-    """A stack of expert matrices [n, rows, cols] left in their blocks: experts[e] is expert e's matrix,
-    a view of its own blocks, so a token's chosen experts are all that is read."""
-
-    experts: tuple[NativeWeight, ...]
-
-    def __getitem__(self, e: int) -> NativeWeight:
-        return self.experts[e]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.nbytes for w in self.experts)
 
 
 # What the fused C pass (kernels/cpu/layer.c) runs beyond the plain Llama block (models/arch.py's features);
@@ -69,7 +54,7 @@ class CpuBackend(OwnMatmulBackend):
             return NativeWeight(raw, qtype, (int(shape[0]), int(shape[1])))
         if len(shape) == 3 and native_blocks:
             rows = (int(shape[1]), int(shape[2]))
-            return NativeExperts(tuple(NativeWeight(e, qtype, rows) for e in raw.reshape(shape[0], -1)))
+            return Experts(tuple(NativeWeight(e, qtype, rows) for e in raw.reshape(shape[0], -1)))
         w = dequantize(raw, qtype, shape)  # norms, and formats without a kernel: the reference's form
         return np.ascontiguousarray(np.swapaxes(w, -1, -2) if w.ndim >= 2 else w, dtype=np.float32)
 

@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from kernels import reference
-from kernels.backend import SAMPLE_PARAMS, OwnMatmulBackend
+from kernels.backend import SAMPLE_PARAMS, Experts, OwnMatmulBackend
 from kernels.dequant import dequantize
 
 FATBIN = Path(__file__).resolve().parent / "cuda" / "appliance_kernels.fatbin"
@@ -232,21 +232,6 @@ class GpuTensor:
     @property
     def fmt(self) -> str:
         return KERNEL_FORMATS[self.qtype]
-
-
-@dataclass(frozen=True)
-class GpuExperts:
-    """A stack of expert matrices on the GPU, each in its own blocks: experts[e] is expert e's matrix, so a
-    token's chosen experts are all that is read (models.llama's _experts indexes them)."""
-
-    experts: tuple[GpuTensor, ...]
-
-    def __getitem__(self, e: int) -> GpuTensor:
-        return self.experts[e]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.nbytes for w in self.experts)
 
 
 def sample_params(rows: int, temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0) -> np.ndarray:
@@ -509,7 +494,7 @@ class CudaBackend(OwnMatmulBackend):
     def weight(self, raw: np.ndarray, qtype: Q, shape: tuple[int, ...]):
         if len(shape) == 3 and qtype in KERNEL_FORMATS:  # a mixture's experts: each its own matrix, left quantized
             rows = (int(shape[1]), int(shape[2]))
-            return GpuExperts(tuple(self.weight(e, qtype, rows) for e in raw.reshape(shape[0], -1)))
+            return Experts(tuple(self.weight(e, qtype, rows) for e in raw.reshape(shape[0], -1)))
         if len(shape) != 2 or qtype not in KERNEL_FORMATS:
             w = dequantize(raw, qtype, shape)  # norms, experts, other formats: the NumPy reference's form
             return np.ascontiguousarray(np.swapaxes(w, -1, -2) if w.ndim >= 2 else w, dtype=np.float32)

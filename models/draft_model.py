@@ -14,6 +14,7 @@ import numpy as np
 
 from models.engine import Engine
 from models.llama import Session
+from models.prefix_cache import common_prefix
 
 
 class ModelDrafter:
@@ -43,7 +44,8 @@ class ModelDrafter:
         if k <= 0 or not history or len(history) + k > ctx:
             return []
         ran, session = self._closest(history)
-        common = min(_common(ran, history), len(history) - 1)  # the last id runs again: its logits, the first draft
+        # the last id runs again: its logits give the first draft
+        common = min(common_prefix(ran, history), len(history) - 1)
         self.engine.rollback(session, common)
         logits = self.engine.next_logits(history[common:], session)
         drafts: list[int] = []
@@ -59,7 +61,7 @@ class ModelDrafter:
         """The kept session sharing the longest prefix with history (taken out), or a new one."""
         best, best_len = None, 0
         for i, (ran, _) in enumerate(self._sessions):
-            n = _common(ran, history)
+            n = common_prefix(ran, history)
             if n > best_len:
                 best, best_len = i, n
         if best is None:
@@ -67,10 +69,3 @@ class ModelDrafter:
                 self._sessions.pop(0)  # the least recently used
             return [], Session()
         return self._sessions.pop(best)
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """How many ids two texts share from the start."""
-    n = min(len(a), len(b))
-    same = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(same[0]) if same.size else n

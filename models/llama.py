@@ -285,13 +285,14 @@ class KVCache:
             raise ValueError(f"cannot keep {length} positions of a cache holding {self.length}")
         self.length = length
 
-    def copy_into(self, other: KVCache, n: int) -> KVCache:
-        """Fill an empty cache with copies of this one's first n positions (a prefix reused): other."""
-        other.reserve(n)
-        other.k[:, :n] = self.k[:, :n]
-        other.v[:, :n] = self.v[:, :n]
-        other.advance(n)
-        return other
+    def fill(self, k: np.ndarray, v: np.ndarray, n: int) -> KVCache:
+        """An empty cache takes copies of the first n positions of keys and values [layer, T, G, E] (a prefix
+        reused: the prefix cache's entry, a worker's kept session): itself."""
+        self.reserve(n)
+        self.k[:, :n] = k[:, :n]
+        self.v[:, :n] = v[:, :n]
+        self.advance(n)
+        return self
 
 
 class RemoteSession(Protocol):
@@ -495,6 +496,8 @@ class Llama:
         # Tied embeddings: without output.weight the head reuses the embedding matrix.
         head = file.tensors.get("output.weight", self.token_embd)
         self.lm_head = backend.weight(head.raw, head.qtype, head.shape)
+        # whether head_pick can choose tokens where the head runs (a Picker backend; no soft-cap to apply)
+        self.picks = isinstance(backend, Picker) and not self.config.final_softcap
 
     @classmethod
     def load(cls, path: str, backend: str = "auto", threads: int | None = None) -> Llama:
@@ -572,11 +575,6 @@ class Llama:
     def final_norm(self, hidden: np.ndarray) -> np.ndarray:
         """The last layer's hidden states as the head reads them (after the final RMSNorm)."""
         return self.backend.rmsnorm(hidden, self.output_norm, self.config.norm_eps)
-
-    @property
-    def picks(self) -> bool:
-        """Whether head_pick can choose tokens where the head runs (a Picker backend; no soft-cap to apply)."""
-        return isinstance(self.backend, Picker) and not self.config.final_softcap
 
     def head_pick(self, hidden: np.ndarray, draws: list[Draw | None]) -> tuple[np.ndarray | None, list[int | None]]:
         """The head on the last rows, each row with a draw getting its token chosen on the device: (the logits

@@ -23,6 +23,13 @@ from models.llama import KVCache, Session
 from models.lora import LoraAdapter
 
 
+def common_prefix(a, b) -> int:
+    """How many ids two sequences share from the start."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
 class RemoteKept(Protocol):
     """A finished session's positions kept on the offload workers (offload.coordinator.Kept)."""
 
@@ -104,9 +111,7 @@ class PrefixCache:
             for key, entry in self._entries.items():
                 if entry.adapter is not session.adapter:
                     continue
-                n = min(len(entry.ids), len(want))
-                same = np.flatnonzero(entry.ids[:n] != want[:n])
-                common = int(same[0]) if same.size else n
+                common = common_prefix(entry.ids, want)
                 if common > best:
                     best, best_key = common, key
             if best < self.min_tokens or best_key is None:
@@ -115,12 +120,7 @@ class PrefixCache:
             entry = self._entries[best_key]
             self._entries.move_to_end(best_key)
             for layers, (k, v) in entry.kv.items():
-                cache = self._new_cache(layers)
-                cache.reserve(best)
-                cache.k[:, :best] = k[:, :best]
-                cache.v[:, :best] = v[:, :best]
-                cache.advance(best)
-                session.caches[layers] = cache
+                session.caches[layers] = self._new_cache(layers).fill(k, v, best)
             if entry.remote is not None and self._remote is not None:
                 self._remote.resume(entry.remote, best, session)
             self.hits += 1

@@ -516,7 +516,7 @@ class WorkerService(rpc.OffloadServicer):
             want = f"[{key[1]}, {key[2]}) x {request.positions}"
             return pb.ResumeReply(reason=f"kept positions are layers {have}, not {want}")
         self._forget_kept(kept.cache.nbytes)
-        cache = kept.cache.copy_into(loaded.layers.new_cache(), request.positions)
+        cache = loaded.layers.new_cache().fill(kept.cache.k, kept.cache.v, request.positions)
         with self.lock:
             self.resumed[request.session_id] = Kept(key, cache)
         return pb.ResumeReply(resumed=True)

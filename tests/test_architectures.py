@@ -261,9 +261,10 @@ def test_the_cuda_backend_on_quantized_blocks_matches_the_reference(name, q8_fil
     assert "matmat_q8_0" in gpu.launches  # the products ran as the GPU's kernels
     if engine.model.config.n_experts:  # experts stay in their blocks on the GPU, each its own matrix
         from kernels import cuda_backend
+        from kernels.backend import Experts
 
         first = engine.model.layer_range(0, engine.model.config.n_layers).layers[0]
-        assert isinstance(first.w_gate_exps, cuda_backend.GpuExperts)
+        assert isinstance(first.w_gate_exps, Experts) and isinstance(first.w_gate_exps[0], cuda_backend.GpuTensor)
 
 
 @pytest.fixture(scope="module")
@@ -371,14 +372,16 @@ def test_a_missing_or_unknown_layer_tensor_is_named():
 def test_only_the_chosen_experts_are_read(tokenizer_dir, tmp_path_factory):
     """On a Q8_0 file the C backend keeps each expert's blocks in place, and a decode step reads the k
     experts its router picks, not all of them."""
-    from kernels.cpu_backend import NativeExperts
+    from kernels.backend import Experts
+    from kernels.cpu_backend import NativeWeight
 
     _, path = build("qwen3moe", tokenizer_dir, tmp_path_factory.mktemp("q8-experts"), "q8_0")
     engine = Engine.load(path, "cpu")
     m, read = engine.model, []
     layers = m.layer_range(0, m.config.n_layers).layers
     stored = m.file.tensors["blk.0.ffn_up_exps.weight"].raw
-    assert isinstance(layers[0].w_up_exps, NativeExperts) and np.shares_memory(layers[0].w_up_exps[3].raw, stored)
+    assert isinstance(layers[0].w_up_exps, Experts) and isinstance(layers[0].w_up_exps[3], NativeWeight)
+    assert np.shares_memory(layers[0].w_up_exps[3].raw, stored)
 
     class Recording:
         def __init__(self, experts):
@@ -418,6 +421,11 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray | None:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
+def _report(name: str, who: str, what: str, ours: np.ndarray, want: np.ndarray) -> None:
+    same = (ours.argmax(-1) == want.argmax(-1)).mean()
+    print(f"{name:15} {who:14} {what}: relative error {rel_err(ours, want):.1e}  argmax equal {same:.0%}")
+
+
 def main() -> None:
     """Each case's relative error against transformers per backend and llama.cpp's beside them (where
     llama-cpp-python is installed), and the C backend's against the reference on a Q8_0 file (the figures
@@ -426,6 +434,9 @@ def main() -> None:
 
     from models.store import ModelStore
 
+    def fused(engine: Engine) -> str:
+        return "fused" if engine.model.layer_range(0, engine.model.config.n_layers).fused is not None else "per-op"
+
     with tempfile.TemporaryDirectory() as tmp:
         tok = tokenizer_folder(ModelStore().get(), Path(tmp) / "tokenizer")
         for name in sys.argv[1:] or sorted(CASES):
@@ -433,38 +444,21 @@ def main() -> None:
             for backend in ("numpy", "cpu"):
                 engine = Engine.load(path, backend)
                 ids = prompt_ids(engine)
-                ours, theirs = engine.forward(ids, Session()), hf_logits(hf, ids)
-                fused = engine.model.layer_range(0, engine.model.config.n_layers).fused is not None
-                same = (ours.argmax(-1) == theirs.argmax(-1)).mean()
-                print(
-                    f"{name:15} {backend:6} {'fused' if fused else 'per-op':7} f32 vs transformers: "
-                    f"relative error {rel_err(ours, theirs):.1e}  argmax equal {same:.0%}"
+                theirs = hf_logits(hf, ids)
+                _report(
+                    name, f"{backend:6} {fused(engine)}", "f32 vs transformers", engine.forward(ids, Session()), theirs
                 )
             peer = llama_cpp_logits(path, ids)
             if peer is not None:
-                same = (peer.argmax(-1) == theirs.argmax(-1)).mean()
-                print(
-                    f"{name:15} llama.cpp       f32 vs transformers: "
-                    f"relative error {rel_err(peer, theirs):.1e}  argmax equal {same:.0%}"
-                )
+                _report(name, "llama.cpp", "f32 vs transformers", peer, theirs)
             _, path = build(name, tok, Path(tmp) / f"{name}-q8", "q8_0")
-            ids = prompt_ids(Engine.load(path, "numpy"))
-            engine = Engine.load(path, "cpu")
-            fused = engine.model.layer_range(0, engine.model.config.n_layers).fused is not None
-            ours = prefill_then_decode(engine, ids)
-            want = Engine.load(path, "numpy").forward(ids, Session())
-            same = (ours.argmax(-1) == want.argmax(-1)).mean()
-            print(
-                f"{name:15} cpu    {'fused' if fused else 'per-op':7} q8_0 vs the reference: "
-                f"relative error {rel_err(ours, want):.1e}  argmax equal {same:.0%}"
-            )
+            reference, engine = Engine.load(path, "numpy"), Engine.load(path, "cpu")
+            ids = prompt_ids(reference)
+            want = reference.forward(ids, Session())
+            _report(name, f"cpu    {fused(engine)}", "q8_0 vs the reference", prefill_then_decode(engine, ids), want)
             peer = llama_cpp_logits(path, ids)
             if peer is not None:
-                same = (peer.argmax(-1) == want.argmax(-1)).mean()
-                print(
-                    f"{name:15} llama.cpp       q8_0 vs the reference: "
-                    f"relative error {rel_err(peer, want):.1e}  argmax equal {same:.0%}"
-                )
+                _report(name, "llama.cpp", "q8_0 vs the reference", peer, want)
 
 
 if __name__ == "__main__":
